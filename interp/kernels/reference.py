@@ -1,0 +1,269 @@
+"""Torch reference implementations of the fused patching kernels.
+
+These functions define the semantics; ``interp.kernels.triton`` must agree with them. They run on
+any device. Inputs are assumed validated by the dispatch layer (``interp.kernels``): index tensors
+are int64 on the tensor's device and in range, alpha/std are fp32 tensors of shape [K].
+
+Semantics shared by all ops
+---------------------------
+* All ops work in place on their first argument and return it.
+* Arithmetic is done in fp32 (fp64 for fp64 tensors) and stored in the tensor's dtype.
+* ``row_patch`` / ``head_patch`` / ``project`` treat the index set as a set of *destinations*:
+  every read happens before any write, and when a destination is listed more than once the
+  *last* entry wins (for ``project`` all duplicates are the same operation, so it is applied once).
+* ``add_scaled`` and ``noise`` accumulate: a position listed several times receives the updates of
+  all its entries, applied one after the other in index order (exactly like a python loop over K,
+  rounding to the tensor's dtype after each entry).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def position_keys(idx: torch.Tensor, shape) -> torch.Tensor:
+    """Linear key of each index row over the logical ``shape`` (the first idx.shape[1] dims)."""
+    key = torch.zeros(idx.shape[0], dtype=torch.int64, device=idx.device)
+    for j in range(idx.shape[1]):
+        key = key * int(shape[j]) + idx[:, j]
+    return key
+
+
+def last_occurrence_mask(keys: torch.Tensor) -> torch.Tensor:
+    """Bool mask [K]: True for the last entry of each distinct key (no host sync)."""
+    K = keys.shape[0]
+    if K == 0:
+        return torch.zeros(0, dtype=torch.bool, device=keys.device)
+    sk, perm = torch.sort(keys, stable=True)
+    last = torch.ones(K, dtype=torch.bool, device=keys.device)
+    last[:-1] = sk[1:] != sk[:-1]
+    keep = torch.empty_like(last)
+    keep[perm] = last
+    return keep
+
+
+def occurrence_rank(keys: torch.Tensor) -> torch.Tensor:
+    """int64 [K]: 0 for the first entry of a key, 1 for its second entry, ... (index order)."""
+    K = keys.shape[0]
+    if K == 0:
+        return torch.zeros(0, dtype=torch.int64, device=keys.device)
+    sk, perm = torch.sort(keys, stable=True)
+    ar = torch.arange(K, device=keys.device)
+    start = torch.ones(K, dtype=torch.bool, device=keys.device)
+    start[1:] = sk[1:] != sk[:-1]
+    first = torch.where(start, ar, torch.zeros_like(ar)).cummax(0).values
+    rank = torch.empty_like(ar)
+    rank[perm] = ar - first
+    return rank
+
+
+def _rounds(keys: torch.Tensor):
+    """Yield index tensors of entries with pairwise distinct keys, in sequential order."""
+    rank = occurrence_rank(keys)
+    if rank.numel() == 0:
+        return
+    nr = int(rank.max().item()) + 1
+    if nr == 1:
+        yield None
+        return
+    for r in range(nr):
+        yield torch.nonzero(rank == r).flatten()
+
+
+# --------------------------------------------------------------------------------------------
+# row patch / blend
+# --------------------------------------------------------------------------------------------
+
+
+def row_patch(dst, src, dst_idx, src_idx, alpha=None):
+    K, m = dst_idx.shape
+    if K == 0:
+        return dst
+    # read every source (and destination) before writing anything
+    s = src[tuple(src_idx.unbind(1))]  # [K, *F], a copy
+    keep = last_occurrence_mask(position_keys(dst_idx, dst.shape))
+    if alpha is None:
+        val = s
+    else:
+        cd = compute_dtype(dst.dtype)
+        d = dst[tuple(dst_idx.unbind(1))]
+        a = alpha.to(cd).reshape((K,) + (1,) * (s.dim() - 1))
+        val = ((1 - a) * d.to(cd) + a * s.to(cd)).to(dst.dtype)
+    di = dst_idx[keep]
+    dst[tuple(di.unbind(1))] = val[keep]
+    return dst
+
+
+def head_patch(dst, src, dst_idx, src_idx, alpha=None):
+    return row_patch(dst, src, dst_idx, src_idx, alpha)
+
+
+# --------------------------------------------------------------------------------------------
+# add with optional norm-relative scaling
+# --------------------------------------------------------------------------------------------
+
+
+def _add_rows(xr, vv, a, norm, renorm):
+    """xr, vv: [E, F] in compute dtype; a: [E] -> updated rows (compute dtype)."""
+    a = a[:, None]
+    nx = None
+    if norm == "relative" or renorm:
+        nx = torch.sqrt((xr * xr).sum(-1, keepdim=True))
+    if norm == "relative":
+        nv = torch.sqrt((vv * vv).sum(-1, keepdim=True))
+        scale = torch.where(nv > 0, nx / torch.where(nv > 0, nv, torch.ones_like(nv)), torch.zeros_like(nv))
+        y = xr + a * vv * scale
+    else:
+        y = xr + a * vv
+    if renorm:
+        ny = torch.sqrt((y * y).sum(-1, keepdim=True))
+        ok = ny > 0
+        y = torch.where(ok, y * (nx / torch.where(ok, ny, torch.ones_like(ny))), y)
+    return y
+
+
+def add_scaled(x, v, idx, alpha, norm=None, renorm=False):
+    """x: [N, T, F]; v: [F] or [K, F]; idx: [K, 2]; alpha: fp32 [K]."""
+    K = idx.shape[0]
+    if K == 0:
+        return x
+    cd = compute_dtype(x.dtype)
+    keys = position_keys(idx, x.shape)
+    vfull = v.expand(K, v.shape[-1]) if v.dim() == 1 else v
+    for sel in _rounds(keys):
+        ii = idx if sel is None else idx[sel]
+        vv = vfull if sel is None else vfull[sel]
+        aa = alpha if sel is None else alpha[sel]
+        nz = aa != 0  # alpha == 0 leaves x bitwise unchanged
+        ii, vv, aa = ii[nz], vv[nz], aa[nz]
+        if ii.shape[0] == 0:
+            continue
+        r, p = ii[:, 0], ii[:, 1]
+        y = _add_rows(x[r, p].to(cd), vv.to(cd), aa.to(cd), norm, renorm)
+        x[r, p] = y.to(x.dtype)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# low-rank projection (LEACE apply)
+# --------------------------------------------------------------------------------------------
+
+
+def _project_rows(xr, L, R, mu):
+    cd = compute_dtype(xr.dtype)
+    xf = xr.to(cd)
+    c = (xf - mu.to(cd) if mu is not None else xf) @ R.to(cd).T
+    return (xf - c @ L.to(cd).T).to(xr.dtype)
+
+
+def project(x, L, R, mu=None, idx=None):
+    if idx is None:
+        if x.numel() == 0:
+            return x
+        F = x.shape[-1]
+        flat = x.reshape(-1, F)  # a view when possible, else a copy
+        y = _project_rows(flat, L, R, mu)
+        x.copy_(y.reshape(x.shape))
+        return x
+    K = idx.shape[0]
+    if K == 0:
+        return x
+    keep = last_occurrence_mask(position_keys(idx, x.shape))
+    ii = idx[keep]
+    r, p = ii[:, 0], ii[:, 1]
+    x[r, p] = _project_rows(x[r, p], L, R, mu)
+    return x
+
+
+# --------------------------------------------------------------------------------------------
+# seeded noise: Philox4x32-10 + Box-Muller, bit-compatible with triton.language.randn
+# --------------------------------------------------------------------------------------------
+
+_M32 = 0xFFFFFFFF
+PHILOX_KEY_A = 0x9E3779B9
+PHILOX_KEY_B = 0xBB67AE85
+PHILOX_ROUND_A = 0xD2511F53
+PHILOX_ROUND_B = 0xCD9E8D57
+
+
+def _mulhilo32(a: int, b: torch.Tensor):
+    """(hi, lo) 32-bit halves of a * b for a constant a < 2**32 and int64 b in [0, 2**32)."""
+    ah, al = a >> 16, a & 0xFFFF
+    t = b * al  # < 2**48
+    u = b * ah  # < 2**48
+    hi = (u + (t >> 16)) >> 16
+    lo = (((u & 0xFFFF) << 16) + t) & _M32
+    return hi, lo
+
+
+def philox4x32(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
+    """Philox4x32 on int64 tensors holding uint32 values (broadcasting); same as triton's."""
+    for _ in range(n_rounds):
+        hb, lb = _mulhilo32(PHILOX_ROUND_B, c2)
+        ha, la = _mulhilo32(PHILOX_ROUND_A, c0)
+        c0, c1, c2, c3 = hb ^ c1 ^ k0, lb, ha ^ c3 ^ k1, la
+        k0 = (k0 + PHILOX_KEY_A) & _M32
+        k1 = (k1 + PHILOX_KEY_B) & _M32
+    return c0, c1, c2, c3
+
+
+def philox_bits(seeds: torch.Tensor, F: int):
+    """First two Philox outputs (uint32 values in int64) for counters f = 0..F-1: [K, F] each.
+
+    Matches ``tl.randint4x(seed, f)`` with an int32 offset ``f``: counter (f, 0, 0, 0) and key
+    (seed & 0xffffffff, seed >> 32 & 0xffffffff)."""
+    dev = seeds.device
+    s = seeds.to(torch.int64)
+    k0 = (s & _M32)[:, None]
+    k1 = ((s >> 32) & _M32)[:, None]
+    f = torch.arange(F, dtype=torch.int64, device=dev)[None, :]
+    zero = torch.zeros_like(f)
+    c0, c1, _, _ = philox4x32(f, zero, zero, zero, k0, k1)
+    return c0, c1
+
+
+def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
+    x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
+    x = torch.where(x < 0, -x - 1, x)  # ~x
+    return x.to(torch.float32) * torch.tensor(4.6566127342e-10, dtype=torch.float32, device=x.device)
+
+
+def philox_randn(seeds: torch.Tensor, F: int) -> torch.Tensor:
+    """Standard normal fp32 [K, F]; z[k, f] depends only on (seeds[k], f). Equals tl.randn(seed, f)."""
+    i1, i2 = philox_bits(seeds, F)
+    u1 = _uint_to_uniform(i1)
+    u2 = _uint_to_uniform(i2)
+    u1 = torch.maximum(u1, torch.tensor(1.0e-7, dtype=torch.float32, device=u1.device))
+    th = torch.tensor(6.283185307179586, dtype=torch.float32, device=u2.device) * u2
+    r = torch.sqrt(torch.tensor(-2.0, dtype=torch.float32, device=u1.device) * torch.log(u1))
+    return r * torch.cos(th)
+
+
+def noise(x, idx, std, seeds):
+    """x: [N, T, F]; idx: [K, 2]; std: fp32 [K]; seeds: int64 [K]."""
+    K = idx.shape[0]
+    if K == 0:
+        return x
+    F = x.shape[-1]
+    cd = compute_dtype(x.dtype)
+    z = philox_randn(seeds, F)
+    keys = position_keys(idx, x.shape)
+    for sel in _rounds(keys):
+        ii = idx if sel is None else idx[sel]
+        zz = z if sel is None else z[sel]
+        ss = std if sel is None else std[sel]
+        nz = ss != 0
+        ii, zz, ss = ii[nz], zz[nz], ss[nz]
+        if ii.shape[0] == 0:
+            continue
+        r, p = ii[:, 0], ii[:, 1]
+        x[r, p] = (x[r, p].to(cd) + ss.to(cd)[:, None] * zz.to(cd)).to(x.dtype)
+    return x
