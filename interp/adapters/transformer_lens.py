@@ -1,0 +1,79 @@
+"""TransformerLens models: TransformerBridge (TL >= 4) and HookedTransformer (TL <= 3.9).
+
+Every TL hook point is a site under its TL name; the canonical names (DESIGN.md) are the primary
+names where TL has the same concept, and TL names are accepted as aliases for them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..sites import Site, SiteTable
+from .base import Adapter, Prepared, ids_tokens, module_paths
+
+PER_LAYER = {
+    "resid_pre": "hook_resid_pre", "attn.out": "hook_attn_out", "resid_mid": "hook_resid_mid",
+    "mlp.out": "hook_mlp_out", "resid_post": "hook_resid_post", "attn.z": "attn.hook_z",
+    "attn.q": "attn.hook_q", "attn.k": "attn.hook_k", "attn.v": "attn.hook_v",
+}
+HEAD_KINDS = {"attn.z", "attn.q", "attn.k", "attn.v"}
+
+
+def is_transformer_lens(obj: Any) -> bool:
+    return type(obj).__module__.startswith("transformer_lens") and hasattr(obj, "hook_dict")
+
+
+class TransformerLensAdapter(Adapter):
+    family = "transformer_lens"
+
+    def __init__(self, model: nn.Module, tokenizer=None):
+        super().__init__(model, tokenizer or getattr(model, "tokenizer", None))
+        self.n_layers = model.cfg.n_layers
+        self._table = None
+
+    def site_table(self) -> SiteTable:
+        if self._table is not None:
+            return self._table
+        path_of = {}
+        for name, mod in self.model.named_modules(remove_duplicate=False):
+            path_of.setdefault(id(mod), name)
+        hooks = self.model.hook_dict
+        sites, aliases = [], {}
+
+        def add(canonical: str, tl_name: str, layer: int, kind: str):
+            if tl_name not in hooks:
+                return
+            heads = kind in HEAD_KINDS
+            sites.append(Site(canonical, path_of[id(hooks[tl_name])], layer=layer, kind=kind,
+                              axes=("batch", "pos", "head", "d_head") if heads else ("batch", "pos", "d_model")))
+            aliases[tl_name] = canonical
+
+        add("embed", "hook_embed", -1, "embed")
+        for i in range(self.n_layers):
+            for canon, tl in PER_LAYER.items():
+                add(f"blocks.{i}.{canon}", f"blocks.{i}.{tl}", i, canon)
+        add("final", "ln_final.hook_normalized", self.n_layers, "final")
+        sites.append(Site("logits", "", layer=self.n_layers, kind="logits", axes=("batch", "pos", "vocab")))
+        known = set(aliases)
+        for tl_name, hp in hooks.items():  # every other TL hook point, under its own name
+            if tl_name not in known:
+                layer = int(tl_name.split(".")[1]) if tl_name.startswith("blocks.") else None
+                sites.append(Site(tl_name, path_of[id(hp)], layer=layer, kind="tl", axes=("batch", "pos")))
+        self._table = SiteTable(sites, aliases, module_names=module_paths(self.model))
+        return self._table
+
+    def prepare(self, inputs: Any, pad: bool = False) -> Prepared:
+        if isinstance(inputs, Prepared):
+            return inputs
+        if isinstance(inputs, (str, list)):
+            ids = self.model.to_tokens(inputs)
+        elif isinstance(inputs, torch.Tensor):
+            ids = inputs if inputs.dim() == 2 else inputs[None]
+        else:
+            raise TypeError(f"TransformerLens models take prompts or a [batch, pos] tensor of ids, not {type(inputs).__name__}")
+        return Prepared({}, ids.shape[0], ids.shape[1], ids_tokens(self.tokenizer, ids), (ids,))
+
+    def forward(self, prepared: Prepared, last_only: bool = False):
+        return self.model(*prepared.args)

@@ -1,0 +1,94 @@
+"""attach(model) -> Instrumented: the adapter, its sites and the runs, in one object."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+
+from . import adapters
+from .adapters.nnsight import is_nnsight, unwrap
+from .engine import Engine, GridOutput, RunContext, RunOutput, resolve_positions
+from .ops import Op
+from .sites import Site
+
+
+class Instrumented:
+    """A model with interp's sites and runs. Holds no hooks between calls; the model is never modified."""
+
+    def __init__(self, adapter: adapters.Adapter, wrapped: Any = None):
+        self.adapter = adapter
+        self.engine = Engine(adapter)
+        self.wrapped = wrapped  # the object the user passed (e.g. an nnsight wrapper), if not the module
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.adapter.model
+
+    @property
+    def tokenizer(self):
+        return self.adapter.tokenizer
+
+    @property
+    def family(self) -> str:
+        return self.adapter.family
+
+    def __repr__(self) -> str:
+        return f"Instrumented({self.adapter.describe()}, {len(self.adapter.site_table())} sites)"
+
+    # -- sites ---------------------------------------------------------------------------------
+    def sites(self, pattern: str | None = None) -> list[Site]:
+        """All sites in forward order, or those matching a name / wildcard / raw path."""
+        table = self.adapter.site_table()
+        return list(table) if pattern is None else table.resolve(pattern)
+
+    def site(self, name: str) -> Site:
+        return self.adapter.site_table().get(name)
+
+    def site_names(self, pattern: str | None = None) -> list[str]:
+        return [s.name for s in self.sites(pattern)]
+
+    @property
+    def n_layers(self) -> int:
+        return len(getattr(self.adapter, "block_paths", []) or []) or getattr(self.adapter, "n_layers", 0)
+
+    # -- inputs --------------------------------------------------------------------------------
+    def tokens(self, inputs) -> list[str]:
+        """Token strings of the first item of `inputs`."""
+        p = self.adapter.prepare(inputs)
+        return p.tokens[0] if p.tokens else []
+
+    def positions(self, inputs, pos) -> list[int]:
+        """Resolve a position spec (int, list, Tokens, Subject, ...) on `inputs`."""
+        p = self.adapter.prepare(inputs)
+        return resolve_positions(pos, p.tokens[0] if p.tokens else None, p.seq_len)
+
+    # -- runs ----------------------------------------------------------------------------------
+    def run(self, inputs, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), **kw) -> RunOutput:
+        """One forward pass with `ops` applied and `capture` sites recorded (see Engine.run)."""
+        return self.engine.run(inputs, ops, capture, **kw)
+
+    def capture(self, inputs, sites: Sequence[str] | str, **kw):
+        """Shorthand: run with no ops and return the ActivationCache."""
+        return self.engine.run(inputs, (), sites, **kw).cache
+
+    def run_grid(self, inputs, rows: Sequence[Sequence[Op]], metric: Callable | None = None, **kw) -> GridOutput:
+        """Many experiments on one base input, packed into the batch dimension (see Engine.run_grid)."""
+        return self.engine.run_grid(inputs, rows, metric, **kw)
+
+
+def attach(obj: Any, tokenizer=None, family: str | None = None) -> Instrumented:
+    """Instrument an HF model, a TransformerLens model, an nnsight-wrapped model, a diffusers
+    pipeline or component, or any nn.Module. The model itself is not changed."""
+    if isinstance(obj, Instrumented):
+        return obj
+    wrapped = None
+    if is_nnsight(obj):
+        wrapped = obj
+        obj, tok = unwrap(obj)
+        tokenizer = tokenizer or tok
+    if tokenizer is None:
+        tokenizer = getattr(obj, "tokenizer", None)
+    return Instrumented(adapters.pick(obj, tokenizer, family), wrapped)
+
+
+__all__ = ["attach", "Instrumented", "RunContext"]

@@ -1,0 +1,51 @@
+"""Activation capture: chosen sites only, optional dtype and CPU offload, memory reported."""
+from __future__ import annotations
+
+import torch
+
+from .hooks import Entry
+from .sites import Site
+
+
+class ActivationCache(dict):
+    """site name -> captured tensor (batch first). Repeated calls of one site are stacked on a new axis 0."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.axes: dict[str, tuple[str, ...]] = {}
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.values())
+
+    def report(self) -> str:
+        return f"{len(self)} sites, {self.memory_bytes / 2**20:.2f} MiB"
+
+    def _store(self, site: Site, t: torch.Tensor, calls: dict[str, list]) -> None:
+        calls.setdefault(site.name, []).append(t)
+        seen = calls[site.name]
+        self[site.name] = seen[0] if len(seen) == 1 else torch.stack(seen)
+        self.axes[site.name] = site.axes if len(seen) == 1 else ("call", *site.axes)
+
+
+def capture_entry(site: Site, cache: ActivationCache, dtype: torch.dtype | None = None,
+                  offload: str | None = None, grad: bool = False) -> Entry:
+    """An Entry that records what flows at `site` (after any edits there)."""
+    calls: dict[str, list] = {}
+
+    def fn(t: torch.Tensor):
+        if grad:
+            if t.requires_grad:
+                t.retain_grad()
+            kept = t
+        else:
+            kept = t.detach()
+            if dtype is not None:
+                kept = kept.to(dtype)
+            kept = kept.to(offload) if offload else kept
+            if kept.data_ptr() == t.data_ptr():
+                kept = kept.clone()
+        cache._store(site, kept, calls)
+        return None
+
+    return Entry(site, fn)

@@ -1,0 +1,158 @@
+"""The only place in interp where torch hooks are registered.
+
+`attached(root, entries)` registers one torch hook per (module, io) pair, chains every entry
+for that pair inside it, and removes all of them in `finally` — also on KeyboardInterrupt.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+from .sites import Site
+
+SiteFn = Callable[[torch.Tensor], "torch.Tensor | None"]
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass early once it has what it needs."""
+
+
+@dataclass
+class Entry:
+    site: Site
+    fn: SiteFn            # receives the site tensor (heads split if site.heads), returns a replacement or None
+    raw_io: bool = False  # fn receives (args, kwargs) or output untouched (used for call-argument capture)
+
+
+def _first_tensor(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+def read_output(site: Site, output):
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)):
+        return output[site.slot if isinstance(site.slot, int) else 0]
+    if hasattr(output, "__getitem__") and isinstance(site.slot, str):  # ModelOutput / dict
+        return output[site.slot]
+    if hasattr(output, "sample"):  # diffusers outputs
+        return output.sample
+    return output
+
+
+def write_output(site: Site, output, value):
+    if isinstance(output, torch.Tensor):
+        return value
+    if isinstance(output, tuple):
+        i = site.slot if isinstance(site.slot, int) else 0
+        return (*output[:i], value, *output[i + 1:])
+    if isinstance(output, list):
+        out = list(output)
+        out[site.slot if isinstance(site.slot, int) else 0] = value
+        return out
+    if hasattr(output, "__setitem__") and isinstance(site.slot, str):
+        output[site.slot] = value
+        return output
+    if hasattr(output, "sample"):
+        output.sample = value
+        return output
+    return value
+
+
+def read_input(site: Site, args, kwargs):
+    slot = site.slot if site.slot is not None else 0
+    if isinstance(slot, int) and len(args) > slot:
+        return args[slot]
+    name = site.arg_name or (slot if isinstance(slot, str) else None)
+    if name is not None and name in kwargs:
+        return kwargs[name]
+    raise RuntimeError(f"site {site.name!r}: module {site.module!r} was called without input "
+                       f"#{slot}{f' / {name!r}' if name else ''}")
+
+
+def write_input(site: Site, args, kwargs, value):
+    slot = site.slot if site.slot is not None else 0
+    if isinstance(slot, int) and len(args) > slot:
+        args = (*args[:slot], value, *args[slot + 1:])
+    else:
+        kwargs = dict(kwargs)
+        kwargs[site.arg_name or slot] = value
+    return args, kwargs
+
+
+def _split_heads(site: Site, t: torch.Tensor) -> torch.Tensor:
+    if site.heads is None:
+        return t
+    return t.unflatten(-1, (site.heads, t.shape[-1] // site.heads))
+
+
+def _merge_heads(site: Site, t: torch.Tensor) -> torch.Tensor:
+    return t if site.heads is None else t.flatten(-2)
+
+
+def _apply(entries: list[Entry], t: torch.Tensor) -> torch.Tensor | None:
+    site = entries[0].site
+    view = _split_heads(site, t)
+    changed = False
+    for e in entries:
+        new = e.fn(view)
+        if new is not None:
+            view, changed = new, True
+    return _merge_heads(site, view) if changed else None
+
+
+def _make_output_hook(entries: list[Entry]):
+    def hook(module, args, kwargs, output):
+        raw = [e for e in entries if e.raw_io]
+        for e in raw:
+            e.fn((args, kwargs, output))
+        site_entries = [e for e in entries if not e.raw_io]
+        if not site_entries:
+            return None
+        t = read_output(site_entries[0].site, output)
+        new = _apply(site_entries, t)
+        return None if new is None else write_output(site_entries[0].site, output, new)
+    return hook
+
+
+def _make_input_hook(entries: list[Entry]):
+    def hook(module, args, kwargs):
+        for e in entries:
+            if e.raw_io:
+                e.fn((args, kwargs, None))
+        site_entries = [e for e in entries if not e.raw_io]
+        if not site_entries:
+            return None
+        t = read_input(site_entries[0].site, args, kwargs)
+        new = _apply(site_entries, t)
+        return None if new is None else write_input(site_entries[0].site, args, kwargs, new)
+    return hook
+
+
+@contextlib.contextmanager
+def attached(root: nn.Module, entries: list[Entry]) -> Iterator[None]:
+    """Register `entries` on `root`'s modules for the duration of the block; always removed."""
+    groups: dict[tuple, list[Entry]] = {}
+    for e in entries:  # one torch hook per (module, io, slot, head split); torch chains them in order
+        groups.setdefault((e.site.module, e.site.io, e.site.slot, e.site.heads), []).append(e)
+    handles = []
+    try:
+        for (path, io, _, _), group in groups.items():
+            module = root.get_submodule(path) if path else root
+            if io == "output":
+                handles.append(module.register_forward_hook(_make_output_hook(group), with_kwargs=True))
+            else:
+                handles.append(module.register_forward_pre_hook(_make_input_hook(group), with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def hook_count(root: nn.Module) -> int:
+    """Number of forward (pre-)hooks on `root` and its submodules — 0 when interp is not running."""
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in root.modules())

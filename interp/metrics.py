@@ -1,0 +1,69 @@
+"""Metrics over model outputs. Each takes logits [batch, pos, vocab] and returns one value per item."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def _last(logits: torch.Tensor) -> torch.Tensor:
+    return logits[:, -1] if logits.dim() == 3 else logits
+
+
+def logit_diff(target: int, foil: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """logit[target] - logit[foil] at the last position."""
+    def f(logits):
+        last = _last(logits).float()
+        return last[:, target] - last[:, foil]
+    return f
+
+
+def prob(target: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Softmax probability of `target` at the last position."""
+    def f(logits):
+        return _last(logits).float().softmax(-1)[:, target]
+    return f
+
+
+def logprob(target: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    def f(logits):
+        return _last(logits).float().log_softmax(-1)[:, target]
+    return f
+
+
+def kl_to(reference_logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """KL(reference || run) of the last-position distributions; reference is [vocab] or [1, vocab]."""
+    ref = _last(reference_logits.reshape(-1, reference_logits.shape[-1])[None] if reference_logits.dim() == 1
+                else reference_logits).float().log_softmax(-1)
+
+    def f(logits):
+        lp = _last(logits).float().log_softmax(-1)
+        return (ref.exp() * (ref - lp)).sum(-1)
+    return f
+
+
+def normalized(value: torch.Tensor, clean: torch.Tensor | float, corrupted: torch.Tensor | float) -> torch.Tensor:
+    """(m - m_corrupted) / (m_clean - m_corrupted): 0 = corrupted behaviour, 1 = clean behaviour."""
+    denom = torch.as_tensor(clean) - torch.as_tensor(corrupted)
+    if torch.as_tensor(denom).abs().max() < 1e-12:
+        raise ValueError("clean and corrupted metrics are equal, so the normalised effect is undefined: "
+                         "choose prompts whose metric differs")
+    return (value - corrupted) / denom
+
+
+def denoiser_distance(reference: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Relative L2 distance of a denoiser output to a reference output, per item."""
+    def f(out):
+        ref = reference.to(out.dtype).expand_as(out) if reference.shape[0] == 1 else reference
+        num = (out - ref).flatten(1).norm(dim=1)
+        return num / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return f
+
+
+def token_id(tokenizer, word: str) -> int:
+    """The single token id of `word` (e.g. ' Paris'); errors if it takes several tokens."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens ({ids}); metrics need a single-token target: "
+                         "try it with or without a leading space")
+    return ids[0]
