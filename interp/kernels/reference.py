@@ -12,8 +12,8 @@ Semantics shared by all ops
   every read happens before any write, and when a destination is listed more than once the
   *last* entry wins (for ``project`` all duplicates are the same operation, so it is applied once).
 * ``add_scaled`` and ``noise`` accumulate: a position listed several times receives the updates of
-  all its entries, applied one after the other in index order (exactly like a python loop over K,
-  rounding to the tensor's dtype after each entry).
+  all its entries, applied one after the other in index order (like a python loop over K), in
+  fp32, and is rounded to the tensor's dtype once at the end.
 """
 
 from __future__ import annotations
@@ -63,19 +63,6 @@ def occurrence_rank(keys: torch.Tensor) -> torch.Tensor:
     rank = torch.empty_like(ar)
     rank[perm] = ar - first
     return rank
-
-
-def _rounds(keys: torch.Tensor):
-    """Yield index tensors of entries with pairwise distinct keys, in sequential order."""
-    rank = occurrence_rank(keys)
-    if rank.numel() == 0:
-        return
-    nr = int(rank.max().item()) + 1
-    if nr == 1:
-        yield None
-        return
-    for r in range(nr):
-        yield torch.nonzero(rank == r).flatten()
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,26 +117,42 @@ def _add_rows(xr, vv, a, norm, renorm):
     return y
 
 
+def _sequential(x, idx, update):
+    """Apply ``update(rows_fp32, sel)`` for entries in index order; a position listed several
+    times gets its entries one after the other (in fp32), and is rounded to x's dtype once."""
+    cd = compute_dtype(x.dtype)
+    keys = position_keys(idx, x.shape)
+    rank = occurrence_rank(keys)
+    if int(rank.max().item()) == 0:  # no duplicates: one vectorized step
+        r, p = idx[:, 0], idx[:, 1]
+        x[r, p] = update(x[r, p].to(cd), torch.arange(idx.shape[0], device=idx.device)).to(x.dtype)
+        return x
+    uk, inv = torch.unique(keys, return_inverse=True)
+    first = torch.zeros(uk.shape[0], dtype=torch.int64, device=idx.device)
+    first[inv] = torch.arange(idx.shape[0], device=idx.device)  # any entry of each position
+    r, p = idx[first, 0], idx[first, 1]
+    W = x[r, p].to(cd)
+    for rr in range(int(rank.max().item()) + 1):
+        sel = torch.nonzero(rank == rr).flatten()
+        W[inv[sel]] = update(W[inv[sel]], sel)
+    x[r, p] = W.to(x.dtype)
+    return x
+
+
 def add_scaled(x, v, idx, alpha, norm=None, renorm=False):
     """x: [N, T, F]; v: [F] or [K, F]; idx: [K, 2]; alpha: fp32 [K]."""
     K = idx.shape[0]
     if K == 0:
         return x
     cd = compute_dtype(x.dtype)
-    keys = position_keys(idx, x.shape)
     vfull = v.expand(K, v.shape[-1]) if v.dim() == 1 else v
-    for sel in _rounds(keys):
-        ii = idx if sel is None else idx[sel]
-        vv = vfull if sel is None else vfull[sel]
-        aa = alpha if sel is None else alpha[sel]
-        nz = aa != 0  # alpha == 0 leaves x bitwise unchanged
-        ii, vv, aa = ii[nz], vv[nz], aa[nz]
-        if ii.shape[0] == 0:
-            continue
-        r, p = ii[:, 0], ii[:, 1]
-        y = _add_rows(x[r, p].to(cd), vv.to(cd), aa.to(cd), norm, renorm)
-        x[r, p] = y.to(x.dtype)
-    return x
+
+    def update(rows, sel):
+        a = alpha[sel].to(cd)
+        y = _add_rows(rows, vfull[sel].to(cd), a, norm, renorm)
+        return torch.where((a != 0)[:, None], y, rows)  # alpha == 0: bitwise unchanged
+
+    return _sequential(x, idx, update)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,18 +255,11 @@ def noise(x, idx, std, seeds):
     K = idx.shape[0]
     if K == 0:
         return x
-    F = x.shape[-1]
     cd = compute_dtype(x.dtype)
-    z = philox_randn(seeds, F)
-    keys = position_keys(idx, x.shape)
-    for sel in _rounds(keys):
-        ii = idx if sel is None else idx[sel]
-        zz = z if sel is None else z[sel]
-        ss = std if sel is None else std[sel]
-        nz = ss != 0
-        ii, zz, ss = ii[nz], zz[nz], ss[nz]
-        if ii.shape[0] == 0:
-            continue
-        r, p = ii[:, 0], ii[:, 1]
-        x[r, p] = (x[r, p].to(cd) + ss.to(cd)[:, None] * zz.to(cd)).to(x.dtype)
-    return x
+    z = philox_randn(seeds, x.shape[-1])
+
+    def update(rows, sel):
+        s = std[sel].to(cd)[:, None]
+        return torch.where(s != 0, rows + s * z[sel].to(cd), rows)
+
+    return _sequential(x, idx, update)

@@ -1,0 +1,21 @@
+"""Kernel tests run the Triton kernels on CPU through Triton's interpreter.
+
+TRITON_INTERPRET must be set before triton (and interp.kernels.triton) is imported, so it is set
+here, at conftest import time, before any test module of this package is collected.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def use_backend(monkeypatch):
+    """use_backend("triton" | "torch" | "auto") forces dispatch for the rest of the test."""
+
+    def _set(name):
+        monkeypatch.setenv("INTERP_KERNELS", name)
+
+    return _set
