@@ -1,0 +1,481 @@
+"""Training recipes for the project-trained zoo models (docs/ZOO.md).
+
+    python -m recipes.zoo_train shapes-diffusion --out interp/zoo/weights/shapes-diffusion
+    python -m recipes.zoo_train shapes-flow      --out interp/zoo/weights/shapes-flow
+    python -m recipes.zoo_train physics          --out interp/zoo/weights/physics
+    python -m recipes.zoo_train physics --smoke --out /tmp/p      # a few seconds
+
+Seeded (``--seed``), resumable (``--resume`` continues from ``<out>/train_state.pt``, written every
+``--save-every`` steps), a tqdm progress bar, and the final metrics are printed and written to
+``<out>/metrics.json``. ``register(subparsers)`` mounts all this as ``interp zoo-train``.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+NAMES = ("shapes-diffusion", "shapes-flow", "physics")
+MAX_TOKENS = 16  # caption length in tokens (longest caption: 11 with BOS/EOS)
+
+
+# ============================================================================ tokenizer / VAE
+def _bytes_to_unicode() -> dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, [chr(c) for c in cs]))
+
+
+def build_tokenizer(max_length: int = MAX_TOKENS):
+    """A real CLIP BPE tokenizer built in memory: byte-level base + merges making every caption
+    word one token. Any other text still tokenizes (byte fallback)."""
+    from transformers import CLIPTokenizer
+
+    from interp.zoo.shapes import caption_words
+
+    base = list(_bytes_to_unicode().values())
+    vocab: dict[str, int] = {}
+    for t in base:
+        vocab.setdefault(t, len(vocab))
+    for t in base:
+        vocab.setdefault(t + "</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+
+    def bpe(word: str) -> list[str]:
+        parts = list(word[:-1]) + [word[-1] + "</w>"]
+        ranks = {m: i for i, m in enumerate(merges)}
+        while len(parts) > 1:
+            r, i = min((ranks.get(p, math.inf), i) for i, p in enumerate(zip(parts, parts[1:])))
+            if r == math.inf:
+                break
+            parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
+        return parts
+
+    for w in caption_words():
+        while len(p := bpe(w)) > 1:  # append lowest-priority merges until the word is one token
+            merges.append((p[0], p[1]))
+            vocab.setdefault(p[0] + p[1], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def identity_vae(channels: int = 16):
+    """An ``AutoencoderKL`` whose encoder mean and decoder are the identity (error ~1e-6).
+
+    One block, no downsampling (vae_scale_factor 1), latent = 3 channels = the pixels in
+    [-1, 1]. conv_in writes +x, -x and large constant channels (+-B); every resnet's conv2 is
+    zero (identity); the final GroupNorm then divides by a constant (the +-B channels dominate
+    the group variance, and +x/-x cancel in the mean), its affine restores the scale around a
+    large offset where SiLU is linear, and conv_out takes (a - b)/2. Log-variance is -30.
+    """
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(channels,), layers_per_block=1,
+                        latent_channels=3, norm_num_groups=1, sample_size=32, scaling_factor=1.0, shift_factor=0.0,
+                        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
+    big, offset = 1000.0, 20.0
+    n_const = channels - 6
+    sigma0 = (n_const * big * big / channels) ** 0.5
+    with torch.no_grad():
+        for coder, logvar in ((vae.encoder, True), (vae.decoder, False)):
+            for p in coder.parameters():
+                p.zero_()
+            for m in coder.modules():
+                if isinstance(m, torch.nn.GroupNorm):
+                    m.weight.fill_(1.0)
+            ci = coder.conv_in
+            for c in range(3):
+                ci.weight[c, c, 1, 1] = 1.0
+                ci.weight[3 + c, c, 1, 1] = -1.0
+            ci.bias[6:6 + n_const // 2] = big
+            ci.bias[6 + n_const // 2:] = -big
+            g = coder.conv_norm_out
+            g.weight.zero_()
+            g.bias.zero_()
+            g.weight[:6] = sigma0
+            g.bias[:6] = offset
+            co = coder.conv_out
+            for c in range(3):
+                co.weight[c, c, 1, 1] = 0.5
+                co.weight[c, 3 + c, 1, 1] = -0.5
+            if logvar:
+                co.bias[3:] = -30.0
+    vae.requires_grad_(False)
+    return vae.eval()
+
+
+# ============================================================================ model builders
+def _clip_config(tok, hidden: int, layers: int, heads: int, projection: int | None = None):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
+                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=MAX_TOKENS,
+                          projection_dim=projection or hidden, bos_token_id=tok.bos_token_id,
+                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def build_diffusion_pipeline(seed: int = 0, width: int = 16):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    text_encoder = CLIPTextModel(_clip_config(tok, 64, 3, 4))
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(width, 2 * width, 4 * width),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
+    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+                          timestep_spacing="leading")
+    return StableDiffusionPipeline(vae=identity_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet,
+                                   scheduler=sched, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def build_flow_pipeline(seed: int = 0, heads: int = 4, layers: int = 4):
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+    from transformers import CLIPTextModelWithProjection
+
+    from interp.zoo.catalog import flow_pipeline_class
+
+    torch.manual_seed(seed)
+    tok = build_tokenizer()
+    te1 = CLIPTextModelWithProjection(_clip_config(tok, 64, 3, 4, projection=32))
+    te2 = CLIPTextModelWithProjection(_clip_config(tok, 32, 2, 2, projection=32))
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=2, in_channels=3, out_channels=3, num_layers=layers, attention_head_dim=16,
+        num_attention_heads=heads, joint_attention_dim=96, caption_projection_dim=16 * heads,
+        pooled_projection_dim=64, pos_embed_max_size=16)
+    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    return flow_pipeline_class()(transformer=transformer, scheduler=sched, vae=identity_vae(), text_encoder=te1,
+                                 tokenizer=tok, text_encoder_2=te2, tokenizer_2=copy.deepcopy(tok),
+                                 text_encoder_3=None, tokenizer_3=None)
+
+
+# ============================================================================ helpers
+class EMA:
+    def __init__(self, modules: dict[str, torch.nn.Module], decay: float):
+        self.decay = decay
+        self.shadow = {n: {k: v.detach().clone() for k, v in m.state_dict().items()} for n, m in modules.items()}
+
+    @torch.no_grad()
+    def update(self, modules, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for n, m in modules.items():
+            for k, v in m.state_dict().items():
+                s = self.shadow[n][k]
+                if v.dtype.is_floating_point:
+                    s.mul_(d).add_(v.detach(), alpha=1 - d)
+                else:
+                    s.copy_(v)
+
+    def copy_to(self, modules):
+        for n, m in modules.items():
+            m.load_state_dict(self.shadow[n])
+
+
+def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.9 + base * 0.1 * 0.5
+
+
+def _machine() -> str:
+    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__} CPU, threads={torch.get_num_threads()}".strip()
+
+
+class ShapesData:
+    """A fixed pool of rendered training images (train captions only), drawn from by index."""
+
+    def __init__(self, seed: int, size: int):
+        from interp.zoo import shapes
+
+        images, captions, _ = shapes.sample(seed, size)
+        self.x = shapes.to_tensor(images)
+        self.captions = captions
+        self.rng = np.random.default_rng(seed + 1)
+
+    def batch(self, n: int, p_uncond: float):
+        idx = self.rng.integers(0, len(self.captions), n)
+        caps = ["" if self.rng.random() < p_uncond else self.captions[i] for i in idx]
+        return self.x[idx], caps
+
+
+def _save_state(path: Path, step: int, modules, opt, ema, data):
+    torch.save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
+                "ema": ema.shadow, "data_rng": data.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, path)
+
+
+def _load_state(path: Path, modules, opt, ema, data) -> int:
+    st = torch.load(path, weights_only=False)
+    for k, m in modules.items():
+        m.load_state_dict(st["modules"][k])
+    opt.load_state_dict(st["opt"])
+    ema.shadow = st["ema"]
+    data.rng.bit_generator.state = st["data_rng"]
+    torch.set_rng_state(st["torch_rng"])
+    return st["step"]
+
+
+# ============================================================================ evaluation
+def evaluate_image_pipeline(pipe, n_per_caption: int = 32, captions=None, seed: int = 1234,
+                            num_inference_steps: int | None = None, batch: int = 32, **call_kw) -> dict:
+    """Generate ``n_per_caption`` images per held-out caption and score every attribute."""
+    from interp.zoo import scorers, shapes
+
+    attrs = captions if captions is not None else shapes.held_out_attributes()
+    kw = dict(call_kw)
+    if num_inference_steps is not None:
+        kw["num_inference_steps"] = num_inference_steps
+    per_caption, totals = {}, {k: [] for k in scorers.SCORERS}
+    pipe.set_progress_bar_config(disable=True)
+    for ci, a in enumerate(attrs):
+        imgs = []
+        done = 0
+        while done < n_per_caption:
+            b = min(batch, n_per_caption - done)
+            g = torch.Generator().manual_seed(seed + 1000 * ci + done)
+            out = pipe([a.caption()] * b, generator=g, output_type="np", **kw).images
+            imgs.append(out)
+            done += b
+        acc = scorers.accuracy(np.concatenate(imgs), a)
+        per_caption[a.caption()] = acc
+        for k, v in acc.items():
+            totals[k].append(v)
+    return {"n_captions": len(attrs), "n_per_caption": n_per_caption,
+            "accuracy": {k: float(np.mean(v)) for k, v in totals.items()}, "per_caption": per_caption}
+
+
+# ============================================================================ trainers
+def _image_common(args, pipe, trainable: dict, loss_fn, name: str, defaults: dict):
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or (defaults["smoke_steps"] if args.smoke else defaults["steps"])
+    bs = args.batch_size or (8 if args.smoke else defaults["batch"])
+    data = ShapesData(args.seed, 64 if args.smoke else defaults["pool"])
+    params = [p for m in trainable.values() for p in m.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr or defaults["lr"], weight_decay=0.0)
+    ema = EMA(trainable, defaults["ema"])
+    state_path = out / "train_state.pt"
+    start = 0
+    if args.resume and state_path.exists():
+        start = _load_state(state_path, trainable, opt, ema, data)
+        print(f"resumed {name} at step {start}")
+    for m in trainable.values():
+        m.train()
+    t0 = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc=name, disable=args.quiet)
+    running = None
+    for step in bar:
+        for gp in opt.param_groups:
+            gp["lr"] = _lr(step, steps, args.lr or defaults["lr"], warmup=min(200, steps // 5 + 1))
+        x0, caps = data.batch(bs, p_uncond=0.1)
+        loss = loss_fn(x0, caps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(trainable, step)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            _save_state(state_path, step + 1, trainable, opt, ema, data)
+        if args.max_minutes and (time.time() - t0) > 60 * args.max_minutes:
+            print(f"stopping at step {step + 1}: --max-minutes reached")
+            _save_state(state_path, step + 1, trainable, opt, ema, data)
+            steps = step + 1
+            break
+    train_time = time.time() - t0
+    ema.copy_to(trainable)
+    for m in trainable.values():
+        m.eval()
+    pipe.save_pretrained(str(out), safe_serialization=True)
+    n_eval = 2 if args.smoke else args.eval_samples
+    caps = None
+    if args.smoke:
+        from interp.zoo import shapes
+
+        caps = shapes.held_out_attributes()[:1]
+    ev = evaluate_image_pipeline(pipe, n_per_caption=n_eval, captions=caps, seed=args.seed + 99,
+                                 num_inference_steps=2 if args.smoke else None, batch=32)
+    metrics = {"name": name, "held_out": ev, "train_steps": steps, "batch_size": bs, "final_loss": running,
+               "train_wall_s": round(train_time, 1), "machine": _machine(), "seed": args.seed,
+               "command": "python -m recipes.zoo_train " + " ".join(args.argv), "smoke": bool(args.smoke),
+               "eval": f"{ev['n_per_caption']} samples x {ev['n_captions']} held-out captions, pipeline default "
+                       f"steps and guidance" if not args.smoke else "smoke"}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if state_path.exists() and not args.keep_state:
+        state_path.unlink()
+    return metrics
+
+
+def train_shapes_diffusion(args):
+    pipe = build_diffusion_pipeline(args.seed, width=8 if args.smoke else 16)
+    from diffusers import DDPMScheduler
+
+    ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
+    unet, te = pipe.unet, pipe.text_encoder
+
+    def loss_fn(x0, caps):
+        emb, _ = pipe.encode_prompt(caps, "cpu", 1, False)
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, ddpm.config.num_train_timesteps, (x0.shape[0],))
+        xt = ddpm.add_noise(x0, noise, t)
+        pred = unet(xt, t, encoder_hidden_states=emb).sample
+        return torch.nn.functional.mse_loss(pred, noise)
+
+    return _image_common(args, pipe, {"unet": unet, "text_encoder": te}, loss_fn, "shapes-diffusion",
+                         dict(steps=3000, smoke_steps=3, batch=32, pool=20000, lr=1e-3, ema=0.995))
+
+
+def train_shapes_flow(args):
+    pipe = build_flow_pipeline(args.seed, heads=2 if args.smoke else 4, layers=2 if args.smoke else 4)
+    tr, te1, te2 = pipe.transformer, pipe.text_encoder, pipe.text_encoder_2
+
+    def loss_fn(x0, caps):
+        emb, _, pooled, _ = pipe.encode_prompt(caps, caps, None, device="cpu", do_classifier_free_guidance=False)
+        noise = torch.randn_like(x0)
+        n = x0.shape[0]
+        sigma = torch.where(torch.rand(n) < 0.5, torch.sigmoid(torch.randn(n)), torch.rand(n)).clamp(1e-3, 1.0)
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * x0 + s * noise
+        pred = tr(hidden_states=xt, timestep=sigma * 1000, encoder_hidden_states=emb, pooled_projections=pooled).sample
+        return torch.nn.functional.mse_loss(pred, noise - x0)
+
+    return _image_common(args, pipe, {"transformer": tr, "text_encoder": te1, "text_encoder_2": te2}, loss_fn,
+                         "shapes-flow", dict(steps=2000, smoke_steps=3, batch=32, pool=20000, lr=1e-3, ema=0.995))
+
+
+def train_physics(args):
+    from interp.zoo import physics as P
+
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or (5 if args.smoke else 4000)
+    bs = args.batch_size or (16 if args.smoke else 128)
+    lr = args.lr or 1e-3
+    model = P.PhysicsSurrogate() if not args.smoke else P.PhysicsSurrogate(d_model=16, n_layers=2, d_mlp=32)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    state_path = out / "train_state.pt"
+    start = 0
+    if args.resume and state_path.exists():
+        st = torch.load(state_path, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        start = st["step"]
+        print(f"resumed physics at step {start}")
+    t0 = time.time()
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="physics", disable=args.quiet)
+    running = None
+    for step in bar:
+        for gp in opt.param_groups:
+            gp["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 5 + 1))
+        u, nxt, kappa, vel = P.sample_pairs(args.seed * 1_000_003 + step, bs)
+        pred = model(u, kappa, vel)
+        # loss on the increment, normalised per sample so slow regimes count as much as fast ones
+        inc, pinc = nxt - u, pred - u
+        loss = (((pinc - inc) ** 2).sum(-1) / (inc**2).sum(-1).clamp_min(1e-6)).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.5f}")
+        if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+            torch.save({"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()}, state_path)
+    train_time = time.time() - t0
+    model.eval()
+    model.save_pretrained(out)
+    err = P.one_step_error(model)
+    kfit = P.kappa_fit_report(model)
+    worst = max(v["rel_err"] for v in kfit.values())
+    metrics = {"name": "physics", **err, "kappa_fit_rollout_steps": 25, "kappa_fit_max_rel_err": worst,
+               "kappa_fit": kfit, "train_steps": steps, "batch_size": bs, "final_loss": running,
+               "train_wall_s": round(train_time, 1), "machine": _machine(), "seed": args.seed,
+               "command": "python -m recipes.zoo_train " + " ".join(args.argv), "smoke": bool(args.smoke)}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if state_path.exists() and not args.keep_state:
+        state_path.unlink()
+    return metrics
+
+
+TRAINERS = {"shapes-diffusion": train_shapes_diffusion, "shapes-flow": train_shapes_flow, "physics": train_physics}
+
+
+# ============================================================================ CLI
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("name", choices=NAMES, help="which zoo model to train")
+    p.add_argument("--out", default=None, help="output folder (default interp/zoo/weights/<name>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny model, a few steps: seconds (for tests)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--save-every", type=int, default=500)
+    p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early (and save state) after this long")
+    p.add_argument("--eval-samples", type=int, default=32, help="samples per held-out caption")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    if args.out is None:
+        from interp.zoo.catalog import weights_path
+
+        args.out = str(weights_path(args.name))
+    if not hasattr(args, "argv"):
+        args.argv = [args.name, "--out", args.out, "--seed", str(args.seed)] + (["--smoke"] if args.smoke else [])
+    metrics = TRAINERS[args.name](args)
+    print(json.dumps({k: v for k, v in metrics.items() if k not in ("kappa_fit",)}, indent=2, default=str)
+          if args.name == "physics" else json.dumps({k: v for k, v in metrics.items() if k != "held_out"} |
+                                                    {"held_out_accuracy": metrics["held_out"]["accuracy"]}, indent=2))
+    return metrics
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Add the ``zoo-train`` subcommand (``func=run``) to an argparse subparsers object."""
+    p = subparsers.add_parser("zoo-train", help="train a zoo model (shapes-diffusion, shapes-flow, physics)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m recipes.zoo_train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    args = p.parse_args(argv)
+    args.argv = argv
+    return run(args)
+
+
+if __name__ == "__main__":
+    main()
