@@ -5,8 +5,12 @@ here, at conftest import time, before any test module of this package is collect
 """
 
 import os
+import sys
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# pytest runs with --import-mode=importlib: make kernel_helpers.py (beside this file) importable
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 

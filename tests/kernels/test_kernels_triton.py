@@ -22,7 +22,7 @@ from interp.kernels import reference as ref  # noqa: E402
 from kernel_helpers import DTYPES, LAYOUTS, assert_close, gaps_unchanged, make  # noqa: E402
 
 SETTINGS = settings(
-    max_examples=int(os.environ.get("INTERP_KERNEL_EXAMPLES", "12")),
+    max_examples=int(os.environ.get("INTERP_KERNEL_EXAMPLES", "50")),
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
