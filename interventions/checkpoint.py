@@ -1,0 +1,219 @@
+"""Write an edited model or pipeline as a checkpoint: the transformers / diffusers `save_pretrained` layout
+(safetensors) plus `interp_edit.json`, a manifest of the edit (concept, method, layers, lambda, source hash).
+
+The checkpoint is written to a temporary folder beside the destination, reloaded with the library's own
+`from_pretrained` and compared tensor by tensor with the in-memory model, and only then renamed into
+place. The source folder is never written to unless in_place=True (`--in-place`), and then it is first
+renamed to a backup that is kept. Any failure removes the temporary folder, leaves the source as it was
+and says so (with the source's hash checked again).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from interp.errors import InterpError
+
+MANIFEST = "interp_edit.json"
+FORMAT = "interp.edit/1"
+
+
+class CheckpointWriteError(InterpError, RuntimeError):
+    """A checkpoint could not be written (or would have overwritten the source); the source is intact."""
+
+
+def folder_hash(path: str | os.PathLike, skip: tuple[str, ...] = ()) -> str:
+    """sha256 over every file of a folder (relative path and bytes, sorted); a file's own sha256."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        return file_hash(path)
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        rel = f.relative_to(path).as_posix()
+        if rel in skip:
+            continue
+        h.update(rel.encode() + b"\0" + file_hash(f).encode() + b"\n")
+    return h.hexdigest()
+
+
+def file_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_pipeline(obj: Any) -> bool:
+    return hasattr(obj, "components") and hasattr(obj, "save_pretrained") and not isinstance(obj, nn.Module)
+
+
+def state_tensors(obj: Any) -> dict[str, torch.Tensor]:
+    """Every tensor of a model, or of every module component of a pipeline ('component.name')."""
+    if is_pipeline(obj):
+        return {f"{c}.{k}": v for c, m in obj.components.items() if isinstance(m, nn.Module)
+                for k, v in m.state_dict().items()}
+    return dict(obj.state_dict())
+
+
+def reload(obj: Any, folder: str | os.PathLike) -> Any:
+    """Load `folder` with the same class as `obj` (diffusers pipeline or model, transformers model)."""
+    cls = type(obj)
+    if is_pipeline(obj):
+        from diffusers.utils import logging as dlog
+
+        level = dlog.get_verbosity()
+        dlog.set_verbosity_error()
+        try:
+            kw = {}
+            if "safety_checker" in obj.components and obj.components["safety_checker"] is None:
+                kw = {"safety_checker": None, "requires_safety_checker": False}
+            return cls.from_pretrained(str(folder), local_files_only=True, **kw)
+        finally:
+            dlog.set_verbosity(level)
+    return cls.from_pretrained(str(folder), local_files_only=True)
+
+
+def _compare(model: Any, reloaded: Any, edited: dict[str, torch.Tensor] | None) -> None:
+    want, got = state_tensors(model), state_tensors(reloaded)
+    missing = sorted(set(want) - set(got))
+    if missing:
+        raise CheckpointWriteError(f"the reloaded checkpoint lacks {len(missing)} tensors (first: {missing[:3]})")
+    bad = [k for k, v in want.items() if not torch.equal(v.detach().cpu(), got[k].detach().cpu().to(v.dtype))]
+    if bad:
+        raise CheckpointWriteError(f"the reloaded checkpoint differs from the model in memory at {len(bad)} tensors "
+                                   f"(first: {bad[:3]})")
+    for name, value in (edited or {}).items():
+        key = _state_key(name, got)
+        if key is None:
+            raise CheckpointWriteError(f"edited tensor {name!r} is not in the reloaded checkpoint")
+        if not torch.equal(got[key].detach().cpu(), value.detach().cpu().to(got[key].dtype)):
+            raise CheckpointWriteError(f"edited tensor {name!r} did not survive the round trip through disk")
+
+
+def _state_key(name: str, tensors: dict) -> str | None:
+    if name in tensors:
+        return name
+    hits = [k for k in tensors if k.endswith(name.split(".", 1)[-1]) and k.split(".")[0] == name.split(".")[0]]
+    return hits[0] if len(hits) == 1 else None
+
+
+def write_checkpoint(model: Any, dest: str | os.PathLike, edit=None, *, source: str | os.PathLike | None = None,
+                     in_place: bool = False, overwrite: bool = False, extra: dict | None = None,
+                     verify: Callable[[Any], Any] | None = None) -> Path:
+    """Write the (already edited) `model` to `dest` in the save_pretrained layout with a manifest; returns dest.
+
+    edit: the interventions.erasure.Edit that was applied (its tensors are checked after the reload and
+    its manifest recorded). source: the folder the model was loaded from (hashed into the manifest, and
+    never written to unless in_place=True, in which case dest is the source and a backup
+    `<source>.bak-<time>` is kept). verify(reloaded) may raise to reject the written checkpoint.
+    """
+    src = Path(source).resolve() if source is not None else None
+    if in_place:
+        if src is None:
+            raise CheckpointWriteError("in_place=True needs source= (the folder to replace)")
+        dest = src
+    dest = Path(dest).resolve()
+    if src is not None and not src.exists():
+        raise CheckpointWriteError(f"source folder {src} does not exist")
+    if src is not None and dest == src and not in_place:
+        raise CheckpointWriteError(f"refusing to write over the source checkpoint {src}: choose another output folder, "
+                                   "or pass in_place=True (--in-place) to replace it and keep a backup")
+    if src is not None and (src in dest.parents):
+        raise CheckpointWriteError(f"the output folder {dest} lies inside the source checkpoint {src}: choose a folder outside it")
+    if dest.exists() and not in_place and not overwrite:
+        raise CheckpointWriteError(f"{dest} already exists: choose a new folder or pass overwrite=True")
+    src_hash = folder_hash(src, skip=()) if src is not None else None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage = "writing"
+    try:
+        tmp.mkdir()
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        files = {p.relative_to(tmp).as_posix(): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {"format": FORMAT, **(edit.manifest() if edit is not None else {}), **(extra or {}),
+                    "source": str(src) if src is not None else None, "source_hash": src_hash,
+                    "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "files": files}
+        from interp import __version__
+
+        manifest["interp_version"] = __version__
+        (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=1))
+        stage = "verifying"
+        reloaded = reload(model, tmp)
+        _compare(model, reloaded, getattr(edit, "tensors", None))
+        if verify is not None and verify(reloaded) is False:
+            raise CheckpointWriteError("the verify function rejected the reloaded checkpoint")
+        del reloaded
+        stage = "moving into place"
+        _move_into_place(tmp, dest, in_place, overwrite)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointWriteError(_failure_message(e, stage, dest, src, src_hash)) from e
+    return dest
+
+
+def _move_into_place(tmp: Path, dest: Path, in_place: bool, overwrite: bool) -> None:
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    backup = dest.parent / f"{dest.name}.bak-{stamp}-{uuid.uuid4().hex[:4]}"
+    os.replace(dest, backup)
+    try:
+        os.replace(tmp, dest)
+    except BaseException:
+        os.replace(backup, dest)  # put the original back before reporting
+        raise
+    if not in_place:  # overwrite of a previous output (not the source): no backup wanted
+        shutil.rmtree(backup, ignore_errors=True)
+
+
+def _failure_message(e: BaseException, stage: str, dest: Path, src: Path | None, src_hash: str | None) -> str:
+    msg = f"writing the checkpoint to {dest} failed while {stage} ({type(e).__name__}: {e}); the temporary folder was removed"
+    if src is None:
+        return msg + "; no source folder was involved."
+    now = folder_hash(src) if src.exists() else None
+    if now == src_hash:
+        return msg + f"; the source {src} is intact (sha256 {src_hash[:16]}... unchanged)."
+    return msg + (f"; WARNING: the source {src} no longer matches its hash from before the write "
+                  f"(was {src_hash[:16]}..., now {str(now)[:16]}...): restore it from a backup beside it.")
+
+
+def read_manifest(folder: str | os.PathLike) -> dict:
+    """The interp_edit.json of a written checkpoint."""
+    f = Path(folder) / MANIFEST
+    if not f.exists():
+        raise FileNotFoundError(f"{folder} has no {MANIFEST}: it was not written by interventions.checkpoint")
+    return json.loads(f.read_text())
+
+
+def verify_files(folder: str | os.PathLike) -> list[str]:
+    """Files whose sha256 no longer matches the manifest (empty when the checkpoint is intact)."""
+    folder = Path(folder)
+    man = read_manifest(folder)
+    return [rel for rel, h in man["files"].items() if not (folder / rel).exists() or file_hash(folder / rel) != h]
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+__all__ = ["write_checkpoint", "read_manifest", "verify_files", "folder_hash", "CheckpointWriteError", "MANIFEST", "reload"]

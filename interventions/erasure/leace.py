@@ -1,0 +1,221 @@
+"""LEACE (Belrose et al. 2023): least-squares concept erasure, fitted from streaming statistics.
+
+r(x) = x - W+ P W (x - mu) with W = Sigma_xx^(-1/2) and P the projection onto col(W Sigma_xz). Stored as
+L = W+ U and R = U^T W (U: left singular vectors of W Sigma_xz above a tolerance), applied as
+x' = x - ((x - mu) R^T) L^T — the form interp's `Project` op and kernels take. After erasure no linear
+classifier of z beats a constant predictor (class-conditional means of x' are equal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from interp import Project, Where
+
+
+def _labels(z: torch.Tensor, n_classes: int | None) -> torch.Tensor:
+    """Integer labels [n] -> one-hot [n, k] (k = n_classes; 2 classes -> one column); float [n, k] as is."""
+    z = torch.as_tensor(z)
+    if z.dim() == 1 and not z.dtype.is_floating_point:
+        k = int(n_classes if n_classes is not None else int(z.max()) + 1)
+        if k < 2:
+            raise ValueError(f"concept labels have only {k} class; LEACE needs at least two (got labels {z.unique().tolist()})")
+        if int(z.min()) < 0 or int(z.max()) >= k:
+            raise ValueError(f"labels must lie in 0..{k - 1}, got {int(z.min())}..{int(z.max())}")
+        return (z == 1).double()[:, None] if k == 2 else nn.functional.one_hot(z.long(), k).double()
+    if z.dim() == 1:
+        return z.double()[:, None]
+    if z.dim() != 2:
+        raise ValueError(f"z must be labels [n] or a concept matrix [n, k], got shape {tuple(z.shape)}")
+    return z.double()
+
+
+@dataclass(frozen=True)
+class LeaceEraser:
+    """x -> x - ((x - mu) @ R.T) @ L.T, a rank-r affine eraser ([d, r] L, [r, d] R, [d] mu).
+
+    Pass it to `interp.Project(site, eraser)` to apply inside a model, or call it on a tensor.
+    """
+
+    L: torch.Tensor
+    R: torch.Tensor
+    mu: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor, z: torch.Tensor, n_classes: int | None = None, **kw) -> "LeaceEraser":
+        """Fit on features x [n, d] and labels z ([n] ints or [n, k] values) in one go."""
+        x = torch.as_tensor(x)
+        zz = _labels(z, n_classes)
+        return LeaceFitter(x.shape[-1], zz.shape[1], **kw).update(x, zz).eraser
+
+    @property
+    def dim(self) -> int:
+        return self.L.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.L.shape[1]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"this eraser acts on {self.dim}-dim features, got a tensor of shape {tuple(x.shape)}")
+        L, R, mu = (t.to(x.device, x.dtype) for t in (self.L, self.R, self.mu))
+        return x - ((x - mu) @ R.T) @ L.T
+
+    def projection(self) -> torch.Tensor:
+        """The [d, d] oblique projection L R that the eraser removes (x' = x - L R (x - mu))."""
+        return self.L @ self.R
+
+    def to(self, *args, **kw) -> "LeaceEraser":
+        return LeaceEraser(self.L.to(*args, **kw), self.R.to(*args, **kw), self.mu.to(*args, **kw))
+
+    def op(self, site: str, where: Where | None = None) -> Project:
+        """The engine op that applies this eraser at `site`."""
+        return Project(site, self, where=where)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"L": self.L, "R": self.R, "mu": self.mu}
+
+
+class LeaceFitter:
+    """Streaming LEACE statistics: `update(x, z)` with batches, then `.eraser`.
+
+    Means and (co)variances are merged per batch (Chan et al.) in float64, so any batching gives the
+    same eraser as one pass over all the data.
+    """
+
+    def __init__(self, x_dim: int, z_dim: int, n_classes: int | None = None, tol: float = 1e-6,
+                 device: str | torch.device | None = None):
+        self.x_dim, self.z_dim, self.n_classes, self.tol = x_dim, z_dim, n_classes, tol
+        kw = dict(dtype=torch.float64, device=device)
+        self.n = 0
+        self.mean_x = torch.zeros(x_dim, **kw)
+        self.mean_z = torch.zeros(z_dim, **kw)
+        self.m2_xx = torch.zeros(x_dim, x_dim, **kw)
+        self.m2_xz = torch.zeros(x_dim, z_dim, **kw)
+
+    def update(self, x: torch.Tensor, z: torch.Tensor) -> "LeaceFitter":
+        """Add a batch: x [..., d] (leading axes flattened) and labels / concept values for each row."""
+        x = torch.as_tensor(x).detach().reshape(-1, x.shape[-1]).to(self.mean_x)
+        z = torch.as_tensor(z).detach()
+        if z.dim() >= 1 and z.shape[0] != x.shape[0] and z.numel() == x.shape[0]:
+            z = z.reshape(-1)
+        k = self.n_classes if self.n_classes is not None else (2 if self.z_dim == 1 else self.z_dim)
+        zz = _labels(z.reshape(x.shape[0], *z.shape[1:] if z.dim() > 1 else ()), k).to(self.mean_x)
+        if x.shape[1] != self.x_dim:
+            raise ValueError(f"this fitter was made for {self.x_dim}-dim features, got {x.shape[1]}")
+        if zz.shape != (x.shape[0], self.z_dim):
+            raise ValueError(f"z gives {tuple(zz.shape)} concept values for {x.shape[0]} rows; expected "
+                             f"({x.shape[0]}, {self.z_dim}): pass one label per row of x")
+        m = x.shape[0]
+        if m == 0:
+            return self
+        bx, bz = x.mean(0), zz.mean(0)
+        dx, dz = x - bx, zz - bz
+        n = self.n
+        tot = n + m
+        delta_x, delta_z = bx - self.mean_x, bz - self.mean_z
+        self.m2_xx += dx.T @ dx + torch.outer(delta_x, delta_x) * (n * m / tot)
+        self.m2_xz += dx.T @ dz + torch.outer(delta_x, delta_z) * (n * m / tot)
+        self.mean_x += delta_x * (m / tot)
+        self.mean_z += delta_z * (m / tot)
+        self.n = tot
+        return self
+
+    @property
+    def sigma_xx(self) -> torch.Tensor:
+        return self.m2_xx / max(self.n - 1, 1)
+
+    @property
+    def sigma_xz(self) -> torch.Tensor:
+        return self.m2_xz / max(self.n - 1, 1)
+
+    @property
+    def eraser(self) -> LeaceEraser:
+        if self.n < 2:
+            raise ValueError(f"LEACE needs at least 2 samples, got {self.n}")
+        evals, V = torch.linalg.eigh(self.sigma_xx)
+        keep = evals > self.tol * evals.max().clamp_min(1e-30)
+        root = evals.clamp_min(0).sqrt()
+        inv = torch.where(keep, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
+        W = (V * inv) @ V.T                      # Sigma^(-1/2) on the support
+        W_pinv = (V * torch.where(keep, root, torch.zeros_like(root))) @ V.T
+        U, S, _ = torch.linalg.svd(W @ self.sigma_xz, full_matrices=False)
+        U = U[:, S > self.tol * S.max().clamp_min(1e-30)] if S.numel() and S.max() > 0 else U[:, :0]
+        return LeaceEraser(W_pinv @ U, U.T @ W, self.mean_x.clone())
+
+
+# ---------------------------------------------------------------------------------------------
+# folding an eraser into a neighbouring linear layer
+# ---------------------------------------------------------------------------------------------
+
+def fold_weights(weight: torch.Tensor, bias: torch.Tensor | None, eraser: LeaceEraser, side: str
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+    """New (weight, bias) of y = A x + b with the eraser folded in, and whether the mean is kept.
+
+    side="before": the eraser acts on the layer's input, A' = A (I - L R), b' = b + A L R mu.
+    side="after": on its output, A' = (I - L R) A, b' = (I - L R) b + L R mu.
+    A bias-free layer keeps its bias-free shape: the erasure guarantee holds, only the constant mean
+    term is lost (outputs shift by a constant), reported by the third value (False).
+    """
+    if side not in ("before", "after"):
+        raise ValueError(f"side must be 'before' (eraser on the layer input) or 'after' (on its output), not {side!r}")
+    A = weight.double()
+    dim = A.shape[1] if side == "before" else A.shape[0]
+    if eraser.dim != dim:
+        raise ValueError(f"eraser acts on {eraser.dim}-dim features but the layer's {'input' if side == 'before' else 'output'} "
+                         f"has {dim} (weight {tuple(weight.shape)}): fold it on the other side or fit it at this site")
+    P = eraser.projection().to(A)
+    mu = eraser.mu.to(A)
+    eye = torch.eye(dim, dtype=A.dtype, device=A.device)
+    if side == "before":
+        A2 = A @ (eye - P)
+        shift = A @ (P @ mu)
+        b2 = None if bias is None else bias.double() + shift
+    else:
+        A2 = (eye - P) @ A
+        shift = P @ mu
+        b2 = None if bias is None else (eye - P) @ bias.double() + shift
+    return A2.to(weight.dtype), (None if b2 is None else b2.to(bias.dtype)), bias is not None
+
+
+def fold_eraser(linear: nn.Linear, eraser: LeaceEraser, side: str) -> bool:
+    """Fold `eraser` into `linear` in place (see fold_weights); returns whether the mean is preserved."""
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"can only fold an eraser into an nn.Linear, got {type(linear).__name__}")
+    W, b, kept = fold_weights(linear.weight.data, None if linear.bias is None else linear.bias.data, eraser, side)
+    with torch.no_grad():
+        linear.weight.copy_(W)
+        if b is not None:
+            linear.bias.copy_(b)
+    return kept
+
+
+def fit_at_site(lm, batches: Sequence, labels: Sequence[torch.Tensor], site: str, *, n_classes: int = 2,
+                pool=None, tol: float = 1e-6, **run_kw) -> LeaceEraser:
+    """Fit an eraser on the activations of `site`, captured through the engine batch by batch.
+
+    batches: model inputs; labels: one label tensor per batch, either per item ([B]) — every position of
+    the item gets its item's label — or per position ([B, T]). pool(act, batch) -> [B, d] reduces the
+    positions first (e.g. a masked mean) when the concept is a sentence-level property. Integer labels
+    name one of `n_classes` classes; float labels [B(, T), k] are concept values used as they are.
+    """
+    fitter = None
+    for inp, z in zip(batches, labels):
+        act = lm.run(inp, capture=[site], **run_kw).cache[site].double()
+        z = torch.as_tensor(z)
+        if pool is not None:
+            act = pool(act, inp)
+        elif act.dim() == 3 and z.dim() == 1:
+            z = z[:, None].expand(-1, act.shape[1])
+        if fitter is None:
+            k = z.shape[-1] if z.dtype.is_floating_point and z.dim() > 1 else (1 if n_classes == 2 else n_classes)
+            fitter = LeaceFitter(act.shape[-1], k, n_classes=None if z.dtype.is_floating_point else n_classes, tol=tol)
+        flat_z = z.reshape(-1, z.shape[-1]) if z.dtype.is_floating_point and z.dim() > 1 else z.reshape(-1)
+        fitter.update(act.reshape(-1, act.shape[-1]), flat_z)
+    if fitter is None:
+        raise ValueError("fit_at_site got no batches")
+    return fitter.eraser
