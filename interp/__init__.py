@@ -13,6 +13,7 @@ from .hooks import hook_count
 from .ops import ALL, Ablate, Add, Noise, Op, Patch, Project, Replace, Subject, Tokens, Where, at
 from .results import Result, image_grid
 from .sites import Site
+from . import zoo
 
 __version__ = "0.1.0"
 

