@@ -31,6 +31,8 @@ class TransformerLensAdapter(Adapter):
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__(model, tokenizer or getattr(model, "tokenizer", None))
         self.n_layers = model.cfg.n_layers
+        # the bridge's per-head hook points carry [batch, pos, heads * d_head]; HookedTransformer's are split
+        self.flat_heads = type(model).__name__ != "HookedTransformer"
         self._table = None
 
     def site_table(self) -> SiteTable:
@@ -46,7 +48,9 @@ class TransformerLensAdapter(Adapter):
             if tl_name not in hooks:
                 return
             heads = kind in HEAD_KINDS
+            n = self.model.cfg.n_key_value_heads or self.model.cfg.n_heads if kind in ("attn.k", "attn.v") else self.model.cfg.n_heads
             sites.append(Site(canonical, path_of[id(hooks[tl_name])], layer=layer, kind=kind,
+                              heads=n if heads and self.flat_heads else None,
                               axes=("batch", "pos", "head", "d_head") if heads else ("batch", "pos", "d_model")))
             aliases[tl_name] = canonical
 
