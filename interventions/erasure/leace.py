@@ -103,8 +103,10 @@ class LeaceFitter:
         z = torch.as_tensor(z).detach()
         if z.dim() >= 1 and z.shape[0] != x.shape[0] and z.numel() == x.shape[0]:
             z = z.reshape(-1)
+        if z.dim() == 0 or z.shape[0] != x.shape[0]:
+            raise ValueError(f"z has shape {tuple(z.shape)} for {x.shape[0]} rows of x: pass one label per row of x")
         k = self.n_classes if self.n_classes is not None else (2 if self.z_dim == 1 else self.z_dim)
-        zz = _labels(z.reshape(x.shape[0], *z.shape[1:] if z.dim() > 1 else ()), k).to(self.mean_x)
+        zz = _labels(z, k).to(self.mean_x)
         if x.shape[1] != self.x_dim:
             raise ValueError(f"this fitter was made for {self.x_dim}-dim features, got {x.shape[1]}")
         if zz.shape != (x.shape[0], self.z_dim):
