@@ -75,6 +75,16 @@ class Instrumented:
         """Many experiments on one base input, packed into the batch dimension (see Engine.run_grid)."""
         return self.engine.run_grid(inputs, rows, metric, **kw)
 
+    def applied(self, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), *, ctx: RunContext | None = None,
+                steps_from: str | None = None, check: bool = True):
+        """Context manager: `ops` edit (and `capture` records) every forward call inside the block, e.g.
+        `with lm.applied([Add(...)]): model.generate(...)`; positions are relative to the full sequence
+        (KV cache aware, pos="generated" for new tokens only); `steps_from` names the module whose calls
+        count `RunContext.step` ("" = the root). Every op must edit something by the end (see interp.session)."""
+        from .session import applied
+
+        return applied(self.adapter, ops, capture, ctx=ctx, steps_from=steps_from, check=check)
+
 
 def attach(obj: Any, tokenizer=None, family: str | None = None) -> Instrumented:
     """Instrument an HF model, a TransformerLens model, an nnsight-wrapped model, a diffusers

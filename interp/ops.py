@@ -95,17 +95,26 @@ class Patch(Op):
 
 @dataclass(frozen=True, eq=False)
 class Add(Op):
-    """h <- h + alpha * vector, or alpha * vector * ||h|| / ||vector|| with norm="relative"."""
+    """h <- h + alpha * vector, or alpha * vector * ||h|| / ||vector|| with norm="relative".
+
+    spatial (grid activations, e.g. UNet [N, C, H, W] or token grids [N, T, F]): None adds a
+    feature vector at the selected positions; "average" adds a channel vector at every spatial
+    location (channel axis 1 for 4-D and larger tensors, the last axis for [N, T, F]), norms per
+    location; "keep" adds a vector of the item's full shape, norms per item. Spatial adds ignore pos.
+    """
 
     vector: torch.Tensor = None
     alpha: float = 1.0
     norm: str | None = None
     renorm: bool = False
+    spatial: str | None = None
 
     def __post_init__(self):
         super().__post_init__()
         if self.norm not in (None, "relative"):
             raise ValueError(f"Add.norm must be None or 'relative', not {self.norm!r}")
+        if self.spatial not in (None, "average", "keep"):
+            raise ValueError(f"Add.spatial must be None, 'average' or 'keep', not {self.spatial!r}")
 
 
 @dataclass(frozen=True, eq=False)
