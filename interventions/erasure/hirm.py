@@ -18,7 +18,7 @@ from .core import Concept, Edit, tokenize_like_pipeline
 from .methods import text_encoder_path, _device, _prompt_list, _rows, _split, _starts
 
 
-def hirm(pipe, concept: Concept, steps: int = 150, lr: float = 3e-3, alpha: float = 1.0, target: str = "guide",
+def hirm(pipe, concept: Concept, steps: int = 200, lr: float = 1e-3, alpha: float = 1.0, target: str = "guide",
          block: str = "encoder.layers.0", seed: int = 0, progress: bool = False) -> Edit:
     """Returns an Edit holding the fine-tuned parameters of `block` (the pipeline itself is not changed)."""
     if target not in ("guide", "random"):
@@ -52,17 +52,19 @@ def hirm(pipe, concept: Concept, steps: int = 150, lr: float = 3e-3, alpha: floa
     for _ in tqdm(range(steps), desc="hirm", disable=not progress, leave=False):
         h_f = lm.run(forget_ids, grad=True).logits
         loss_f = ((_rows(h_f, starts) - goal) ** 2).sum(-1).mean()
-        loss = loss_f
+        loss_r = torch.zeros(())
         if n_pres:
             h_r = lm.run(retain_ids, grad=True).logits
-            loss = loss + alpha * ((h_r - retain_goal) ** 2).sum(-1).mean()
+            loss_r = ((h_r - retain_goal) ** 2).sum(-1).mean()
+        loss = loss_f + alpha * loss_r
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        history.append(float(loss.detach()))
+        history.append((float(loss_f.detach()), float(loss_r.detach())))
     tensors = {f"text_encoder.{block}.{k}": v.detach().clone() for k, v in blk.named_parameters()}
     return Edit("hirm", concept.word, tensors, None, [f"text_encoder.{block}"],
                 {"steps": steps, "lr": lr, "alpha": alpha, "target": target, "seed": seed,
-                 "loss_first": history[0] if history else None, "loss_last": history[-1] if history else None,
+                 "forget_loss": [history[0][0], history[-1][0]] if history else None,
+                 "retain_loss": [history[0][1], history[-1][1]] if history else None,
                  "n_preserve_prompts": n_pres,
                  **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}})

@@ -1,0 +1,190 @@
+"""The closed-form ridge editor and the pipeline methods built on it, on tiny random diffusers pipelines:
+the solve is the minimiser of its objective; each method moves the concept's projections to the guides'
+and keeps the preserved prompts'."""
+import copy
+
+import pytest
+import torch
+
+from interventions.erasure import (Concept, cross_attention_layers, erase, choose_window, edit_start, ridge_objective,
+                                   ridge_solve, tokenize_like_pipeline)
+from interventions.erasure.methods import unet_cross_inputs, _split, _rows, _starts
+
+torch.set_num_threads(1)
+COLOURS = ["red", "yellow", "green", "cyan", "blue", "magenta"]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from recipes.zoo_train import build_diffusion_pipeline
+
+    p = build_diffusion_pipeline(0, width=8)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def concept():
+    from interp.zoo import shapes
+
+    caps = [a.caption() for a in shapes.all_attributes()][::4]
+    return Concept.from_prompts("red", caps, [c for c in COLOURS if c != "red"])
+
+
+# ------------------------------------------------------------------------------------------ solve
+def test_ridge_solve_is_the_minimiser():
+    g = torch.Generator().manual_seed(0)
+    W0 = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    k, v, c = (torch.randn(4, 7, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g, dtype=torch.float64),
+               torch.randn(6, 7, generator=g, dtype=torch.float64))
+    W = ridge_solve(W0, k, v, c, lam=0.3).requires_grad_(True)
+    f = ridge_objective(W, W0, k, v, c, lam=0.3)
+    (grad,) = torch.autograd.grad(f, W)
+    assert grad.abs().max() < 1e-9
+    for _ in range(5):  # any perturbation costs more
+        d = torch.randn(5, 7, generator=g, dtype=torch.float64) * 1e-2
+        assert ridge_objective(W.detach() + d, W0, k, v, c, 0.3) > f
+
+
+def test_ridge_solve_limits():
+    g = torch.Generator().manual_seed(1)
+    W0 = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    k, v = torch.randn(2, 4, generator=g, dtype=torch.float64), torch.randn(2, 3, generator=g, dtype=torch.float64)
+    W = ridge_solve(W0, k, v, lam=1e-8)
+    assert torch.allclose(k @ W.T, v, atol=1e-5)          # tiny lam: the edits are met exactly
+    assert torch.allclose(ridge_solve(W0, k, v, lam=1e8), W0, atol=1e-6)  # huge lam: nothing moves
+    c = torch.randn(2, 4, generator=g, dtype=torch.float64)
+    Wp = ridge_solve(W0, k, v, c, lam=1e-8)
+    assert torch.allclose(c @ Wp.T, c @ W0.T, atol=1e-5)  # 2 edits + 2 preserved keys in 4 dims: both met
+    with pytest.raises(ValueError, match="do not fit"):
+        ridge_solve(W0, torch.randn(2, 5), v)
+
+
+# ------------------------------------------------------------------------------------------ prompts
+def test_concept_prompts_and_alignment(pipe, concept):
+    assert all("red" in s for s in concept.sources) and not any("red" in p for p in concept.preserve)
+    assert concept.guides[0][0] == concept.sources[0].replace("red", "yellow")
+    p = edit_start(pipe.tokenizer, concept.sources[0], concept.guides[0])
+    ids = tokenize_like_pipeline(pipe.tokenizer, [concept.sources[0]])[0]
+    assert pipe.tokenizer.decode([int(ids[p])]).strip() == "red"
+    with pytest.raises(ValueError, match="same number of tokens"):
+        edit_start(pipe.tokenizer, "a red circle", ["a reddish circle"])
+    with pytest.raises(ValueError, match="none of the"):
+        Concept.from_prompts("purple", concept.sources, ["blue"])
+    with pytest.raises(ValueError, match="unknown erasure method"):
+        erase(pipe, concept, "nope")
+    with pytest.raises(ValueError, match="choose_window"):
+        erase(pipe, concept, "locoedit")
+
+
+# ------------------------------------------------------------------------------------------ methods
+def _gaps(pipe, edited, concept, layer_target):
+    """Relative distance of the concept's projections to the guides', and change of preserved projections."""
+    x = unet_cross_inputs(pipe, [*concept.sources, *(g for gs in concept.guides for g in gs), *concept.preserve],
+                          [layer_target.rsplit(".", 1)[0]], [layer_target.rsplit(".", 1)[1]])[layer_target]
+    src, guide, pres = _split(x, concept, len(concept.preserve))
+    starts = _starts(pipe.tokenizer, concept)
+    W0 = pipe.unet.get_submodule(layer_target).weight.double()
+    W1 = edited.unet.get_submodule(layer_target).weight.double()
+    k, want = _rows(src, starts), _rows(guide, starts) @ W0.T
+    before = ((k @ W0.T - want).norm() / want.norm()).item()
+    after = ((k @ W1.T - want).norm() / want.norm()).item()
+    p = pres.reshape(-1, x.shape[-1])
+    drift = ((p @ W1.T - p @ W0.T).norm() / (p @ W0.T).norm()).item()
+    return before, after, drift
+
+
+@pytest.mark.parametrize("method,kw", [("uce", {}), ("time", {}), ("locoedit", {"layers": [1, 2]})])
+def test_cross_attention_methods_map_concept_to_guides(pipe, concept, method, kw):
+    edit = erase(pipe, concept, method, **kw)
+    layers = cross_attention_layers(pipe.unet)
+    chosen = [layers[i] for i in kw.get("layers", range(len(layers)))]
+    assert sorted(edit.tensors) == sorted(f"unet.{l}.{t}.weight" for l in chosen for t in ("to_k", "to_v"))
+    edited = edit.applied(pipe)
+    for l in chosen:
+        before, after, drift = _gaps(pipe, edited, concept, f"{l}.to_v")
+        assert after < 0.35 * before, (method, l, before, after)
+        if method != "time":  # UCE / LocoEdit preserve the other prompts' projections
+            assert drift < 0.05, (method, l, drift)
+    untouched = [l for l in layers if l not in chosen]
+    for l in untouched:
+        assert torch.equal(edited.unet.get_submodule(f"{l}.to_v").weight, pipe.unet.get_submodule(f"{l}.to_v").weight)
+    # the original pipeline is unchanged by applied()
+    assert edit.manifest()["method"] == method and edit.manifest()["layers"] == chosen
+
+
+def _final_states(pipe, prompts):
+    with torch.no_grad():
+        return pipe.encode_prompt(list(prompts), "cpu", 1, False)[0].double()
+
+
+@pytest.mark.parametrize("method,kw", [("quickfix", {}), ("hirm", {"steps": 100})])
+def test_text_encoder_methods_move_concept_states(pipe, concept, method, kw):
+    edit = erase(pipe, concept, method, **kw)
+    assert all(k.startswith("text_encoder.") and ".layers.0." in k for k in edit.tensors)
+    edited = edit.applied(pipe)
+    starts = _starts(pipe.tokenizer, concept)
+    guides = [g for gs in concept.guides for g in gs]
+    g0 = _final_states(pipe, guides).reshape(len(concept.sources), -1, 16, 64).mean(1)
+    s0, s1 = _final_states(pipe, concept.sources), _final_states(edited, concept.sources)
+    before = (_rows(s0, starts) - _rows(g0, starts)).norm()
+    after = (_rows(s1, starts) - _rows(g0, starts)).norm()
+    p0, p1 = _final_states(pipe, concept.preserve), _final_states(edited, concept.preserve)
+    assert after < 0.5 * before, (method, before, after)
+    assert (p1 - p0).norm() / p0.norm() < 0.05
+
+
+def test_leace_folded_into_cross_attention_removes_the_concept_linearly(pipe, concept):
+    edit = erase(pipe, concept, "leace")
+    assert edit.info["mean_preserved"] is False  # SD's to_k / to_v are bias-free
+    edited = edit.applied(pipe)
+    layer = cross_attention_layers(pipe.unet)[0]
+    prompts = [*concept.sources, *concept.preserve, ""]
+    x = unet_cross_inputs(pipe, prompts, [layer], ["to_k"])[f"{layer}.to_k"]
+    z = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for i, p in enumerate(_starts(pipe.tokenizer, concept)):
+        z[i, p:] = True
+    for W, equal in ((pipe.unet.get_submodule(f"{layer}.to_k").weight, False),
+                     (edited.unet.get_submodule(f"{layer}.to_k").weight, True)):
+        y = x @ W.double().T
+        gap = (y[z].mean(0) - y[~z].mean(0)).norm() / y.std(0).norm()
+        assert (gap < 1e-6) == equal, gap
+
+
+def test_leace_text_encoder_fold_is_exact(pipe, concept):
+    edit = erase(pipe, concept, "leace", site="text_encoder")
+    assert edit.info["mean_preserved"] is True and any(k.endswith(".bias") for k in edit.tensors)
+
+
+def test_choose_window_picks_the_best_scoring_window(pipe, concept):
+    target = cross_attention_layers(pipe.unet)[2]
+
+    def score(p):  # lower when layer 2's value projection was edited (a stand-in for an image scorer)
+        return -float((p.unet.get_submodule(f"{target}.to_v").weight - pipe.unet.get_submodule(f"{target}.to_v").weight).detach().norm())
+
+    best, trace = choose_window(pipe, concept, 1, score)
+    assert best == [2] and len(trace) == 4
+
+
+def test_context_edit_on_sd3(concept):
+    from recipes.zoo_train import build_flow_pipeline
+
+    p = build_flow_pipeline(0, heads=2, layers=2)
+    small = Concept.from_prompts("red", [*concept.sources[:4], *concept.preserve[:8]], ["yellow", "blue"])
+    edit = erase(p, small, "context")
+    assert set(edit.tensors) == {"transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight"}
+    edited = edit.applied(p)
+
+    def ctx(pp, prompts):
+        emb = pp.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device="cpu",
+                               do_classifier_free_guidance=False)[0]
+        with torch.no_grad():
+            return pp.transformer.context_embedder(emb).double()
+
+    starts = _starts(p.tokenizer, small)
+    want = ctx(p, [g for gs in small.guides for g in gs]).reshape(len(small.sources), 2, *ctx(p, small.sources[:1]).shape[1:]).mean(1)
+    before = (_rows(ctx(p, small.sources), starts) - _rows(want, starts)).norm()
+    after = (_rows(ctx(edited, small.sources), starts) - _rows(want, starts)).norm()
+    assert after < 0.35 * before
+    pres_change = (ctx(edited, small.preserve) - ctx(p, small.preserve)).norm() / ctx(p, small.preserve).norm()
+    assert pres_change < 0.05
