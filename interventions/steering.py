@@ -1,0 +1,491 @@
+"""Steering vectors: extract a direction from contrasting activations, inject it with the engine's Add op.
+
+Extraction (METHODS.md, "Steering"): difference of means (optionally z-normalising each example
+first), CAA (mean of paired positive - negative differences) and the first principal component of
+the paired differences. Activations come from prompts, from datasets of model inputs or from
+tensors already captured. Injection is `Add(site, vector, alpha, norm="relative")`:
+h' = h + alpha * v * ||h|| / ||v||, at chosen positions, only generated tokens, or only inside a
+window of denoising / rollout steps, for token sequences and (spatial="average" | "keep") grids.
+`SteeringVector.apply` keeps the op on every forward call inside a `with` block, so it works in HF
+`generate`, a diffusers pipeline and a physics rollout loop. Every dose-response is measured beside
+a random direction and a norm-matched control (the same extraction on shuffled labels).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+import interp
+from interp import Add, Result, at
+from interp.errors import InterpError, SiteShapeError
+
+METHODS = ("mean_diff", "caa", "pca")
+REDUCE = ("last", "mean", "keep")
+FORMAT = "interp.steering/1"
+
+
+# ---------------------------------------------------------------------------------------------
+# the value object
+# ---------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, eq=False)
+class SteeringVector:
+    """A direction at one site plus where it came from.
+
+    vector: [F] for token sites (added per position) or spatial="average" grids (per location);
+    the item's full shape for spatial="keep". model / method / data_hash / meta are provenance.
+    """
+
+    vector: torch.Tensor
+    site: str
+    method: str = "mean_diff"
+    model: str = ""
+    data_hash: str = ""
+    spatial: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if not isinstance(self.vector, torch.Tensor) or self.vector.numel() == 0:
+            raise SiteShapeError(f"a steering vector needs a non-empty tensor, got {type(self.vector).__name__}")
+        if not torch.isfinite(self.vector).all():
+            raise SiteShapeError(f"the steering vector for {self.site!r} has non-finite entries: check the activations")
+        if self.spatial not in (None, "average", "keep"):
+            raise ValueError(f"spatial must be None, 'average' or 'keep', not {self.spatial!r}")
+
+    @property
+    def norm(self) -> float:
+        return float(self.vector.float().norm())
+
+    def op(self, alpha: float = 1.0, *, norm: str | None = "relative", pos: Any = None, steps=None,
+           items=None) -> Add:
+        """The engine op that injects this vector: Add(site, vector, alpha, norm, where=...)."""
+        if self.spatial is not None and pos is not None:
+            raise ValueError(f"a spatial={self.spatial!r} vector is added at every location; pos={pos!r} cannot be used")
+        return Add(self.site, self.vector, alpha=float(alpha), norm=norm, spatial=self.spatial,
+                   where=at(pos=pos, steps=steps, items=items))
+
+    def apply(self, lm: interp.Instrumented, alpha: float = 1.0, *, norm: str | None = "relative", pos: Any = None,
+              steps=None, items=None, steps_from: str | None = None, check: bool = True):
+        """Context manager: the vector is added on every forward call of `lm`'s model inside the block.
+
+        pos: None (all positions), "generated" (tokens after the prompt), ints / slices / Tokens.
+        steps: a (start, stop) window or list of step indices, counted by calls of `steps_from`.
+        """
+        if steps is not None and steps_from is None:
+            steps_from = ""
+        return lm.applied([self.op(alpha, norm=norm, pos=pos, steps=steps, items=items)], steps_from=steps_from,
+                          check=check)
+
+    # -- controls ------------------------------------------------------------------------------
+    def random_like(self, seed: int = 0) -> "SteeringVector":
+        """An isotropic random direction with this vector's shape and norm."""
+        g = torch.Generator().manual_seed(seed)
+        r = torch.randn(self.vector.shape, generator=g, dtype=torch.float64)
+        r = (r / r.norm() * self.vector.double().norm()).to(self.vector.dtype)
+        return replace(self, vector=r, method="random", meta={**self.meta, "control": "random", "seed": seed})
+
+    def rescaled(self, target_norm: float) -> "SteeringVector":
+        v = self.vector.double()
+        return replace(self, vector=(v / v.norm().clamp_min(1e-30) * target_norm).to(self.vector.dtype))
+
+    def cosine(self, other: "SteeringVector | torch.Tensor") -> float:
+        o = other.vector if isinstance(other, SteeringVector) else other
+        return float(torch.nn.functional.cosine_similarity(self.vector.double().reshape(-1), o.double().reshape(-1), 0))
+
+    # -- disk ----------------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """One .safetensors file; provenance in its metadata (strings only, as safetensors wants)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format": FORMAT, "site": self.site, "method": self.method, "model": self.model,
+                "data_hash": self.data_hash, "spatial": self.spatial or "", "meta": json.dumps(_jsonable(self.meta))}
+        save_file({"vector": self.vector.detach().cpu().contiguous()}, str(path), metadata=meta)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SteeringVector":
+        from safetensors import safe_open
+
+        path = Path(path)
+        path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise InterpError(f"{path} is not an interp steering vector (format {meta.get('format')!r}); "
+                                  "write one with SteeringVector.save")
+            vec = f.get_tensor("vector")
+        return cls(vec, meta["site"], meta["method"], meta["model"], meta["data_hash"], meta["spatial"] or None,
+                   json.loads(meta.get("meta", "{}")))
+
+
+# ---------------------------------------------------------------------------------------------
+# extraction maths (model-free)
+# ---------------------------------------------------------------------------------------------
+
+def znormalize(acts: torch.Tensor) -> torch.Tensor:
+    """Each example to zero mean and unit std over its features (all non-batch axes)."""
+    a = acts.double().flatten(1)
+    a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True).clamp_min(1e-12)
+    return a.reshape(acts.shape)
+
+
+def _check_pair(pos: torch.Tensor, neg: torch.Tensor, paired: bool) -> None:
+    if pos.shape[1:] != neg.shape[1:]:
+        raise SiteShapeError(f"positive activations have feature shape {tuple(pos.shape[1:])}, negative "
+                             f"{tuple(neg.shape[1:])}: capture both at the same site with the same reduction")
+    if min(len(pos), len(neg)) < 1:
+        raise ValueError("need at least one positive and one negative example")
+    if paired and len(pos) != len(neg):
+        raise ValueError(f"paired methods (caa, pca) need as many positive as negative examples, got "
+                         f"{len(pos)} and {len(neg)}; use method='mean_diff' for unpaired sets")
+
+
+def direction(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff", znorm: bool = False) -> torch.Tensor:
+    """Steering direction from activations [n, *F] of the positive and negative sets (float32 result).
+
+    mean_diff: mean(pos) - mean(neg); caa: mean of paired differences (equal to mean_diff for equal
+    sets, kept for its paired bookkeeping); pca: first principal axis of the paired differences
+    (uncentred, so a shared shift is the signal), signed and scaled to the mean projection.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    _check_pair(pos, neg, method != "mean_diff")
+    p, n = (znormalize(pos), znormalize(neg)) if znorm else (pos.double(), neg.double())
+    if method == "mean_diff":
+        d = p.mean(0) - n.mean(0)
+    elif method == "caa":
+        d = (p - n).mean(0)
+    else:
+        diffs = (p - n).flatten(1)
+        _, _, vh = torch.linalg.svd(diffs, full_matrices=False)
+        u = vh[0]
+        proj = diffs @ u
+        if proj.mean() < 0:
+            u, proj = -u, -proj
+        d = (u * proj.mean()).reshape(p.shape[1:])
+    return d.float()
+
+
+def shuffled_direction(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff", znorm: bool = False,
+                       seed: int = 0) -> torch.Tensor:
+    """The same extraction with the labels shuffled (paired methods: random swaps within pairs)."""
+    g = torch.Generator().manual_seed(seed)
+    if method == "mean_diff":
+        both = torch.cat([pos, neg])
+        perm = torch.randperm(len(both), generator=g)
+        return direction(both[perm[:len(pos)]], both[perm[len(pos):]], method, znorm)
+    swap = torch.rand(len(pos), generator=g) < 0.5
+    shape = (-1,) + (1,) * (pos.dim() - 1)
+    p = torch.where(swap.reshape(shape), neg, pos)
+    n = torch.where(swap.reshape(shape), pos, neg)
+    return direction(p, n, method, znorm)
+
+
+def data_hash(*parts: Any) -> str:
+    """sha256 (16 hex) of prompts / tensors / nested lists that define a steering data set."""
+    h = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            h.update(str((tuple(x.shape), str(x.dtype))).encode())
+            h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+        elif isinstance(x, (list, tuple)):
+            h.update(b"[")
+            for y in x:
+                feed(y)
+            h.update(b"]")
+        elif isinstance(x, dict):
+            for k in sorted(x):
+                feed(str(k))
+                feed(x[k])
+        else:
+            h.update(repr(x).encode())
+
+    for p in parts:
+        feed(p)
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# activations from a model
+# ---------------------------------------------------------------------------------------------
+
+def _batches(inputs: Any, batch_size: int) -> Iterable[tuple[Any, bool]]:
+    """Yield (batch, is_text). Prompts and tensors / tuples / dicts are cut into batches; a list of
+    non-string items is a dataset of ready batches."""
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, str) for x in inputs):
+        for i in range(0, len(inputs), batch_size):
+            yield list(inputs[i:i + batch_size]), True
+        return
+    if isinstance(inputs, torch.Tensor):
+        for i in range(0, inputs.shape[0], batch_size):
+            yield inputs[i:i + batch_size], False
+        return
+    if isinstance(inputs, tuple) and isinstance(inputs[0], torch.Tensor):
+        n = inputs[0].shape[0]
+        cut = lambda t, i: t[i:i + batch_size] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
+        for i in range(0, n, batch_size):
+            yield tuple(cut(t, i) for t in inputs), False
+        return
+    if isinstance(inputs, dict):
+        n = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}, False
+        return
+    for item in inputs:  # a dataset: an iterable of batches
+        yield item, isinstance(item, (str, list)) and bool(item) and isinstance(item if isinstance(item, str) else item[0], str)
+
+
+def _reduce(x: torch.Tensor, reduce: str, lengths: torch.Tensor | None) -> torch.Tensor:
+    if reduce == "keep":
+        return x
+    if x.dim() >= 4 and lengths is None:  # channels-first grid [n, C, *S]: average the spatial axes
+        if reduce != "mean":
+            raise ValueError(f"reduce={reduce!r} on a grid activation {tuple(x.shape)}: use 'mean' (spatial average) or 'keep'")
+        return x.flatten(2).mean(-1)
+    if x.dim() < 3:
+        return x
+    if lengths is None:
+        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+    if reduce == "last":
+        return x[torch.arange(x.shape[0]), lengths - 1]
+    mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).to(x.dtype)
+    return (x * mask[:, :, None]).sum(1) / lengths[:, None].to(x.dtype)
+
+
+def collect(lm: interp.Instrumented, inputs: Any, site: str, *, reduce: str = "last", batch_size: int = 16,
+            progress: bool = False, **run_kw) -> torch.Tensor:
+    """Activations at `site` for every example of `inputs`: [n, F] (reduce "last" / "mean") or [n, ...] ("keep").
+
+    inputs: prompts (padded per batch; exact for causal LMs, "last" = each prompt's own last token),
+    a tensor / tuple / dict of model inputs with the batch first, or an iterable of such batches.
+    On channels-first grids ([n, C, *S]) "mean" averages the spatial axes.
+    """
+    return _collect(lm, inputs, site, reduce, batch_size, progress, **run_kw)[0]
+
+
+def _collect(lm, inputs, site, reduce, batch_size, progress, **run_kw) -> tuple[torch.Tensor, int]:
+    if reduce not in REDUCE:
+        raise ValueError(f"reduce must be one of {REDUCE}, not {reduce!r}")
+    lm.site(site)  # unknown sites fail here, with suggestions
+    out, raw_dim = [], 0
+    for batch, text in tqdm(list(_batches(inputs, batch_size)), desc="collect", disable=not progress, leave=False):
+        lengths = None
+        if text:
+            prepared = lm.adapter.prepare(batch, pad=True)
+            mask = prepared.kwargs.get("attention_mask")
+            lengths = mask.sum(1).cpu() if mask is not None else None
+            if mask is not None and bool((mask[:, :-1] < mask[:, 1:]).any()):
+                raise InterpError("the tokenizer padded on the left; collect() needs right padding")
+            batch = prepared
+        res = lm.run(batch, capture=site, **run_kw)
+        x = res.cache[site].float().cpu()
+        raw_dim = x.dim()
+        out.append(_reduce(x, reduce, lengths))
+    if not out:
+        raise ValueError(f"no examples in the inputs for {site!r}")
+    return torch.cat(out), raw_dim
+
+
+def from_activations(pos: torch.Tensor, neg: torch.Tensor, site: str, *, method: str = "mean_diff",
+                     znorm: bool = False, spatial: str | None = None, model: str = "", meta: dict | None = None,
+                     hash_of: Any = None) -> SteeringVector:
+    """A SteeringVector from cached activations [n, *F] of both sets."""
+    d = direction(pos, neg, method, znorm)
+    info = {"n_pos": len(pos), "n_neg": len(neg), "znorm": znorm, **(meta or {})}
+    return SteeringVector(d, site, method, model, data_hash(hash_of if hash_of is not None else (pos, neg), method, znorm),
+                          spatial, info)
+
+
+def extract(lm: interp.Instrumented, positive: Any, negative: Any, site: str, *, method: str = "mean_diff",
+            reduce: str = "last", znorm: bool = False, model: str = "", batch_size: int = 16,
+            return_activations: bool = False, **run_kw):
+    """Steering vector at `site` from positive / negative prompts or model inputs.
+
+    reduce: "last" / "mean" over positions gives a per-position vector [F] (for grids, "mean"
+    averages the spatial axes: spatial="average"); "keep" keeps the full shape (spatial="keep").
+    With return_activations=True returns (vector, pos_acts, neg_acts) for controls.
+    """
+    p, raw_dim = _collect(lm, positive, site, reduce, batch_size, False, **run_kw)
+    n, _ = _collect(lm, negative, site, reduce, batch_size, False, **run_kw)
+    spatial = "keep" if reduce == "keep" else ("average" if raw_dim >= 4 else None)
+    hashed = (positive, negative) if _is_text(positive) and _is_text(negative) else (p, n)
+    sv = from_activations(p, n, site, method=method, znorm=znorm, spatial=spatial, model=model,
+                          meta={"reduce": reduce}, hash_of=hashed)
+    return (sv, p, n) if return_activations else sv
+
+
+def _is_text(x) -> bool:
+    return isinstance(x, str) or (isinstance(x, (list, tuple)) and bool(x) and all(isinstance(y, str) for y in x))
+
+
+def controls(vector: SteeringVector, pos: torch.Tensor | None = None, neg: torch.Tensor | None = None,
+             seed: int = 0) -> dict[str, SteeringVector]:
+    """The steering vector beside its controls, both with its norm: "random", an isotropic random
+    direction; "norm_matched" (given the activations), the same extraction on shuffled labels with
+    its component along the steering vector removed: an in-distribution direction of the data's
+    own activation subspace that carries none of the contrast."""
+    out = {"steer": vector, "random": vector.random_like(seed)}
+    if pos is not None and neg is not None:
+        znorm = bool(vector.meta.get("znorm", False))
+        method = vector.method if vector.method in METHODS else "mean_diff"
+        d = shuffled_direction(pos, neg, method, znorm, seed).double()
+        v = vector.vector.double()
+        d = (d - (d * v).sum() / (v * v).sum().clamp_min(1e-30) * v).float()
+        sv = replace(vector, vector=d, method="shuffled", meta={**vector.meta, "control": "shuffled labels", "seed": seed})
+        out["norm_matched"] = sv.rescaled(vector.norm)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# dose-response
+# ---------------------------------------------------------------------------------------------
+
+def monotonicity(values: Sequence[float], alphas: Sequence[float]) -> dict[str, float | bool]:
+    """Spearman rank correlation of metric vs alpha, and whether the metric is strictly monotone."""
+    a = torch.as_tensor(list(alphas), dtype=torch.float64)
+    v = torch.as_tensor(list(values), dtype=torch.float64)
+    order = torch.argsort(a)
+    v = v[order]
+    d = v[1:] - v[:-1]
+
+    def ranks(x):
+        r = torch.empty_like(x)
+        r[torch.argsort(x)] = torch.arange(len(x), dtype=torch.float64)
+        return r
+    ra, rv = ranks(a[order]), ranks(v)
+    rho = float(torch.corrcoef(torch.stack([ra, rv]))[0, 1]) if len(v) > 1 and rv.std() > 0 else 0.0
+    return {"spearman": rho, "increasing": bool((d > 0).all()), "decreasing": bool((d < 0).all()),
+            "monotone": bool((d > 0).all() or (d < 0).all()), "change": float(v[-1] - v[0])}
+
+
+def dose_response(vectors: dict[str, SteeringVector], alphas: Sequence[float], measure: Callable[[SteeringVector, float], Any],
+                  *, metric: str = "metric", progress: bool = True, extra: Sequence[str] = ()) -> Result:
+    """Generic sweep: `measure(vector, alpha)` -> a float, or a dict with `metric` (and `extra` keys).
+
+    Returns a Result with axes (vector, alpha) [, quantity]; attrs hold the monotonicity summary.
+    """
+    names = list(vectors)
+    qty = [metric, *extra]
+    vals = torch.full((len(names), len(alphas), len(qty)), float("nan"), dtype=torch.float64)
+    bar = tqdm(total=len(names) * len(alphas), desc="alpha sweep", disable=not progress, leave=False)
+    try:
+        for i, name in enumerate(names):
+            for j, a in enumerate(alphas):
+                got = measure(vectors[name], float(a))
+                got = got if isinstance(got, dict) else {metric: got}
+                for k, q in enumerate(qty):
+                    vals[i, j, k] = float(got[q])
+                bar.update(1)
+    finally:
+        bar.close()
+    res = Result(vals if extra else vals[..., 0], ("vector", "alpha", "quantity") if extra else ("vector", "alpha"),
+                 {"vector": names, "alpha": [float(a) for a in alphas], **({"quantity": qty} if extra else {})},
+                 {"metric": metric})
+    res.attrs["monotonicity"] = {n: monotonicity(vals[i, :, 0].tolist(), alphas) for i, n in enumerate(names)}
+    res.attrs["vectors"] = {n: {"site": v.site, "method": v.method, "norm": v.norm, "data_hash": v.data_hash,
+                                "cosine_to_steer": v.cosine(vectors[names[0]])} for n, v in vectors.items()}
+    return res
+
+
+def lm_target_prob(lm: interp.Instrumented, vectors: dict[str, SteeringVector], prompts: Sequence[str],
+                   targets: Sequence[str], alphas: Sequence[float], *, pos: Any = slice(1, None),
+                   norm: str | None = "relative", progress: bool = True) -> Result:
+    """Probability mass of the `targets` words as the next token after each prompt, per (vector, alpha),
+    averaged over prompts. One run_grid per prompt: rows = vectors x alphas, sharing the prefix below the site.
+
+    pos defaults to every position but the first (whose activation norm in Llama-style models is an
+    attention-sink outlier that norm-relative scaling would blow up).
+    """
+    from interp.metrics import token_id
+
+    ids = torch.tensor([token_id(lm.tokenizer, w) for w in targets])
+    names = list(vectors)
+    rows = [[vectors[n].op(a, norm=norm, pos=pos)] for n in names for a in alphas]
+    metric = lambda logits: logits[:, -1].float().softmax(-1)[:, ids].sum(-1)
+    acc = torch.zeros(len(rows), dtype=torch.float64)
+    for p in tqdm(prompts, desc="target prob", disable=not progress, leave=False):
+        g = lm.run_grid(p, rows, metric, progress=False)
+        acc += g.values.double().mean(1)
+    vals = (acc / len(prompts)).reshape(len(names), len(alphas))
+    res = Result(vals, ("vector", "alpha"), {"vector": names, "alpha": [float(a) for a in alphas]},
+                 {"metric": f"p({'|'.join(targets)})", "targets": list(targets), "n_prompts": len(prompts)})
+    res.attrs["monotonicity"] = {n: monotonicity(vals[i].tolist(), alphas) for i, n in enumerate(names)}
+    res.attrs["vectors"] = {n: {"site": v.site, "method": v.method, "norm": v.norm, "data_hash": v.data_hash,
+                                "cosine_to_steer": v.cosine(vectors[names[0]])} for n, v in vectors.items()}
+    return res
+
+
+def generate(lm: interp.Instrumented, prompt: str, vector: SteeringVector | None = None, alpha: float = 0.0, *,
+             pos: Any = "generated", max_new_tokens: int = 20, norm: str | None = "relative", **gen_kw) -> dict:
+    """Greedy HF `generate` with the vector applied (or none): {'text', 'ids', 'scores'}."""
+    model, tok = lm.model, lm.tokenizer
+    enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
+              pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **gen_kw)
+    with (vector.apply(lm, alpha, norm=norm, pos=pos) if vector is not None else contextlib.nullcontext()):
+        out = model.generate(**enc, **kw)
+    new = out.sequences[0, enc["input_ids"].shape[1]:]
+    return {"text": tok.decode(new, skip_special_tokens=True), "ids": out.sequences[0],
+            "scores": torch.stack(out.scores, 1)[0]}
+
+
+def plot_dose_response(res: Result, path: str | Path, title: str = "", quantity: str | None = None) -> Path:
+    """Line plot: metric vs alpha, one line per vector (steer / random / norm_matched)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    r = res.sel(quantity=quantity) if quantity is not None and "quantity" in res.axes else res
+    if "quantity" in r.axes:
+        r = r.sel(quantity=r.coord("quantity")[0])
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    alphas = r.coord("alpha")
+    styles = {"steer": dict(color="C3", lw=2, marker="o"), "random": dict(color="C0", ls="--", marker="s"),
+              "norm_matched": dict(color="C2", ls=":", marker="^")}
+    for i, name in enumerate(r.coord("vector")):
+        ax.plot(alphas, r.values[i].float().numpy(), label=name, **styles.get(name, dict(marker=".")))
+    ax.set_xlabel("alpha (norm-relative)")
+    ax.set_ylabel(quantity or res.attrs.get("metric", "metric"))
+    ax.set_title(title or res.attrs.get("title", ""), fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    return str(x)
+
+
+__all__ = ["SteeringVector", "direction", "shuffled_direction", "znormalize", "data_hash", "collect",
+           "from_activations", "extract", "controls", "monotonicity", "dose_response", "lm_target_prob",
+           "generate", "plot_dose_response"]
