@@ -198,13 +198,12 @@ PHILOX_ROUND_B = 0xCD9E8D57
 
 
 def _mulhilo32(a: int, b: torch.Tensor):
-    """(hi, lo) 32-bit halves of a * b for a constant a < 2**32 and int64 b in [0, 2**32)."""
-    ah, al = a >> 16, a & 0xFFFF
-    t = b * al  # < 2**48
-    u = b * ah  # < 2**48
-    hi = (u + (t >> 16)) >> 16
-    lo = (((u & 0xFFFF) << 16) + t) & _M32
-    return hi, lo
+    """(hi, lo) 32-bit halves of a * b for a constant a < 2**32 and int64 b in [0, 2**32).
+
+    The int64 product wraps modulo 2**64 exactly like the unsigned one, so its bit pattern is the
+    full 64-bit product: an arithmetic shift plus a mask gives the high word."""
+    prod = b * a
+    return (prod >> 32) & _M32, prod & _M32
 
 
 def philox4x32(c0, c1, c2, c3, k0, k1, n_rounds: int = 10):
@@ -233,6 +232,16 @@ def philox_bits(seeds: torch.Tensor, F: int):
     return c0, c1
 
 
+def _philox_bits_chunked(seeds: torch.Tensor, F: int):
+    """philox_bits in row chunks of ~64k elements (cache friendly on CPU)."""
+    K = seeds.shape[0]
+    step = max(1, (1 << 16) // max(F, 1))
+    if K <= step or seeds.device.type != "cpu":
+        return philox_bits(seeds, F)
+    parts = [philox_bits(seeds[i:i + step], F) for i in range(0, K, step)]
+    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+
+
 def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
     x = torch.where(x >= 2**31, x - 2**32, x)  # bitcast to int32
     x = torch.where(x < 0, -x - 1, x)  # ~x
@@ -241,7 +250,7 @@ def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
 
 def philox_randn(seeds: torch.Tensor, F: int) -> torch.Tensor:
     """Standard normal fp32 [K, F]; z[k, f] depends only on (seeds[k], f). Equals tl.randn(seed, f)."""
-    i1, i2 = philox_bits(seeds, F)
+    i1, i2 = _philox_bits_chunked(seeds, F)
     u1 = _uint_to_uniform(i1)
     u2 = _uint_to_uniform(i2)
     u1 = torch.maximum(u1, torch.tensor(1.0e-7, dtype=torch.float32, device=u1.device))
