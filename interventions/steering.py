@@ -422,7 +422,7 @@ def lm_target_prob(lm: interp.Instrumented, vectors: dict[str, SteeringVector], 
         acc += g.values.double().mean(1)
     vals = (acc / len(prompts)).reshape(len(names), len(alphas))
     res = Result(vals, ("vector", "alpha"), {"vector": names, "alpha": [float(a) for a in alphas]},
-                 {"metric": f"p({'|'.join(targets)})", "targets": list(targets), "n_prompts": len(prompts)})
+                 {"metric": "p(target words)", "targets": list(targets), "n_prompts": len(prompts)})
     res.attrs["monotonicity"] = {n: monotonicity(vals[i].tolist(), alphas) for i, n in enumerate(names)}
     res.attrs["vectors"] = {n: {"site": v.site, "method": v.method, "norm": v.norm, "data_hash": v.data_hash,
                                 "cosine_to_steer": v.cosine(vectors[names[0]])} for n, v in vectors.items()}
