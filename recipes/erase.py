@@ -1,0 +1,196 @@
+"""`interp erase`: erase a concept from a text-to-image pipeline and write the edited checkpoint.
+
+    interp erase shapes-diffusion --concept red --method uce --out erased/uce
+    interp erase shapes-diffusion --concept red --method all --report interp-out/erase-red   # every method, report only
+    interp erase ./my-sd-folder --concept "van gogh" --guide painter --prompts prompts.txt --method quickfix --out out/
+
+Methods: uce, time, locoedit (window chosen by an edit sweep unless --layers), quickfix (Diff-QuickFix), leace,
+hirm (UNet pipelines); context (SD3 / Flux). On the shapes zoo models the prompts are every caption and the
+guides the concept's siblings (the other colours); elsewhere pass --prompts (one per line) and --guide.
+The checkpoint is written in the diffusers save_pretrained layout with interp_edit.json; the source is
+never written to unless --in-place (a backup is kept). --report measures efficacy and specificity with the
+zoo's scorers (shapes models) and writes erasure_report.json + erasure_grid.png.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+UNET_METHODS = ("uce", "time", "locoedit", "quickfix", "leace", "hirm")
+TRANSFORMER_METHODS = ("context",)
+
+
+def _load(spec: str):
+    """(pipeline, source folder) for a zoo name or a folder."""
+    from interp.zoo.catalog import ENTRIES, weights_path
+
+    if spec in ENTRIES:
+        from interp import zoo
+
+        return zoo.load(spec), weights_path(spec)
+    from recipes.models import load
+
+    return load(spec), (Path(spec) if Path(spec).exists() else None)
+
+
+def _concept(args, pipe):
+    from interventions.erasure import Concept
+    from interventions.erasure.report import shapes_concept
+
+    if args.prompts:
+        prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
+        if not args.guide:
+            raise SystemExit("interp erase: --guide is required with --prompts (what the concept should become)")
+        preserve = [l.strip() for l in Path(args.preserve).read_text().splitlines() if l.strip()] if args.preserve else ()
+        return Concept.from_prompts(args.concept, prompts, args.guide, preserve), False
+    try:
+        return shapes_concept(args.concept, args.guide), True
+    except ValueError as e:
+        raise SystemExit(f"interp erase: {e}. For a model other than the shapes zoo models pass --prompts and --guide.")
+
+
+def _method_kwargs(method: str, args) -> dict:
+    kw = {}
+    if args.lam is not None and method in ("uce", "time", "locoedit", "quickfix", "context"):
+        kw["lam"] = args.lam
+    if method == "hirm":
+        kw.update(steps=args.hirm_steps, progress=not args.quiet)
+    if method == "leace" and args.leace_site:
+        kw["site"] = args.leace_site
+    if method == "time" and args.preserve_time:
+        kw["preserve"] = True
+    return kw
+
+
+def run(args) -> dict:
+    from interventions.checkpoint import write_checkpoint
+    from interventions.erasure import choose_window, erase
+    from interventions.erasure import report as R
+
+    torch.set_num_threads(args.threads)
+    pipe, source = _load(args.model)
+    concept, is_shapes = _concept(args, pipe)
+    kind = TRANSFORMER_METHODS if hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None else UNET_METHODS
+    methods = list(kind) if args.method == ["all"] else args.method
+    if args.in_place and len(methods) != 1:
+        raise SystemExit("interp erase: --in-place writes one checkpoint: pass exactly one --method")
+    if args.in_place and source is None:
+        raise SystemExit("interp erase: --in-place needs a model loaded from a folder")
+    report: dict = {"model": args.model, "concept": concept.describe(), "methods": {}, "settings": vars(args).copy()}
+    report["settings"].pop("func", None)
+    evaluate = args.report is not None and is_shapes
+    if args.report is not None and not is_shapes:
+        print("interp erase: --report needs a shapes zoo model (the scorers know its attributes); skipping the report")
+    if evaluate:
+        attrs = R.eval_attributes(args.eval_prompts, seed=args.seed)
+        prompts = [a.caption() for a in attrs]
+        t0 = time.time()
+        imgs0 = R.generate(pipe, prompts, args.n_per_prompt, args.seed, args.steps)
+        before = R.summarize(R.score_images(imgs0, attrs, args.n_per_prompt), args.concept)
+        report["original"] = {**before, "generate_s": round(time.time() - t0, 1)}
+        print(f"original: {args.concept} rate {before['concept_rate']:.3f}, accuracy {before['accuracy_all']}")
+        cols = list(range(0, len(prompts) * args.n_per_prompt, args.eval_prompts * args.n_per_prompt // 2 * 1))
+        rows = {"original": imgs0[cols]}
+    for method in methods:
+        t0 = time.time()
+        kw = _method_kwargs(method, args)
+        if method == "locoedit":
+            if args.layers:
+                kw["layers"] = args.layers
+            elif is_shapes:
+                src = list(concept.sources[::max(1, len(concept.sources) // 8)])[:8]
+
+                def score(p, src=src):
+                    from interp.zoo import scorers
+
+                    return scorers.colour_rate(R.generate(p, src, 2, args.seed + 7, args.steps), args.concept) \
+                        if R.shapes_attribute(args.concept) == "colour" else \
+                        float(sum(s == args.concept for s in scorers.shape(R.generate(p, src, 2, args.seed + 7, args.steps))) / (2 * len(src)))
+
+                kw["layers"], trace = choose_window(pipe, concept, args.window, score, lam=kw.pop("lam", 0.5))
+                report.setdefault("locoedit_trace", trace)
+            else:
+                raise SystemExit("interp erase: locoedit needs --layers on models without scorers")
+        edit = erase(pipe, concept, method, **kw)
+        edited = edit.applied(pipe)
+        entry = {"edit": edit.manifest(), "fit_s": round(time.time() - t0, 2)}
+        if args.out:
+            dest = Path(args.out) if len(methods) == 1 else Path(args.out) / method
+            written = write_checkpoint(edited, source if args.in_place else dest, edit, source=source,
+                                       in_place=args.in_place, overwrite=args.overwrite)
+            entry["checkpoint"] = str(written)
+            print(f"{method}: wrote {written}")
+        if evaluate:
+            t1 = time.time()
+            imgs = R.generate(edited, prompts, args.n_per_prompt, args.seed, args.steps)
+            after = R.summarize(R.score_images(imgs, attrs, args.n_per_prompt), args.concept)
+            cmp = R.compare(before, after, args.concept)
+            entry.update(after=after, comparison=cmp, generate_s=round(time.time() - t1, 1))
+            rows[method] = imgs[cols]
+            print(f"{method}: {args.concept} rate {cmp['concept_rate_before']:.3f} -> {cmp['concept_rate_after']:.3f} "
+                  f"(drop {cmp['relative_drop']:.0%}), other values' accuracy {cmp['other_values_accuracy_change']:+.3f}, "
+                  f"other attributes {({k: round(v, 3) for k, v in cmp['other_attribute_accuracy_change'].items()})} "
+                  f"-> efficacy {'ok' if cmp['efficacy_ok'] else 'NOT met'}, specificity {'ok' if cmp['specificity_ok'] else 'NOT met'}")
+        del edited
+        report["methods"][method] = entry
+    if args.report is not None:
+        out = Path(args.report)
+        path = R.write_report(report, out)
+        print(f"report: {path}")
+        if evaluate:
+            labels = [prompts[c // args.n_per_prompt].replace(", ", "\n") for c in cols]
+            png = R.grid(rows, out / "erasure_grid.png", labels, f"erasing {args.concept!r}: original and each method (same seeds)")
+            print(f"grid: {png}")
+    return report
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="zoo name (shapes-diffusion, shapes-flow) or a diffusers folder")
+    p.add_argument("--concept", required=True, help="the word to erase, as written in the prompts (e.g. red)")
+    p.add_argument("--method", nargs="+", default=["uce"], help=f"one or more of {UNET_METHODS + TRANSFORMER_METHODS}, or all")
+    p.add_argument("--guide", nargs="+", default=None, help="what the concept becomes (default on shapes: its siblings)")
+    p.add_argument("--prompts", default=None, help="text file, one prompt per line (those naming the concept are edited)")
+    p.add_argument("--preserve", default=None, help="text file of prompts to preserve (default: the prompts without the concept)")
+    p.add_argument("--lam", type=float, default=None, help="ridge lambda (default per method: uce 0.5, time 0.1, quickfix 0.01)")
+    p.add_argument("--layers", type=int, nargs="+", default=None, help="locoedit: cross-attention layer indices (forward order)")
+    p.add_argument("--window", type=int, default=2, help="locoedit: window size for the edit sweep")
+    p.add_argument("--leace-site", choices=("cross_attention", "text_encoder"), default=None)
+    p.add_argument("--preserve-time", action="store_true", help="time: also use the preservation list")
+    p.add_argument("--hirm-steps", type=int, default=200)
+    p.add_argument("--out", default=None, help="checkpoint folder (a sub-folder per method when several)")
+    p.add_argument("--in-place", action="store_true", help="replace the source checkpoint (a backup is kept)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (never the source)")
+    p.add_argument("--report", default=None, help="folder for erasure_report.json and erasure_grid.png")
+    p.add_argument("--eval-prompts", type=int, default=8, help="report: captions per colour")
+    p.add_argument("--n-per-prompt", type=int, default=2, help="report: images per caption")
+    p.add_argument("--steps", type=int, default=None, help="report: denoising steps (default: the pipeline's)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quiet", action="store_true")
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("erase", help="erase a concept from a text-to-image model and write the checkpoint",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    p.set_defaults(func=cli)
+    return p
+
+
+def cli(args) -> int:
+    run(args)
+    return 0
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m recipes.erase", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
