@@ -1,0 +1,134 @@
+"""The project-trained zoo models: where their weights live, their metrics, and loading.
+
+Weights live in ``interp/zoo/weights/<name>/`` beside a ``metrics.json`` written by
+``recipes/zoo_train.py``. Everything loads offline from those folders.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+ENTRIES: dict[str, dict[str, str]] = {
+    "shapes-diffusion": {
+        "kind": "text-to-image diffusion (StableDiffusionPipeline)",
+        "description": "32x32 coloured shapes; UNet2DConditionModel + 3-layer CLIPTextModel, DDPM-trained, "
+        "DDIM sampling, pixel space through an identity AutoencoderKL.",
+    },
+    "shapes-flow": {
+        "kind": "text-to-image flow matching (StableDiffusion3Pipeline)",
+        "description": "32x32 coloured shapes; SD3Transformer2DModel + two small CLIPTextModelWithProjection, "
+        "rectified flow, FlowMatchEulerDiscreteScheduler, pixel space through an identity AutoencoderKL.",
+    },
+    "physics": {
+        "kind": "PDE surrogate (torch transformer)",
+        "description": "1D advection-diffusion u_t + c u_x = kappa u_xx on 64 periodic points; "
+        "4-block transformer, one step of dt=0.02, conditioned on (kappa, velocity).",
+    },
+}
+
+
+def weights_path(name: str) -> Path:
+    return WEIGHTS_DIR / name
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    f = Path(path) / "metrics.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def list_trained() -> list[dict[str, Any]]:
+    """Every trained zoo model whose weights are present: name, kind, path, metrics, description."""
+    out = []
+    for name, entry in ENTRIES.items():
+        path = weights_path(name)
+        if not (path / "metrics.json").exists():
+            continue
+        out.append({"name": name, "kind": entry["kind"], "path": str(path),
+                    "metrics": read_metrics(path), "description": entry["description"]})
+    return out
+
+
+def _flow_pipeline_class():
+    from diffusers import StableDiffusion3Pipeline
+
+    class ShapesFlowPipeline(StableDiffusion3Pipeline):
+        """StableDiffusion3Pipeline without a T5 encoder and without its zero padding tokens.
+
+        The stock pipeline fills the missing T5 stream with ``max_sequence_length`` (256) zero
+        tokens. The shapes-flow model was trained with the CLIP tokens only, so here the T5 part
+        is empty (0 tokens) whatever ``max_sequence_length`` says. Everything else is the stock
+        pipeline (same components, same call signature, same outputs).
+        """
+
+        def _get_t5_prompt_embeds(self, prompt=None, num_images_per_prompt: int = 1, max_sequence_length: int = 256,
+                                  device=None, dtype=None):
+            if self.text_encoder_3 is not None:
+                return super()._get_t5_prompt_embeds(prompt, num_images_per_prompt, max_sequence_length, device, dtype)
+            device = device or self._execution_device
+            dtype = dtype or self.text_encoder.dtype
+            batch = 1 if isinstance(prompt, str) else len(prompt)
+            return torch.zeros((batch * num_images_per_prompt, 0, self.transformer.config.joint_attention_dim),
+                               device=device, dtype=dtype)
+
+    ShapesFlowPipeline.__module__ = __name__
+    ShapesFlowPipeline.__qualname__ = "ShapesFlowPipeline"
+    return ShapesFlowPipeline
+
+
+_FLOW_CLS = None
+
+
+def flow_pipeline_class():
+    """The ``ShapesFlowPipeline`` class (a ``StableDiffusion3Pipeline`` subclass), built once."""
+    global _FLOW_CLS
+    if _FLOW_CLS is None:
+        _FLOW_CLS = _flow_pipeline_class()
+    return _FLOW_CLS
+
+
+def _quiet_load(fn, *args, **kw):
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        return fn(*args, **kw)
+    finally:
+        dlog.set_verbosity(level)
+
+
+def load_trained(name: str, device: str = "cpu", path: str | Path | None = None, **kw: Any) -> Any:
+    """Load a trained zoo model offline.
+
+    ``shapes-diffusion`` -> ``diffusers.StableDiffusionPipeline`` (DDIM scheduler);
+    ``shapes-flow`` -> ``ShapesFlowPipeline`` (a ``StableDiffusion3Pipeline``);
+    ``physics`` -> ``interp.zoo.physics.PhysicsSurrogate`` (eval mode).
+    ``path`` overrides the weights folder (e.g. a fresh training run). Extra keywords go to
+    ``from_pretrained``.
+    """
+    if name not in ENTRIES:
+        raise KeyError(f"unknown trained zoo model {name!r}; choose one of {list(ENTRIES)}")
+    path = Path(path) if path is not None else weights_path(name)
+    if not path.exists():
+        raise FileNotFoundError(f"no weights for {name!r} at {path}; train them with "
+                                f"`python -m recipes.zoo_train {name} --out {path}`")
+    if name == "physics":
+        from .physics import PhysicsSurrogate
+
+        return PhysicsSurrogate.from_pretrained(path, device=device)
+    if name == "shapes-diffusion":
+        from diffusers import StableDiffusionPipeline
+
+        pipe = _quiet_load(StableDiffusionPipeline.from_pretrained, str(path), safety_checker=None,
+                           requires_safety_checker=False, local_files_only=True, **kw)
+    else:
+        kw.setdefault("text_encoder_3", None)
+        kw.setdefault("tokenizer_3", None)
+        pipe = _quiet_load(flow_pipeline_class().from_pretrained, str(path), local_files_only=True, **kw)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
