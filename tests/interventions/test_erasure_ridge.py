@@ -188,3 +188,47 @@ def test_context_edit_on_sd3(concept):
     assert after < 0.35 * before
     pres_change = (ctx(edited, small.preserve) - ctx(p, small.preserve)).norm() / ctx(p, small.preserve).norm()
     assert pres_change < 0.05
+
+
+class FluxLikePipeline:
+    """A stand-in for FluxPipeline (whose T5 encoder cannot be built offline): a tiny real FluxTransformer2DModel,
+    prompts encoded by a small CLIP text encoder through the same `encode_prompt` signature."""
+
+    def __init__(self):
+        from diffusers import FluxTransformer2DModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        from recipes.zoo_train import build_tokenizer
+
+        torch.manual_seed(0)
+        self.tokenizer_2 = build_tokenizer()
+        tok = self.tokenizer_2
+        self.text = CLIPTextModel(CLIPTextConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                                                 bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                                                 pad_token_id=tok.pad_token_id))
+        self.transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=64,
+                                                  pooled_projection_dim=64, axes_dims_rope=(2, 2, 4))
+
+    def encode_prompt(self, prompt, prompt_2=None, device=None):
+        ids = tokenize_like_pipeline(self.tokenizer_2, prompt)
+        with torch.no_grad():
+            out = self.text(ids)
+        return out.last_hidden_state, out.pooler_output, torch.zeros(ids.shape[1], 3)
+
+
+def test_context_edit_on_flux_transformer(concept):
+    p = FluxLikePipeline()
+    small = Concept.from_prompts("red", [*concept.sources[:4], *concept.preserve[:8]], ["yellow", "blue"])
+    edit = erase(p, small, "context", lam=0.1)
+    assert set(edit.tensors) == {"transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight"}
+    W0 = p.transformer.context_embedder.weight.double()
+    W1 = edit.tensors["transformer.context_embedder.weight"].double()
+    starts = _starts(p.tokenizer_2, small)
+    emb = lambda prompts: p.encode_prompt(list(prompts))[0].double()
+    k = _rows(emb(small.sources), starts)
+    want = _rows(emb([g for gs in small.guides for g in gs]).reshape(len(small.sources), 2, 16, 64).mean(1), starts) @ W0.T
+    assert (k @ W1.T - want).norm() < 0.35 * (k @ W0.T - want).norm()
+    c = emb(small.preserve).reshape(-1, 64)
+    assert (c @ W1.T - c @ W0.T).norm() < 0.05 * (c @ W0.T).norm()
