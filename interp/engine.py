@@ -236,7 +236,7 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
     active = [b for b in bound if _step_ok(b.op.where, ctx, b.site) and _branch_ok(b.op.where, ctx, b.site)]
     if not active:
         return None
-    flat = x.dim() == 2  # [batch, features] sites (time embeddings): one position
+    flat = x.dim() == 2 and any(b.lazy_tokens is not None for b in active)  # [batch, d] diffusers sites: 1 position
     x = x.clone()
     x = x[:, None] if flat else x
     site = active[0].site
