@@ -31,6 +31,15 @@ def _builtin() -> None:
     register("hf_lm", lambda m: isinstance(m, nn.Module) and is_causal_lm(m), HFCausalLMAdapter, first=False)
     register("hf_encoder", lambda m: isinstance(m, nn.Module) and find_encoder_blocks(m) is not None,
              HFEncoderAdapter, first=False)
+    from .dit import DiTAdapter, is_dit
+    from .pipeline import PipelineAdapter, is_pipeline
+    from .text_encoder import TextEncoderAdapter, is_text_encoder
+    from .unet import UNetAdapter, is_unet
+
+    register("pipeline", is_pipeline, PipelineAdapter, first=False)
+    register("unet", is_unet, UNetAdapter, first=False)
+    register("dit", is_dit, DiTAdapter, first=False)
+    register("text_encoder", is_text_encoder, TextEncoderAdapter, first=False)
     register("generic", lambda m: isinstance(m, nn.Module), GenericAdapter, first=False)
 
 
