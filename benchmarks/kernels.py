@@ -177,7 +177,10 @@ def main(argv=None):
     ap.add_argument("--sizes", default=None, help="comma list of " + ",".join(SIZES))
     ap.add_argument("--dtype", default=None, help="float16 (CUDA default), bfloat16, float32 (CPU default)")
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if cuda else "cpu")

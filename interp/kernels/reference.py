@@ -232,14 +232,43 @@ def philox_bits(seeds: torch.Tensor, F: int):
     return c0, c1
 
 
-def _philox_bits_chunked(seeds: torch.Tensor, F: int):
-    """philox_bits in row chunks of ~64k elements (cache friendly on CPU)."""
-    K = seeds.shape[0]
-    step = max(1, (1 << 16) // max(F, 1))
-    if K <= step or seeds.device.type != "cpu":
-        return philox_bits(seeds, F)
-    parts = [philox_bits(seeds[i:i + step], F) for i in range(0, K, step)]
-    return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+def _philox_bits_numpy(seeds: torch.Tensor, F: int):
+    """philox_bits for CPU tensors in numpy uint64 (exact 64-bit products, no torch threading)."""
+    import numpy as np
+
+    m32 = np.uint64(_M32)
+    s = seeds.to(torch.int64).numpy().view(np.uint64)
+    k0 = (s & m32)[:, None]
+    k1 = ((s >> np.uint64(32)) & m32)[:, None]
+    c0 = np.broadcast_to(np.arange(F, dtype=np.uint64)[None, :], (s.shape[0], F))
+    c1 = np.zeros_like(c0)
+    c2 = np.zeros_like(c0)
+    c3 = np.zeros_like(c0)
+    A, B = np.uint64(PHILOX_ROUND_A), np.uint64(PHILOX_ROUND_B)
+    KA, KB = np.uint64(PHILOX_KEY_A), np.uint64(PHILOX_KEY_B)
+    sh = np.uint64(32)
+    for _ in range(10):
+        pb = B * c2
+        pa = A * c0
+        c0, c1, c2, c3 = (pb >> sh) ^ c1 ^ k0, pb & m32, (pa >> sh) ^ c3 ^ k1, pa & m32
+        k0 = (k0 + KA) & m32
+        k1 = (k1 + KB) & m32
+    return torch.from_numpy(c0.astype(np.int64)), torch.from_numpy(c1.astype(np.int64))
+
+
+def _philox_bits_fast(seeds: torch.Tensor, F: int):
+    """philox_bits, in numpy on CPU (torch's int64 multiply is slow there)."""
+    if seeds.device.type == "cpu":
+        try:
+            K = seeds.shape[0]
+            step = max(1, (1 << 15) // max(F, 1))  # ~32k counters per chunk: stays in cache
+            if K <= step:
+                return _philox_bits_numpy(seeds, F)
+            parts = [_philox_bits_numpy(seeds[i:i + step], F) for i in range(0, K, step)]
+            return torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        except ImportError:  # pragma: no cover - numpy is a dependency
+            pass
+    return philox_bits(seeds, F)
 
 
 def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
@@ -250,7 +279,7 @@ def _uint_to_uniform(x: torch.Tensor) -> torch.Tensor:
 
 def philox_randn(seeds: torch.Tensor, F: int) -> torch.Tensor:
     """Standard normal fp32 [K, F]; z[k, f] depends only on (seeds[k], f). Equals tl.randn(seed, f)."""
-    i1, i2 = _philox_bits_chunked(seeds, F)
+    i1, i2 = _philox_bits_fast(seeds, F)
     u1 = _uint_to_uniform(i1)
     u2 = _uint_to_uniform(i2)
     u1 = torch.maximum(u1, torch.tensor(1.0e-7, dtype=torch.float32, device=u1.device))

@@ -239,3 +239,10 @@ def test_ops_return_their_first_argument_and_work_in_place_on_views():
     out = K.row_patch(view, src, torch.tensor([[2, 1]]), torch.tensor([[0, 0]]))
     assert out is view
     assert torch.equal(base[1, 2], src[0, 0])
+
+
+def test_philox_numpy_path_equals_torch_path():
+    seeds = torch.tensor([0, 1, -1, 12345, 2**32, 2**40 + 7, -(2**63), 2**63 - 1])
+    a = ref._philox_bits_numpy(seeds, 257)
+    b = ref.philox_bits(seeds, 257)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
