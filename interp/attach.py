@@ -71,9 +71,20 @@ class Instrumented:
         """Shorthand: run with no ops and return the ActivationCache."""
         return self.engine.run(inputs, (), sites, **kw).cache
 
-    def run_grid(self, inputs, rows: Sequence[Sequence[Op]], metric: Callable | None = None, **kw) -> GridOutput:
-        """Many experiments on one base input, packed into the batch dimension (see Engine.run_grid)."""
-        return self.engine.run_grid(inputs, rows, metric, **kw)
+    def run_grid(self, inputs, rows: Sequence[Sequence[Op]], metric: Callable | None = None, *,
+                 distributed: bool | None = None, resume_dir=None, **kw) -> GridOutput:
+        """Many experiments on one base input, packed into the batch dimension (see Engine.run_grid).
+
+        Inside an initialised torch.distributed group of several processes (torchrun) the rows are split
+        over the ranks and gathered, equal bit for bit to a one-process run; distributed=False keeps every
+        row here, True requires a group. resume_dir= saves finished chunks and skips them on a rerun.
+        `group=` and `broadcast=` go to interp.distributed.run_grid."""
+        if distributed is False and resume_dir is None:
+            kw.pop("group", None), kw.pop("broadcast", None)
+            return self.engine.run_grid(inputs, rows, metric, **kw)
+        from .distributed import run_grid
+
+        return run_grid(self.engine, inputs, rows, metric, distributed=distributed, resume_dir=resume_dir, **kw)
 
     def applied(self, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), *, ctx: RunContext | None = None,
                 steps_from: str | None = None, check: bool = True):

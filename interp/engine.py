@@ -483,7 +483,9 @@ class Engine:
     def run_grid(self, inputs, rows: Sequence[Sequence[Op]], metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  *, shared: Sequence[Op] = (), last_only: bool = True, chunk_rows: int | None = None,
                  memory_budget: int = 1 << 30, reuse_prefix: bool = True, progress: bool = True,
-                 desc: str = "interp grid", ctx: RunContext | None = None) -> GridOutput:
+                 desc: str = "interp grid", ctx: RunContext | None = None, chunk_hook=None) -> GridOutput:
+        # chunk_hook (interp.distributed): .before(rows) -> True to run that chunk here, a [n, batch, ...] tensor
+        # of its values from elsewhere, or None to leave it (zeros); .after(rows, values) sees each computed chunk.
         ad = self.adapter
         prepared = ad.prepare(inputs)
         b = prepared.batch
@@ -543,11 +545,22 @@ class Engine:
         forwards = 0.0
         L = max(1, len(blocks))
         bar = tqdm(total=len(rows), desc=desc, disable=not progress, leave=False)
+
+        def elsewhere(chunk: list[int]) -> bool:
+            got = True if chunk_hook is None else chunk_hook.before(chunk)
+            if got is True:
+                return False
+            for j, r in enumerate(chunk if got is not None else ()):
+                values[r] = got[j].to(base_val.device)
+            bar.update(len(chunk))
+            return True
         try:
             for start, members in sorted(groups.items()):
                 for c in range(0, len(members), n_chunk):
                     chunk = members[c:c + n_chunk]
                     n = len(chunk)
+                    if elsewhere(chunk):
+                        continue
                     bound = []
                     for j, r in enumerate(chunk):
                         bound += self.bind(rows[r], prepared, j * b, 1)
@@ -563,6 +576,8 @@ class Engine:
                     self.check_fired(bound + sbound)
                     val = metric(logits)
                     val = val.reshape(n, b, *val.shape[1:])
+                    if chunk_hook is not None:
+                        chunk_hook.after(chunk, val)
                     for j, r in enumerate(chunk):
                         values[r] = val[j]
                     bar.update(n)
@@ -579,6 +594,8 @@ class Engine:
                         chunk.append(members[c])
                         q += T - packable[members[c]]
                         c += 1
+                    if elsewhere(chunk):
+                        continue
                     pack = Pack([packable[r] for r in chunk], T)
                     bound = []
                     for j, r in enumerate(chunk):
@@ -591,11 +608,15 @@ class Engine:
                     self.check_fired(bound)
                     val = metric(logits)
                     val = val.reshape(len(chunk), b, *val.shape[1:])
+                    if chunk_hook is not None:
+                        chunk_hook.after(chunk, val)
                     for j, r in enumerate(chunk):
                         values[r] = val[j]
                     bar.update(len(chunk))
         finally:
             bar.close()
+        if chunk_hook is not None:  # rows another process computes
+            values = [torch.zeros_like(base_val.reshape(b, *base_val.shape[1:])) if v is None else v for v in values]
         stats = {"rows": len(rows), "chunk_rows": n_chunk, "prefix_reuse": replay,
                  "positional_reuse": bool(packable), "packed_rows": len(packable),
                  "forward_equivalents": forwards, "base_batch": b}

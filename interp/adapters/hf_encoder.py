@@ -62,7 +62,9 @@ class HFEncoderAdapter(Adapter):
     def prepare(self, inputs: Any, pad: bool = False) -> Prepared:
         if isinstance(inputs, Prepared):
             return inputs
-        dev = next(self.model.parameters()).device
+        from ..sharding import input_device
+
+        dev = input_device(self.model)  # accelerate-dispatched models: the execution device, not meta
         if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
             kw, tokens = tokenize(self.tokenizer, inputs, pad)
         elif isinstance(inputs, torch.Tensor):

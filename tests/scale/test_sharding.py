@@ -1,0 +1,108 @@
+"""Models dispatched with accelerate: a sweep on a model split over two device-map parts, and on one
+with blocks (and the embeddings) offloaded to disk, equals the sweep on the unsplit model bit for bit."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import dispatch_model
+from transformers import LlamaForCausalLM
+
+import interp
+from interp import Ablate, Patch, Project, at
+from interp.metrics import logit_diff
+from interp.sharding import block_map, input_device, placement
+
+HERE = Path(__file__).parent
+_spec = importlib.util.spec_from_file_location("interp_dist_worker", HERE / "dist_worker.py")
+W = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(W)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny-llama")
+    W.save_model(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    return interp.attach(LlamaForCausalLM.from_pretrained(model_dir).eval())
+
+
+def rows_for(lm):
+    """Every op kind: patches, per-head patches, relative adds, noise, zero/mean ablation, LEACE-style projections."""
+    clean, _ = W.prompts()
+    cache = lm.run(clean, capture="blocks.*.resid_post").cache
+    g = torch.Generator().manual_seed(0)
+    L, R = torch.randn(64, 2, generator=g) * 0.1, torch.randn(2, 64, generator=g) * 0.1
+    mu = torch.randn(64, generator=g)
+    rows = W.mixed_rows(lm)
+    for l in range(4):
+        rows.append([Project(f"blocks.{l}.resid_post", {"L": L, "R": R, "mu": mu}, where=at(pos=[1, 6]))])
+        rows.append([Ablate(f"blocks.{l}.resid_post", "mean", values=cache[f"blocks.{l}.resid_post"].mean((0, 1)),
+                            where=at(pos=4))])
+    return rows
+
+
+def sweep(lm):
+    base = W.prompts()[1]
+    out = lm.run_grid(base, rows_for(lm), W.last_logits, progress=False)
+    assert out.stats["prefix_reuse"] and out.stats["positional_reuse"]  # the block-replay paths are exercised
+    return out.values
+
+
+def patching(lm):
+    from interventions.patching import patch_sweep
+
+    clean, corrupted = W.prompts()
+    return patch_sweep(lm, clean, corrupted, "resid_pre", metric=logit_diff(5, 9), progress=False).values
+
+
+def test_two_device_map_parts_equal_the_unsplit_model(model_dir, ref):
+    model = LlamaForCausalLM.from_pretrained(model_dir).eval()
+    dmap = block_map(model, ["cpu", "cpu"])
+    assert dmap["model.layers.0"] == dmap["model.layers.1"] and dmap["lm_head"] == "cpu"
+    model = dispatch_model(model, dmap, force_hooks=True)  # accelerate's device hooks on every part
+    assert hasattr(model.model.layers[3], "_hf_hook")
+    lm = interp.attach(model)
+    assert lm.site_names() == ref.site_names()
+    assert torch.equal(sweep(lm), sweep(ref))
+    assert torch.equal(patching(lm), patching(ref))
+    got = lm.run(W.prompts()[0], capture="blocks.2.attn.z")
+    assert torch.equal(got.cache["blocks.2.attn.z"], ref.run(W.prompts()[0], capture="blocks.2.attn.z").cache["blocks.2.attn.z"])
+    assert interp.hook_count(model) == 0
+
+
+def test_disk_offload_equals_the_unsplit_model(model_dir, ref, tmp_path):
+    """Blocks 0-1 and the embeddings live on disk (meta tensors in memory, loaded per call), blocks 2-3 on CPU."""
+    dmap = block_map(LlamaForCausalLM.from_pretrained(model_dir), ["disk", "cpu"])
+    dmap["model.embed_tokens"] = "disk"
+    model = LlamaForCausalLM.from_pretrained(model_dir, device_map=dmap, offload_folder=str(tmp_path)).eval()
+    assert model.model.embed_tokens.weight.device.type == "meta"
+    assert model.model.layers[0].mlp.up_proj.weight.device.type == "meta"
+    assert model.model.layers[3].mlp.up_proj.weight.device.type == "cpu"
+    lm = interp.attach(model)
+    assert input_device(model) == torch.device("cpu")  # not the meta device of the first parameter
+    where = placement(lm)
+    assert where["model.layers.0"] == "cpu (offloaded)" and where["model.layers.3"] == "cpu"
+    assert torch.equal(sweep(lm), sweep(ref))
+    assert torch.equal(patching(lm), patching(ref))
+    assert interp.hook_count(model) == 0
+
+
+def test_block_map_covers_every_parameter_and_checks_its_input(model_dir):
+    from accelerate.utils import check_device_map
+
+    model = LlamaForCausalLM.from_pretrained(model_dir)
+    dmap = block_map(model, [0, 1, "cpu"])
+    check_device_map(model, dmap)  # raises if a parameter is not covered
+    assert [dmap[f"model.layers.{i}"] for i in range(4)] == [0, 0, 1, "cpu"]
+    assert dmap["model.embed_tokens"] == 0 and dmap["model.norm"] == "cpu" and dmap["lm_head"] == "cpu"
+    with pytest.raises(ValueError, match="5 parts for 4 blocks"):
+        block_map(model, ["cpu"] * 5)
+    with pytest.raises(ValueError, match="block list"):
+        block_map(torch.nn.Linear(3, 3), ["cpu"])
