@@ -1,0 +1,163 @@
+"""Step-aware runs on tiny pipelines: identity of clean-into-clean restoration, step windows, CFG branch
+rows, streams, seeded noise, batched grids under a memory budget, per-token influence D_t."""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_diffusion_helpers import FLUX_OPTIONS, SD3_OPTIONS, tiny_flux, tiny_sd, tiny_sd3, tiny_sdxl  # noqa: E402
+
+import interp  # noqa: E402
+from interp import Add, Noise, OpNeverFiredError, PositionError, Replace, Tokens, at  # noqa: E402
+from interp.diffusion import (Sampling, pred_distance, record, restore, sample_grid,  # noqa: E402
+                              token_influence)
+
+torch.set_num_threads(1)
+PROMPT = "a small red circle on the left, solid"
+
+
+@pytest.fixture(scope="module")
+def sd():
+    return interp.attach(tiny_sd())
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return Sampling(PROMPT, seed=3, steps=3, guidance=3.0)
+
+
+@pytest.fixture(scope="module")
+def clean(sd, spec):
+    return record(sd, spec, ["unet.*", "text_encoder.blocks.*.resid_post"])
+
+
+@pytest.mark.parametrize("build,options,guidance,pattern", [
+    (tiny_sd, {}, 3.0, "unet.*"),
+    (tiny_sdxl, {}, 3.0, "unet.*"),
+    (tiny_sd3, SD3_OPTIONS, 3.0, "transformer.blocks.*"),
+    (tiny_flux, FLUX_OPTIONS, None, "transformer.*"),
+])
+def test_restoring_clean_into_clean_is_bitwise_identity(build, options, guidance, pattern):
+    """Every recorded denoiser site written back at every step, both branches: images, final latents and
+    every prediction are bit-for-bit the clean run's."""
+    pipe = build()
+    lm = interp.attach(pipe)
+    s = Sampling(PROMPT, seed=1, steps=2, guidance=guidance, options=options)
+    rec = record(lm, s, [pattern, "text_encoder*.blocks.0.resid_post"])
+    ops = [o for site in rec.sites for o in restore(site, rec)]
+    assert len(ops) > 20
+    out = lm.run(s, ops=ops).output
+    assert torch.equal(out.images, rec.output.images)
+    assert torch.equal(out.latents, rec.output.latents)
+    assert torch.equal(out.pred, rec.output.pred)
+    again = lm.run(s).output  # the same seed gives the same noise and images
+    assert torch.equal(again.images, rec.output.images)
+
+
+def test_step_window_op_touches_only_those_steps(sd, spec, clean):
+    v = torch.randn(16)
+    out = sd.run(spec, ops=[Add("unet.mid", v, alpha=2.0, where=at(steps=(1, 2)))], capture="unet.mid")
+    got, ref = out.cache["unet.mid"], torch.stack([c[1] for c in clean.calls("unet.mid")])
+    assert torch.equal(got[0], ref[0])                      # step 0: untouched
+    # step 1: exactly the add (a conv map's rows are channels, its features the 4x4 spatial grid)
+    assert torch.allclose(got[1], ref[1] + 2.0 * v.view(1, 1, 4, 4), atol=1e-6)
+    assert not torch.allclose(got[2], ref[2])               # step 2 differs only through the new trajectory
+    fired = []
+    sd.run(spec, ops=[Replace("unet.mid", lambda x: fired.append(1) or x, where=at(steps=[0, 2]))])
+    assert len(fired) == 2
+
+
+def test_cfg_branch_selection_edits_only_those_rows(sd, clean):
+    two = Sampling([PROMPT, PROMPT.replace("red", "blue")], seed=3, steps=1, guidance=3.0)
+    base = sd.run(two, capture="unet.mid").cache["unet.mid"]  # [4 rows: uncond 0, 1, cond 0, 1, ...]
+    v = torch.ones(16)
+    for branch, rows in (("cond", [2, 3]), ("uncond", [0, 1])):
+        got = sd.run(two, ops=[Add("unet.mid", v, where=at(branch=branch))], capture="unet.mid").cache["unet.mid"]
+        changed = [r for r in range(4) if not torch.equal(got[r], base[r])]
+        assert changed == rows, branch
+    got = sd.run(two, ops=[Add("unet.mid", v, where=at(branch="cond", items=1))], capture="unet.mid").cache["unet.mid"]
+    assert [r for r in range(4) if not torch.equal(got[r], base[r])] == [3]
+    # text-encoder ops: branch="cond" edits the prompt call only, the negative prompt's call stays clean
+    # (CLIP is causal: positions before the noised token 3 keep their values)
+    te = sd.run(two, ops=[Noise("text_encoder.embed", std=1.0, where=at(pos=3, branch="cond"))],
+                capture="text_encoder.blocks.0.resid_post").cache["text_encoder.blocks.0.resid_post"]
+    ref = sd.run(two, capture="text_encoder.blocks.0.resid_post").cache["text_encoder.blocks.0.resid_post"]
+    assert te.shape[0] == 2  # two calls: the prompts, then the negative prompts
+    assert torch.equal(te[1], ref[1]) and torch.equal(te[0, :, :3], ref[0, :, :3])
+    assert not torch.equal(te[0, 0, 3], ref[0, 0, 3]) and not torch.equal(te[0, 1, 3], ref[0, 1, 3])
+
+
+def test_streams_select_the_joint_block_output():
+    lm = interp.attach(tiny_sd3())
+    s = Sampling(PROMPT, seed=0, steps=1, guidance=3.0, options=SD3_OPTIONS)
+    v = torch.randn(16)
+    a = lm.run(s, ops=[Add("transformer.blocks.0", v, where=at(stream="txt"))]).output.pred
+    b = lm.run(s, ops=[Add("transformer.blocks.0.txt", v)]).output.pred
+    c = lm.run(s, ops=[Add("transformer.blocks.0", v)]).output.pred  # no stream: the img stream
+    d = lm.run(s, ops=[Add("transformer.blocks.0.img", v)]).output.pred
+    assert torch.equal(a, b) and torch.equal(c, d) and not torch.equal(a, c)
+
+
+def test_out_of_range_steps_and_misplaced_selectors_are_clear_errors(sd, spec):
+    with pytest.raises(PositionError, match=r"out of range: this run has 3 denoising steps"):
+        sd.run(spec, ops=[Add("unet.mid", torch.ones(16), where=at(steps=(2, 5)))])
+    with pytest.raises(PositionError, match="runs before the denoising loop"):
+        sd.run(spec, ops=[Add("text_encoder.final", torch.ones(32), where=at(steps=(0, 1)))])
+    flux = interp.attach(tiny_flux())
+    with pytest.raises(OpNeverFiredError, match="never fired"):  # no CFG: there are no uncond rows
+        flux.run(Sampling(PROMPT, steps=1, options=FLUX_OPTIONS),
+                 ops=[Add("transformer.single.0", torch.ones(16), where=at(branch="uncond"))])
+    gpt = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with pytest.raises(PositionError, match="no classifier-free-guidance branches"):
+        interp.attach(gpt).run(torch.randn(2, 3, 4), ops=[interp.Ablate("module:0", where=at(branch="cond"))])
+    with pytest.raises(PositionError, match="step window"):
+        restore("unet.mid", record(sd, spec, "unet.mid"), steps=(0, 4))
+
+
+def test_grid_rows_share_noise_and_match_single_runs_under_any_budget(sd, spec, clean):
+    corrupt = Noise("text_encoder.embed", std=2.0, seed=7, where=at(pos=Tokens("red"), branch="cond"))
+    rows = [[], restore("unet.mid", clean), restore("unet.up.1", clean, steps=(0, 2))]
+    metric = pred_distance(clean.output)
+    big = sample_grid(sd, spec, rows, metric, shared=[corrupt], progress=False)
+    small = sample_grid(sd, spec, rows, metric, shared=[corrupt], chunk_rows=1, progress=False)
+    assert big.stats["chunk_rows"] >= 3 and small.stats["chunk_rows"] == 1
+    torch.testing.assert_close(big.values, small.values, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(big.values[0], big.base, atol=1e-5, rtol=1e-4)   # an empty row = the base run
+    single = metric(sd.run(spec, ops=[corrupt, *rows[1]]).output)
+    torch.testing.assert_close(big.values[1], single, atol=1e-5, rtol=1e-4)
+    assert float(big.base[0]) > 0.01  # the corruption moved the predictions
+
+
+def test_token_influence_matches_a_direct_denoiser_call(sd, spec):
+    r = token_influence(sd, spec, positions=[0, 3])
+    assert r.axes == ("step", "token") and r.coords["token"] == ["0:<|startoftext|>", "3:red"]
+    # reference for step 1, token 3: the UNet called by hand on the clean run's x_t with the token zeroed
+    ad = sd.adapter
+    ad.record_inputs = True
+    try:
+        out = sd.run(spec).output
+    finally:
+        ad.record_inputs = False
+    kw, branches, step = out.inputs[1]
+    cond = branches["cond"]
+    x, ctx = kw["sample"][cond], kw["encoder_hidden_states"][cond].clone()
+    unet = sd.adapter.pipe.unet
+    with torch.no_grad():
+        full = unet(x, kw["timestep"], encoder_hidden_states=ctx).sample
+    ctx[:, 3] = 0
+    with torch.no_grad():
+        cut = unet(x, kw["timestep"], encoder_hidden_states=ctx).sample
+    want = float((full - cut).norm() / full.norm())
+    assert abs(float(r.values[1, 1]) - want) < 1e-5 and want > 0
+
+
+def test_token_influence_is_zero_when_the_denoiser_ignores_the_text():
+    pipe = tiny_sd()
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if ".attn2.to_v." in name:
+                p.zero_()
+    r = token_influence(interp.attach(pipe), Sampling(PROMPT, steps=2, guidance=3.0))
+    assert r.values.abs().max() < 1e-5  # float noise of batched convolutions; with the text read it is ~1e-2
