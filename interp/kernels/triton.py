@@ -78,15 +78,15 @@ def _add_scaled_kernel(
             a = tl.load(alpha_ptr + e)
             v = tl.load(v_ptr + e * sv0 + f * sv1, mask=mask, other=0.0).to(tl.float32)
             if RELATIVE or RENORM:
-                nx = tl.sqrt(tl.sum(xf * xf, axis=0))
+                nx = tl.sqrt_rn(tl.sum(xf * xf, axis=0))
             if RELATIVE:
-                nv = tl.sqrt(tl.sum(v * v, axis=0))
+                nv = tl.sqrt_rn(tl.sum(v * v, axis=0))
                 scale = tl.where(nv > 0, nx / tl.where(nv > 0, nv, 1.0), 0.0)
                 y = xf + a * v * scale
             else:
                 y = xf + a * v
             if RENORM:
-                ny = tl.sqrt(tl.sum(y * y, axis=0))
+                ny = tl.sqrt_rn(tl.sum(y * y, axis=0))
                 y = tl.where(ny > 0, y * (nx / tl.where(ny > 0, ny, 1.0)), y)
             xf = tl.where(a != 0, y, xf)  # alpha == 0: bitwise unchanged
         tl.store(x_ptr + x0 + f * sx, xf.to(x_ptr.dtype.element_ty), mask=mask)
@@ -185,6 +185,9 @@ INTERPRETED = _is_interpreted()
 
 #: Rows longer than this are handled by the reference in add_scaled (whole row in one block).
 MAX_ROW_BLOCK = 32768
+#: Feature-block caps for the patch and noise kernels (longer rows use several programs).
+PATCH_BLOCK = 4096
+NOISE_BLOCK = 2048
 
 # --------------------------------------------------------------------------------------------
 # host-side helpers
@@ -267,7 +270,7 @@ def row_patch(dst, src, dst_idx, src_idx, alpha=None):
     dst_off = _offsets(dst_idx, dst.stride())
     keep = _ref.last_occurrence_mask(_ref.position_keys(dst_idx, dst.shape)).to(torch.int8)
     a = alpha.to(torch.float32).contiguous() if alpha is not None else dst_off  # dummy pointer when None
-    BLOCK = min(triton.next_power_of_2(F), 4096)
+    BLOCK = min(triton.next_power_of_2(F), PATCH_BLOCK)
     grid = (K, triton.cdiv(F, BLOCK))
     _row_patch_kernel[grid](
         dst, src, dst_off, src_off, keep, a,
@@ -304,7 +307,7 @@ def noise(x, idx, std, seeds):
     F = x.shape[2]
     x_off = _offsets(idx, x.stride())
     perm, run = _runs(_ref.position_keys(idx, x.shape))
-    BLOCK = min(triton.next_power_of_2(F), 2048)
+    BLOCK = min(triton.next_power_of_2(F), NOISE_BLOCK)
     grid = (K, triton.cdiv(F, BLOCK))
     _noise_kernel[grid](
         x, x_off, perm, run, std.to(torch.float32).contiguous(), seeds.to(torch.int64).contiguous(),

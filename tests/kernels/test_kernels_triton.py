@@ -287,3 +287,24 @@ def test_project_any_leading_dims(monkeypatch, shape):
 def test_triton_backend_reported(monkeypatch):
     monkeypatch.setenv("INTERP_KERNELS", "triton")
     assert K.backend(torch.zeros(1)) == "triton"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_multi_block_features(monkeypatch, dtype):
+    """Rows split over several feature blocks (small block caps) for patch, blend and noise."""
+    tk = _tk()
+    monkeypatch.setattr(tk, "PATCH_BLOCK", 16)
+    monkeypatch.setattr(tk, "NOISE_BLOCK", 16)
+    g = torch.Generator().manual_seed(7)
+    dst = make((3, 4, 5, 11), dtype, "featperm", g)  # 55 features in two non-mergeable dims
+    src = make((2, 4, 5, 11), dtype, "step", g)
+    di = torch.tensor([[0, 1], [2, 3], [0, 1], [1, 0]])
+    si = torch.tensor([[1, 2], [0, 0], [1, 3], [0, 1]])
+    out = run_both(monkeypatch, K.row_patch, [dst, src], di, si)
+    assert torch.equal(out["triton"][0][0], out["torch"][0][0])
+    out = run_both(monkeypatch, K.row_patch, [dst, src], di, si, torch.tensor([0.2, 0.4, 0.6, 0.8]))
+    assert_close(out["triton"][0][1], out["torch"][0][1], dtype, "multi-block blend")
+    x = make((2, 3, 53), dtype, "pad", g)
+    out = run_both(monkeypatch, K.noise, [x], torch.tensor([[0, 1], [1, 2], [0, 1]]), 0.5, torch.tensor([5, 6, 7]))
+    assert gaps_unchanged(*out["triton"][0])
+    assert_close(out["triton"][0][1], out["torch"][0][1], dtype, "multi-block noise")
