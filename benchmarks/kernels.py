@@ -25,6 +25,7 @@ import torch  # noqa: E402
 import interp.kernels as K  # noqa: E402
 
 SIZES = {
+    "tiny": (2, 8, 64, 8),  # smoke test only
     # name: (N, T, F, K)  -- x is [N, T, F]; K = number of (row, pos) sites edited
     "small": (8, 128, 1024, 512),
     "medium": (32, 256, 2048, 4096),
@@ -193,8 +194,10 @@ def main(argv=None):
     if cuda:
         print(f"device: {torch.cuda.get_device_name(dev)} (CUDA), backend: {be}, dtype: {dtype}")
     else:
-        print(f"device: CPU ({torch.get_num_threads()} threads) -- no CUDA device: the ops run the torch "
-              f"REFERENCE (backend: {be}), not the Triton kernels; dtype: {dtype}")
+        what = ("the Triton kernels in Triton's CPU INTERPRETER (timings say nothing about GPU speed)"
+                if be == "triton" else "the torch REFERENCE, not the Triton kernels")
+        print(f"device: CPU ({torch.get_num_threads()} threads) -- no CUDA device: the ops run {what} "
+              f"(backend: {be}); dtype: {dtype}")
     print(f"torch {torch.__version__}; median of {reps} reps; GB/s = minimum bytes moved / op time\n")
     if be == "triton":
         check_against_reference(dev, dtype)
