@@ -81,7 +81,7 @@ def run(args) -> dict:
         raise SystemExit("interp erase: --in-place needs a model loaded from a folder")
     report: dict = {"model": args.model, "concept": concept.describe(), "methods": {}, "settings": vars(args).copy()}
     report["settings"].pop("func", None)
-    evaluate = args.report is not None and is_shapes
+    evaluate = args.report is not None and is_shapes and args.eval_prompts > 0
     if args.report is not None and not is_shapes:
         print("interp erase: --report needs a shapes zoo model (the scorers know its attributes); skipping the report")
     if evaluate:
@@ -164,7 +164,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in-place", action="store_true", help="replace the source checkpoint (a backup is kept)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (never the source)")
     p.add_argument("--report", default=None, help="folder for erasure_report.json and erasure_grid.png")
-    p.add_argument("--eval-prompts", type=int, default=8, help="report: captions per colour")
+    p.add_argument("--eval-prompts", type=int, default=8, help="report: captions per colour (0: no images, fit and write only)")
     p.add_argument("--n-per-prompt", type=int, default=2, help="report: images per caption")
     p.add_argument("--steps", type=int, default=None, help="report: denoising steps (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
