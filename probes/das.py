@@ -127,9 +127,11 @@ def fit_das(lm: interp.Instrumented, site: str, pos: int, base, source, targets:
             for s in range(0, len(targets), batch_size):
                 idx = perm[s:s + batch_size]
                 op = _swap_op(site, pos, src[idx], lambda: lin.weight)
-                out = lm.run(_take(base, idx), ops=[op], grad=True, last_only=True)
-                loss = nn.functional.cross_entropy(_readout(out.logits, candidates), targets[idx].to(out.logits.device))
-                grads = torch.autograd.grad(loss, params)
+                with torch.enable_grad():
+                    out = lm.run(_take(base, idx), ops=[op], grad=True, last_only=True)
+                    loss = nn.functional.cross_entropy(_readout(out.logits, candidates),
+                                                       targets[idx].to(out.logits.device))
+                    grads = torch.autograd.grad(loss, params)
                 for p, g in zip(params, grads):
                     p.grad = g
                 opt.step()

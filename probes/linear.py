@@ -90,11 +90,7 @@ def fit_ridge(X: torch.Tensor, y: torch.Tensor, n_classes: int | None = None, la
     if lam == "auto":
         best = None
         for cand in grid:
-            shrink = s / (s + N * cand)
-            fitted = U @ (shrink[:, None] * UtY)
-            h = (U * U * shrink).sum(1).clamp_max(1 - 1e-9)            # diag of the hat matrix
-            loo = Yc - (Yc - fitted) / (1 - h)[:, None]
-            acc = float(((loo + ybar).argmax(1) == y).double().mean())
+            acc = float((_loo_predict(U, s, UtY, Yc, N * cand) + ybar).argmax(1).eq(y).double().mean())
             if best is None or acc >= best[0]:                         # ties go to the larger penalty
                 best = (acc, cand)
         lam = best[1]
@@ -102,6 +98,25 @@ def fit_ridge(X: torch.Tensor, y: torch.Tensor, n_classes: int | None = None, la
     alpha = U @ (UtY / (s + N * lam)[:, None])
     W = Z.T @ alpha
     return Probe("ridge", W, ybar, mean, scale, tuple(range(C)), lam)
+
+
+def _loo_predict(U, s, UtY, Yc, penalty: float) -> torch.Tensor:
+    """Exact leave-one-out predictions of ridge (fixed standardisation): y_i - r_i / (1 - H_ii)."""
+    shrink = s / (s + penalty)
+    fitted = U @ (shrink[:, None] * UtY)
+    h = (U * U * shrink).sum(1).clamp_max(1 - 1e-9)                    # diag of the hat matrix
+    return Yc - (Yc - fitted) / (1 - h)[:, None]
+
+
+def ridge_loo_predictions(X: torch.Tensor, y: torch.Tensor, lam: float, n_classes: int | None = None) -> torch.Tensor:
+    """Leave-one-out class scores [N, C] of the ridge probe at `lam`, in closed form (used by lam="auto")."""
+    _check(X, y)
+    C = int(n_classes or int(y.max()) + 1)
+    Z, _, _ = _standardise(X.double())
+    Y = torch.nn.functional.one_hot(y, C).double()
+    ybar = Y.mean(0)
+    s, U = torch.linalg.eigh(Z @ Z.T)
+    return _loo_predict(U, s.clamp_min(0), U.T @ (Y - ybar), Y - ybar, Z.shape[0] * lam) + ybar
 
 
 def fit_logistic(X: torch.Tensor, y: torch.Tensor, n_classes: int | None = None, lam: float = 1e-3,
@@ -211,5 +226,5 @@ def evaluate(X: torch.Tensor, y: torch.Tensor, *, kind: str = "ridge", lam=None,
     return out
 
 
-__all__ = ["Probe", "fit", "fit_ridge", "fit_logistic", "encode_labels", "kfold", "group_kfold",
+__all__ = ["Probe", "fit", "ridge_loo_predictions", "fit_ridge", "fit_logistic", "encode_labels", "kfold", "group_kfold",
            "control_labels", "cv_accuracy", "evaluate", "LAM_GRID"]
