@@ -249,9 +249,17 @@ def _batches(inputs: Any, batch_size: int) -> Iterable[tuple[Any, bool]]:
         yield item, isinstance(item, (str, list)) and bool(item) and isinstance(item if isinstance(item, str) else item[0], str)
 
 
-def _reduce(x: torch.Tensor, reduce: str, lengths: torch.Tensor | None) -> torch.Tensor:
+def _reduce(x: torch.Tensor, reduce: str | int, lengths: torch.Tensor | None) -> torch.Tensor:
     if reduce == "keep":
         return x
+    if isinstance(reduce, slice):  # the mean over a range of positions (e.g. the grid tokens after a class token)
+        if x.dim() < 3:
+            raise ValueError(f"reduce={reduce} averages positions, but the activations have shape {tuple(x.shape)}")
+        return x[:, reduce].mean(1)
+    if isinstance(reduce, int):  # one position of a sequence site (e.g. a regime / class token)
+        if x.dim() < 3 or not -x.shape[1] <= reduce < x.shape[1]:
+            raise ValueError(f"reduce={reduce} picks a position, but the activations have shape {tuple(x.shape)}")
+        return x[:, reduce]
     if x.dim() >= 4 and lengths is None:  # channels-first grid [n, C, *S]: average the spatial axes
         if reduce != "mean":
             raise ValueError(f"reduce={reduce!r} on a grid activation {tuple(x.shape)}: use 'mean' (spatial average) or 'keep'")
@@ -268,7 +276,8 @@ def _reduce(x: torch.Tensor, reduce: str, lengths: torch.Tensor | None) -> torch
 
 def collect(lm: interp.Instrumented, inputs: Any, site: str, *, reduce: str = "last", batch_size: int = 16,
             progress: bool = False, **run_kw) -> torch.Tensor:
-    """Activations at `site` for every example of `inputs`: [n, F] (reduce "last" / "mean") or [n, ...] ("keep").
+    """Activations at `site` for every example of `inputs`: [n, F] (reduce "last" / "mean" / a position
+    index / the mean over a slice of positions) or [n, ...] ("keep").
 
     inputs: prompts (padded per batch; exact for causal LMs, "last" = each prompt's own last token),
     a tensor / tuple / dict of model inputs with the batch first, or an iterable of such batches.
@@ -278,8 +287,8 @@ def collect(lm: interp.Instrumented, inputs: Any, site: str, *, reduce: str = "l
 
 
 def _collect(lm, inputs, site, reduce, batch_size, progress, **run_kw) -> tuple[torch.Tensor, int]:
-    if reduce not in REDUCE:
-        raise ValueError(f"reduce must be one of {REDUCE}, not {reduce!r}")
+    if reduce not in REDUCE and not isinstance(reduce, (int, slice)):
+        raise ValueError(f"reduce must be one of {REDUCE}, a position index or a slice of positions, not {reduce!r}")
     lm.site(site)  # unknown sites fail here, with suggestions
     out, raw_dim = [], 0
     for batch, text in tqdm(list(_batches(inputs, batch_size)), desc="collect", disable=not progress, leave=False):

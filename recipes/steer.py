@@ -43,7 +43,7 @@ PRESETS = {
     "physics-kappa": Preset("physics", "physics", "module:blocks.1", "caa", "mean",
                             [-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3],
                             {"high": 0.008, "low": 0.001, "kappa": 0.003, "rollout_steps": 25, "n": 64}),
-    "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "module:mid_block", "caa", "mean",
+    "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.mid", "caa", "mean",
                               [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 20,
                                "guidance": 4.0, "seeds": 2}),
@@ -202,8 +202,10 @@ def run_physics(model, cfg: Preset, out: Path) -> dict:
 
     T = x["rollout_steps"]
 
+    at_pos = cfg.reduce if isinstance(cfg.reduce, (int, slice)) else None  # injected where it was read
+
     def fitted(v, a):
-        with v.apply(lm, a, steps=x["window"], steps_from=""):  # one model call per rollout step
+        with v.apply(lm, a, norm=x.get("norm", "relative"), pos=at_pos, steps=x["window"], steps_from=""):
             traj = model.rollout(u0, T, x["kappa"], 0.0)
         return fit_kappa(traj.numpy(), P.DT)
     res = S.dose_response(vecs, cfg.alphas, fitted, metric="fitted kappa")
@@ -219,32 +221,24 @@ def run_physics(model, cfg: Preset, out: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-def shapes_prompts(colour: str) -> tuple[list[str], list[str]]:
+def shapes_prompts(colour: str, seeds: int) -> tuple[list[str], list[str]]:
+    """One caption per shape (large, centred, solid) in `colour`, repeated for each seed."""
     from interp.zoo import shapes as Sh
 
     prompts = [Sh.Attributes(colour, s, "center", "large", "solid").caption() for s in Sh.SHAPES]
-    return prompts, list(Sh.SHAPES)
+    return prompts * seeds, list(Sh.SHAPES) * seeds
 
 
-def sample(pipe, prompts: list[str], seed: int, n_steps: int, guidance: float):
+def diffusion_activations(pl, site: str, prompts: list[str], x: dict, seed: int):
+    """The site's cond-branch activations averaged over denoising steps, one row per image: [n, *F]
+    (interp.diffusion.record: one sampling run, every step and CFG branch addressable)."""
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    return pipe(prompts, num_inference_steps=n_steps, guidance_scale=guidance, generator=g, output_type="pt").images
+    from interp.diffusion import Sampling, record
 
-
-def diffusion_activations(den, pipe, site: str, prompts: list[str], x: dict):
-    """Mid-block (or any site) activations of the cond branch, averaged over steps and seeds: [n, *F]."""
-    import torch
-
-    acts = []
-    for s in range(x["seeds"]):
-        with den.applied(capture=[site]) as sess:
-            sample(pipe, prompts, 1000 + s, x["n_steps"], x["guidance"])
-        a = sess.cache[site]  # [calls, 2n, ...] with the uncond half first
-        acts.append(a[:, len(prompts):].float().mean(0))
-    a = torch.stack(acts).mean(0)
-    return a.flatten(2).mean(-1) if a.dim() >= 4 else a
+    spec = Sampling(prompts, seed=seed, steps=x["n_steps"], guidance=x["guidance"])
+    rec = record(pl, spec, [site])
+    return torch.stack([rec.get(site, st, "cond").float() for st in rec.steps(site)]).mean(0)
 
 
 def run_diffusion(pipe, cfg: Preset, out: Path) -> dict:
@@ -252,47 +246,60 @@ def run_diffusion(pipe, cfg: Preset, out: Path) -> dict:
     import torch
 
     import interp
+    from interp.diffusion import Sampling, sample_grid
     from interp.zoo import scorers
+    from interp.zoo.shapes import HUES
     from interventions import steering as S
 
     x = cfg.extra
-    den = interp.attach(getattr(pipe, "unet", None) or pipe.transformer)
-    pos_p, _ = shapes_prompts(x["positive"])
-    neg_p, _ = shapes_prompts(x["negative"])
-    p = diffusion_activations(den, pipe, cfg.site, pos_p, x)
-    n = diffusion_activations(den, pipe, cfg.site, neg_p, x)
-    spatial = "keep" if cfg.reduce == "keep" else "average"
+    pl = interp.attach(pipe)
+    pos_p, _ = shapes_prompts(x["positive"], x["seeds"])
+    neg_p, _ = shapes_prompts(x["negative"], x["seeds"])
+    p = diffusion_activations(pl, cfg.site, pos_p, x, 1000)  # the same seeds for both: paired examples
+    n = diffusion_activations(pl, cfg.site, neg_p, x, 1000)
+    grid = p.dim() >= 4
+    if cfg.reduce != "keep" and grid:
+        p, n = p.flatten(2).mean(-1), n.flatten(2).mean(-1)
+    spatial = ("keep" if cfg.reduce == "keep" else "average") if grid else None
     sv = S.from_activations(p, n, cfg.site, method=cfg.method, znorm=x["znorm"], spatial=spatial, model=cfg.model,
-                            meta={"positive": x["positive"], "negative": x["negative"]}, hash_of=(pos_p, neg_p, x))
+                            meta={"positive": x["positive"], "negative": x["negative"], "steps": x["n_steps"]},
+                            hash_of=(pos_p, neg_p, x["n_steps"], x["guidance"]))
     vecs = S.controls(sv, p, n, seed=x["seed"])
-    base_p, shapes = shapes_prompts(x["base"])
-    ref_hue = 0.0 if x["positive"] == "red" else None
-    images: dict[tuple[str, float], torch.Tensor] = {}
-
-    def measure(v, a):
-        with v.apply(den, a, steps=x["window"], steps_from=""):  # one denoiser call per step (CFG batched)
-            imgs = torch.cat([sample(pipe, base_p, s, x["n_steps"], x["guidance"]) for s in range(x["seeds"])])
-        images[(v.method if v is not sv else "steer", a)] = imgs
-        h = scorers.hue(imgs)
-        # unwrap around the base colour so the red (360) side and the blue (240) side are ordered
-        from interp.zoo.shapes import HUES
-        centre = HUES[x["base"]]
-        hu = (h - centre + 180.0) % 360.0 - 180.0 + centre
-        acc = float(np.mean([a_ == b_ for a_, b_ in zip(scorers.shape(imgs), shapes * x["seeds"])]))
-        red = scorers.colour_rate(imgs, x["positive"])
-        return {"hue": float(np.nanmean(hu)), "shape_accuracy": acc, f"{x['positive']}_rate": red}
-
-    res = S.dose_response(vecs, cfg.alphas, measure, metric="hue", extra=("shape_accuracy", f"{x['positive']}_rate"))
+    base_p, shapes = shapes_prompts(x["base"], x["seeds"])
+    spec = Sampling(base_p, seed=0, steps=x["n_steps"], guidance=x["guidance"])
+    names = list(vecs)
+    rows = [[vecs[k].op(a, steps=x["window"])] for k in names for a in cfg.alphas]
+    g = sample_grid(pl, spec, rows, lambda o: o.images, desc="steer diffusion")  # [rows, n, 3, H, W]
+    imgs = g.values.reshape(len(names), len(cfg.alphas), *g.values.shape[1:])
+    centre = HUES[x["base"]]
+    vals = torch.zeros(len(names), len(cfg.alphas), 3, dtype=torch.float64)
+    for i in range(len(names)):
+        for j in range(len(cfg.alphas)):
+            im = imgs[i, j]
+            hu = (scorers.hue(im) - centre + 180.0) % 360.0 - 180.0 + centre  # unwrapped around the base hue
+            vals[i, j, 0] = float(np.nanmean(hu)) if np.isfinite(hu).any() else float("nan")
+            vals[i, j, 1] = float(np.mean([a == b for a, b in zip(scorers.shape(im), shapes)]))
+            vals[i, j, 2] = scorers.colour_rate(im, x["positive"])
+    q = ["hue", "shape_accuracy", f"{x['positive']}_rate"]
+    res = interp.Result(vals, ("vector", "alpha", "quantity"), {"vector": names, "alpha": cfg.alphas, "quantity": q},
+                        {"metric": "hue (degrees)", "base_prompt_colour": x["base"]})
+    res.attrs["monotonicity"] = {k: S.monotonicity(vals[i, :, 0].tolist(), cfg.alphas) for i, k in enumerate(names)}
+    res.attrs["vectors"] = {k: {"site": v.site, "method": v.method, "norm": v.norm, "data_hash": v.data_hash,
+                                "cosine_to_steer": v.cosine(sv)} for k, v in vecs.items()}
     rep = _finish(res, vecs, cfg, out, f"{cfg.model} {cfg.site}: hue of '{x['base']}' prompts vs alpha", quantity="hue")
     acc = res.sel(vector="steer", quantity="shape_accuracy").values
     a0 = cfg.alphas.index(0.0) if 0.0 in cfg.alphas else 0
-    rep["shape_accuracy"] = {"per_alpha": acc.tolist(), "max_drop_points": float(100 * (acc[a0] - acc.min()))}
-    rep["colour_rate"] = res.sel(vector="steer", quantity=f"{x['positive']}_rate").values.tolist()
-    plain = torch.cat([sample(pipe, base_p, s, x["n_steps"], x["guidance"]) for s in range(x["seeds"])])
-    rep["alpha0_bitwise_identical"] = bool(torch.equal(plain, images[("steer", 0.0)])) if 0.0 in cfg.alphas else None
-    grid = torch.cat([images[("steer", a)][:len(shapes)] for a in cfg.alphas])
-    interp.image_grid(grid, out / "samples.png", labels=[f"a={a:g} {s}" for a in cfg.alphas for s in shapes],
-                      ncol=len(shapes), title=f"steer {x['positive']} - {x['negative']} on '{x['base']}' prompts")
+    rep["shape_accuracy"] = {k: res.sel(vector=k, quantity="shape_accuracy").values.tolist() for k in names}
+    rep["shape_accuracy"]["steer_max_drop_points"] = float(100 * (acc[a0] - acc.min()))
+    rep["colour_rate"] = {k: res.sel(vector=k, quantity=q[2]).values.tolist() for k in names}
+    plain = pl.run(spec).output.images
+    zero = pl.run(spec, ops=[sv.op(0.0, steps=x["window"])]).output.images
+    rep["alpha0_bitwise_identical"] = bool(torch.equal(plain, zero))
+    n_show = min(len(base_p), 4)
+    interp.image_grid(imgs[0, :, :n_show].reshape(-1, *imgs.shape[3:]), out / "samples.png",
+                      labels=[f"a={a:g} {s}" for a in cfg.alphas for s in shapes[:n_show]], ncol=n_show,
+                      title=f"steer {x['positive']} - {x['negative']} at {cfg.site} on '{x['base']}' prompts")
     rep["samples"] = str(out / "samples.png")
-    rep["verdict"] = _verdict(rep) + f"; shape accuracy drop {rep['shape_accuracy']['max_drop_points']:.1f} points"
+    rep["verdict"] = _verdict(rep) + f"; shape accuracy drop {rep['shape_accuracy']['steer_max_drop_points']:.1f} points"
     return rep
+

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 

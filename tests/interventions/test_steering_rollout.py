@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
+
 import interp
 from interp.zoo import physics as P
 from interventions import steering as S
@@ -78,3 +80,24 @@ def test_trained_physics_kappa_follows_the_steering_vector(tmp_path):
     m = rep["monotonicity"]
     assert m["steer"]["increasing"], rep["dose_response"]
     assert abs(m["random"]["change"]) < abs(m["steer"]["change"])
+
+
+def test_recipe_diffusion_path_on_a_tiny_pipeline(tmp_path):
+    """Extraction through interp.diffusion.record, the sweep through sample_grid (one sampling loop
+    for every (vector, alpha) row), alpha = 0 bitwise against a plain sampling run."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "interp"))
+    from test_diffusion_helpers import tiny_sd
+
+    pipe = tiny_sd()
+    cfg = R.Preset("diffusion", "tiny-sd", "unet.mid", "caa", "mean", [0.0, 0.5],
+                   {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 2, "guidance": 3.0,
+                    "seeds": 1, "znorm": False, "seed": 0, "window": (1, 2)})
+    rep = R.run_diffusion(pipe, cfg, tmp_path)
+    assert rep["alpha0_bitwise_identical"] is True
+    back = S.SteeringVector.load(rep["vector_file"])
+    assert back.spatial == "average" and back.vector.shape == (pipe.unet.config.block_out_channels[-1],)
+    assert set(rep["dose_response"]) == {"steer", "random", "norm_matched"}
+    assert Path(rep["samples"]).stat().st_size > 2000 and Path(rep["plot"]).stat().st_size > 5000
