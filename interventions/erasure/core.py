@@ -110,6 +110,7 @@ class Edit:
     lam: float | None = None
     layers: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    erasers: dict = field(default_factory=dict)  # LEACE: site -> LeaceEraser that was folded (not in the manifest)
 
     def manifest(self) -> dict:
         return {"method": self.method, "concept": self.concept, "lambda": self.lam, "layers": list(self.layers),

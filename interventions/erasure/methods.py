@@ -274,13 +274,30 @@ def context_edit(pipe, concept: Concept, lam: float = 0.5, preserve: bool = True
 # LEACE folded into the cross-attention projections (or the text encoder)
 # ---------------------------------------------------------------------------------------------
 
+def _restore_mean(unet: nn.Module, name: str, lin: nn.Linear, er, tensors: dict) -> bool:
+    """Bias-free to_k / to_v: the dropped constant A L R mu is harmless for keys (softmax ignores a shift
+    shared by all keys) and, for values, passes through the attention unchanged (its weights sum to 1), so
+    it is added to the bias of the output projection `to_out.0`. True when the mean is then exactly kept."""
+    if name.endswith(".to_k"):
+        return True
+    out = unet.get_submodule(name[: -len(".to_v")] + ".to_out.0")
+    if not isinstance(out, nn.Linear) or out.bias is None:
+        return False
+    shift = lin.weight.detach().double() @ (er.projection() @ er.mu)
+    key = f"unet.{name[: -len('.to_v')]}.to_out.0.bias"
+    base = tensors.get(key, out.bias.detach()).double()
+    tensors[key] = (base + out.weight.detach().double() @ shift).to(out.bias.dtype)
+    return True
+
+
 def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=None, preserve_negative: bool = True,
-               tol: float = 1e-6) -> Edit:
+               tol: float = 1e-6, exact_mean: bool = True) -> Edit:
     """Fit a LEACE eraser of "concept present" (source positions from the concept token on) against the
     preserve prompts' positions, then fold it into weights.
 
-    site="cross_attention": fitted on the cross-attention inputs, folded before every to_k / to_v (bias-free:
-    the erasure guarantee holds, the mean shift is not restored). site="text_encoder": fitted on text-encoder
+    site="cross_attention": fitted on the cross-attention inputs, folded before every to_k / to_v. They are
+    bias-free; with exact_mean the lost mean term is restored through to_out.0's bias (see _restore_mean),
+    so the edited attention equals a Project op on its text inputs; without it only the mean is lost. site="text_encoder": fitted on text-encoder
     layer 0's out_proj output and folded after it (bias kept, exact).
     """
     if site not in ("cross_attention", "text_encoder"):
@@ -300,7 +317,7 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
         x = x[keep]
         return LeaceFitter(x.shape[-1], 1, tol=tol).update(x.reshape(-1, x.shape[-1]), labels(x).reshape(-1)).eraser
 
-    tensors, mean_kept, ranks = {}, [], []
+    tensors, mean_kept, ranks, erasers = {}, [], [], {}
     if site == "cross_attention":
         chosen = select_layers(cross_attention_layers(pipe.unet), layers)
         inputs = unet_cross_inputs(pipe, prompts, chosen)
@@ -311,6 +328,9 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
             tensors[f"unet.{name}.weight"] = W
             if b is not None:
                 tensors[f"unet.{name}.bias"] = b
+            elif exact_mean:
+                kept = _restore_mean(pipe.unet, name, lin, er, tensors)
+            erasers[f"module:{name}:input"] = er
             mean_kept.append(kept)
             ranks.append(er.rank)
         layer_names = chosen
@@ -324,9 +344,10 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
         tensors[f"text_encoder.{path}.weight"] = W
         if b is not None:
             tensors[f"text_encoder.{path}.bias"] = b
+        erasers[f"module:{path}:output"] = er
         mean_kept.append(kept)
         ranks.append(er.rank)
         layer_names = [f"text_encoder.{path}"]
     return Edit("leace", concept.word, tensors, None, layer_names,
                 {"site": site, "eraser_rank": ranks, "mean_preserved": all(mean_kept), "n_preserve_prompts": n_pres,
-                 **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}})
+                 **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}}, erasers)

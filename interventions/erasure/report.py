@@ -124,3 +124,69 @@ def write_report(report: dict, folder: str | Path, name: str = "erasure_report.j
     path = folder / name
     path.write_text(json.dumps(report, indent=1, default=str))
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# representation-level efficacy / specificity (independent of the denoiser's image quality)
+# ---------------------------------------------------------------------------------------------
+
+def _logreg(x: torch.Tensor, y: torch.Tensor, k: int, l2: float = 1e-3, steps: int = 200):
+    mu, sd = x.mean(0), x.std(0).clamp_min(1e-6)
+    lin = torch.nn.Linear(x.shape[1], k).double()
+    a = (x - mu) / sd
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(a), y) + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return lambda z: lin((z - mu) / sd).argmax(-1)
+
+
+def cross_attention_values(pipe, prompts: Sequence[str], start: int) -> torch.Tensor:
+    """Per prompt: the mean over positions >= start of every cross-attention layer's to_v output, concatenated."""
+    from .methods import cross_attention_layers, unet_cross_inputs
+
+    layers = cross_attention_layers(pipe.unet)
+    x = unet_cross_inputs(pipe, prompts, layers, ("to_v",))
+    feats = [(x[f"{l}.to_v"][:, start:] @ pipe.unet.get_submodule(f"{l}.to_v").weight.detach().double().T).mean(1)
+             for l in layers]
+    return torch.cat(feats, -1)
+
+
+def value_probe_report(original, edited_by_method: dict, word: str, seed: int = 0) -> dict[str, Any]:
+    """A colour (attribute) classifier trained on the original model's cross-attention values, used as a
+    scorer on each edited model: concept rate on the concept's prompts, accuracy on the other prompts.
+    It reads what the denoiser receives from the text, so it does not depend on the denoiser's images."""
+    from interp.zoo import shapes
+
+    attr = shapes_attribute(word)
+    values = list(shapes.ATTRIBUTES[attr])
+    attrs = shapes.all_attributes()
+    prompts = [a.caption() for a in attrs]
+    y = torch.tensor([values.index(getattr(a, attr)) for a in attrs])
+    tok = original.tokenizer
+    ids = tok(prompts[0])["input_ids"]
+    start = next(i for i, t in enumerate(ids) if tok.decode([t]).strip() == getattr(attrs[0], attr))
+    x0 = cross_attention_values(original, prompts, start)
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
+    tr, te = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    held_out = float((_logreg(x0[tr], y[tr], len(values))(x0[te]) == y[te]).double().mean())
+    clf = _logreg(x0, y, len(values))
+    on, off = y == values.index(word), y != values.index(word)
+
+    def scores(x):
+        with torch.no_grad():
+            pred = clf(x)
+        return {"concept_rate": float((pred[on] == values.index(word)).double().mean()),
+                "other_values_accuracy": float((pred[off] == y[off]).double().mean()),
+                "predicted_on_concept_prompts": {values[i]: int((pred[on] == i).sum()) for i in range(len(values))
+                                                 if int((pred[on] == i).sum())}}
+
+    out = {"probe_held_out_accuracy_original": held_out, "original": scores(x0), "methods": {}}
+    for m, p in edited_by_method.items():
+        out["methods"][m] = scores(cross_attention_values(p, prompts, start))
+    return out

@@ -136,7 +136,7 @@ def test_text_encoder_methods_move_concept_states(pipe, concept, method, kw):
 
 def test_leace_folded_into_cross_attention_removes_the_concept_linearly(pipe, concept):
     edit = erase(pipe, concept, "leace")
-    assert edit.info["mean_preserved"] is False  # SD's to_k / to_v are bias-free
+    assert edit.info["mean_preserved"] is True  # to_v's lost mean term moved into to_out.0's bias
     edited = edit.applied(pipe)
     layer = cross_attention_layers(pipe.unet)[0]
     prompts = [*concept.sources, *concept.preserve, ""]
@@ -149,6 +149,27 @@ def test_leace_folded_into_cross_attention_removes_the_concept_linearly(pipe, co
         y = x @ W.double().T
         gap = (y[z].mean(0) - y[~z].mean(0)).norm() / y.std(0).norm()
         assert (gap < 1e-6) == equal, gap
+
+
+def test_leace_fold_equals_project_ops_on_the_attention_inputs(pipe, concept):
+    """The folded UNet computes exactly what the original computes with the erasers applied as Project ops
+    at every to_k / to_v input (through the engine)."""
+    import interp
+
+    edit = erase(pipe, concept, "leace")
+    edited = edit.applied(pipe)
+    emb = pipe.encode_prompt([concept.sources[0], concept.preserve[0]], "cpu", 1, False)[0]
+    g = torch.Generator().manual_seed(0)
+    inputs = {"sample": torch.randn(2, 3, 32, 32, generator=g), "timestep": torch.tensor(400), "encoder_hidden_states": emb}
+    ops = [interp.Project(site, er.to(torch.float32)) for site, er in edit.erasers.items()]
+    with torch.no_grad():
+        want = interp.attach(pipe.unet).run(inputs, ops=ops).logits
+        got = edited.unet(**inputs).sample
+        plain = pipe.unet(**inputs).sample
+    assert (got - want).abs().max() < 1e-4 * want.abs().max()
+    assert (plain - want).abs().max() > 1e-3 * want.abs().max()
+    bare = erase(pipe, concept, "leace", exact_mean=False)
+    assert bare.info["mean_preserved"] is False and not any("to_out" in k for k in bare.tensors)
 
 
 def test_leace_text_encoder_fold_is_exact(pipe, concept):
