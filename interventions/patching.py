@@ -3,16 +3,27 @@
 Denoising (default): run the corrupted input and write in the clean activation at one site and
 position per row; noising: run the clean input and write in the corrupted activation. The effect
 is normalised so that 0 = the base run's metric and 1 = the other run's metric.
+
+Sweep kinds: `resid_pre`, `resid_mid`, `resid_post`, `attn.out`, `mlp.out` per (layer, position),
+optionally over a window of consecutive layers patched at once (`window=`); attention heads
+(`blocks.{l}.attn.z`, query heads, so grouped-query models are covered) over all positions
+(`head_sweep`) or per (head, position) (`head_sweep(..., by_position=True)`).
+
+Cells whose patched values equal the base run's values bit for bit (positions before the first
+token where the prompts differ) are exact no-ops: they take the base metric without a forward.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 import interp
 from interp import Patch, Result, at
-from interp.metrics import normalized
+from interp.metrics import kl_to, logit_diff, normalized, prob
+
+KINDS = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
+METRICS = ("logit_diff", "prob", "kl")
 
 
 def _runs(lm: interp.Instrumented, clean, corrupted, direction: str):
@@ -21,31 +32,157 @@ def _runs(lm: interp.Instrumented, clean, corrupted, direction: str):
     return (clean, corrupted) if direction == "denoise" else (corrupted, clean)
 
 
+def layer_window(layer: int, window: int, n_layers: int) -> list[int]:
+    """The `window` consecutive layers centred on `layer`, clipped at the ends (ROME's convention)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1 layer, not {window}")
+    return list(range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2))))
+
+
+def make_metric(name: str, lm: interp.Instrumented, clean, target: int | str | None = None,
+                foil: int | str | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """'logit_diff' (target - foil), 'prob' (of target) or 'kl' (KL of the clean next-token
+    distribution to the run's); token strings are converted with the model's tokenizer."""
+    from interp.metrics import token_id
+
+    def tid(t):
+        return token_id(lm.tokenizer, t) if isinstance(t, str) else t
+    if name == "logit_diff":
+        if target is None or foil is None:
+            raise ValueError("metric 'logit_diff' needs target= and foil= tokens")
+        return logit_diff(tid(target), tid(foil))
+    if name == "prob":
+        if target is None:
+            raise ValueError("metric 'prob' needs target=")
+        return prob(tid(target))
+    if name == "kl":
+        return kl_to(lm.run(clean, last_only=True).logits[:, -1].float())
+    raise ValueError(f"unknown metric {name!r}; choose one of {METRICS} or pass a callable")
+
+
+def _labels(tokens: Sequence[str] | None, positions: Sequence[int]) -> list[str]:
+    return [f"{p}:{tokens[p]}" if tokens else str(p) for p in positions]
+
+
+def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(a, b))
+
+
+def _sweep(lm, clean, corrupted, cells, metric, *, direction, normalize, progress, desc, skip_equal, grid_kw):
+    """cells: list of [(site, where_kw)] (one list of patches per row) -> (values [n_cells], attrs, tokens)."""
+    source_input, base_input = _runs(lm, clean, corrupted, direction)
+    sites = sorted({s for cell in cells for s, _ in cell})
+    shared = list(grid_kw.get("shared", ()))
+    source = lm.run(source_input, capture=sites, last_only=True)
+    metric = metric or (lambda logits: logits[:, -1].float().max(-1).values)
+    skip = [False] * len(cells)
+    if skip_equal and _may_agree(lm, source_input, base_input):
+        base = lm.run(base_input, ops=shared, capture=sites, last_only=True)
+        for i, cell in enumerate(cells):
+            skip[i] = all(_equal(_select(source.cache[s], w), _select(base.cache[s], w)) for s, w in cell)
+    rows = [[Patch(s, source.cache[s], where=at(**w)) for s, w in cell] for cell, sk in zip(cells, skip) if not sk]
+    grid = lm.run_grid(base_input, rows, metric, progress=progress, desc=desc, **grid_kw)
+    base_metric = grid.base.float().mean()
+    vals = torch.full((len(cells),), float(base_metric))
+    if rows:
+        vals[torch.tensor([not s for s in skip])] = grid.values.float().reshape(len(rows), -1).mean(1)
+    source_metric = metric(source.logits).float().mean()
+    if normalize:
+        vals = normalized(vals, source_metric, base_metric)
+    clean_m, corrupt_m = (source_metric, base_metric) if direction == "denoise" else (base_metric, source_metric)
+    stats = dict(grid.stats, skipped_cells=sum(skip), rows=len(cells))
+    attrs = {"direction": direction, "normalized": normalize, "clean_metric": float(clean_m),
+             "corrupted_metric": float(corrupt_m), "metric": "normalised effect" if normalize else "metric",
+             "grid": stats}
+    tokens = grid.tokens[0] if grid.tokens else (source.tokens[0] if source.tokens else None)
+    return vals, attrs, tokens
+
+
+def _may_agree(lm, a, b) -> bool:
+    """False when two token-id inputs differ at every position (then no activation can be equal)."""
+    pa, pb = lm.adapter.prepare(a), lm.adapter.prepare(b)
+    ia, ib = pa.kwargs.get("input_ids"), pb.kwargs.get("input_ids")
+    if ia is None or ib is None or ia.shape != ib.shape:
+        return True
+    return bool((ia == ib).any())
+
+
+def _select(t: torch.Tensor, w: dict) -> torch.Tensor:
+    pos, heads = w.get("pos"), w.get("heads")
+    if pos is not None:
+        t = t[:, [pos] if isinstance(pos, int) else list(pos)]
+    if heads is not None:
+        t = t[:, :, [heads] if isinstance(heads, int) else list(heads)]
+    return t
+
+
+def _check_kind(lm, kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"unknown sweep kind {kind!r}; choose one of {KINDS} (attention heads: head_sweep)")
+    if f"blocks.0.{kind}" not in lm.adapter.site_table():
+        raise ValueError(f"this model has no {kind!r} sites (e.g. 'blocks.0.{kind}'); see `interp sites MODEL`")
+
+
 def patch_sweep(lm: interp.Instrumented, clean, corrupted, kind: str = "resid_pre",
                 metric: Callable[[torch.Tensor], torch.Tensor] | None = None, *, direction: str = "denoise",
-                layers=None, positions=None, normalize: bool = True, progress: bool = True, **grid_kw) -> Result:
+                layers=None, positions=None, window: int = 1, normalize: bool = True, progress: bool = True,
+                skip_equal: bool = True, **grid_kw) -> Result:
     """Patch `blocks.{l}.{kind}` at every (layer, position): Result with axes (layer, pos).
 
     metric maps logits [batch, pos, vocab] to one value per item; the result holds the mean over
-    the base batch of the (normalised) metric after each patch.
+    the base batch of the (normalised) metric after each patch. window > 1 patches the window of
+    consecutive layers centred on l (clipped at the ends) at once.
     """
-    source_input, base_input = _runs(lm, clean, corrupted, direction)
+    _check_kind(lm, kind)
     layers = list(range(lm.n_layers)) if layers is None else list(layers)
-    sites = [f"blocks.{l}.{kind}" for l in layers]
-    source = lm.run(source_input, capture=sites, last_only=True)
-    T = source.cache[sites[0]].shape[1]
-    positions = list(range(T)) if positions is None else lm.positions(source_input, positions)
-    metric = metric or (lambda logits: logits[:, -1].float().max(-1).values)
-    rows = [[Patch(s, source.cache[s], where=at(pos=p))] for s in sites for p in positions]
-    grid = lm.run_grid(base_input, rows, metric, progress=progress, desc=f"patch {kind}", **grid_kw)
-    source_metric = metric(source.logits).float().mean()
-    base_metric = grid.base.float().mean()
-    vals = grid.values.float().mean(1).reshape(len(layers), len(positions))
-    if normalize:
-        vals = normalized(vals, source_metric, base_metric)
-    tokens = grid.tokens[0] if grid.tokens else [str(p) for p in range(T)]
-    clean_m, corrupt_m = (source_metric, base_metric) if direction == "denoise" else (base_metric, source_metric)
-    return Result(vals, ("layer", "pos"), {"layer": layers, "pos": [f"{p}:{tokens[p]}" for p in positions]},
-                  {"kind": kind, "direction": direction, "normalized": normalize, "clean_metric": float(clean_m),
-                   "corrupted_metric": float(corrupt_m), "metric": "normalised effect" if normalize else "metric",
-                   "grid": grid.stats})
+    T = lm.adapter.prepare(clean).seq_len
+    positions = list(range(T)) if positions is None else lm.positions(clean, positions)
+    cells = [[(f"blocks.{j}.{kind}", {"pos": p}) for j in layer_window(l, window, lm.n_layers)]
+             for l in layers for p in positions]
+    vals, attrs, tokens = _sweep(lm, clean, corrupted, cells, metric, direction=direction, normalize=normalize,
+                                 progress=progress, desc=f"patch {kind}", skip_equal=skip_equal, grid_kw=grid_kw)
+    attrs.update(kind=kind, window=window)
+    return Result(vals.reshape(len(layers), len(positions)), ("layer", "pos"),
+                  {"layer": layers, "pos": _labels(tokens, positions)}, attrs)
+
+
+def head_sweep(lm: interp.Instrumented, clean, corrupted, metric: Callable | None = None, *,
+               by_position: bool = False, direction: str = "denoise", layers=None, positions=None,
+               normalize: bool = True, progress: bool = True, skip_equal: bool = True, **grid_kw) -> Result:
+    """Patch each attention head's output (`blocks.{l}.attn.z`, per query head) over all positions:
+    axes (layer, head); with by_position=True, per (head, position): axes (layer, head, pos)."""
+    if "blocks.0.attn.z" not in lm.adapter.site_table():
+        raise ValueError("this model has no per-head site 'blocks.0.attn.z'; see `interp sites MODEL`")
+    layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    H = lm.site("blocks.0.attn.z").heads or lm.site("blocks.0.attn.z").meta.get("heads")
+    if H is None:
+        H = lm.capture(clean, "blocks.0.attn.z")["blocks.0.attn.z"].shape[2]
+    T = lm.adapter.prepare(clean).seq_len
+    if by_position:
+        positions = list(range(T)) if positions is None else lm.positions(clean, positions)
+        cells = [[(f"blocks.{l}.attn.z", {"pos": p, "heads": h})] for l in layers for h in range(H) for p in positions]
+    else:
+        if positions is not None:
+            raise ValueError("positions= applies to head_sweep(by_position=True); without it every position is patched")
+        cells = [[(f"blocks.{l}.attn.z", {"heads": h})] for l in layers for h in range(H)]
+    vals, attrs, tokens = _sweep(lm, clean, corrupted, cells, metric, direction=direction, normalize=normalize,
+                                 progress=progress, desc="patch heads", skip_equal=skip_equal, grid_kw=grid_kw)
+    attrs.update(kind="attn.z", by_position=by_position)
+    if by_position:
+        return Result(vals.reshape(len(layers), H, len(positions)), ("layer", "head", "pos"),
+                      {"layer": layers, "head": list(range(H)), "pos": _labels(tokens, positions)}, attrs)
+    return Result(vals.reshape(len(layers), H), ("layer", "head"), {"layer": layers, "head": list(range(H))}, attrs)
+
+
+def sweep_all(lm: interp.Instrumented, clean, corrupted, metric: Callable | None = None, *,
+              kinds: Sequence[str] = KINDS, heads: bool = True, **kw) -> dict[str, Result]:
+    """Every sweep kind the model has, plus the per-head sweep: {kind: Result}."""
+    out = {}
+    for kind in kinds:
+        if f"blocks.0.{kind}" in lm.adapter.site_table():
+            out[kind] = patch_sweep(lm, clean, corrupted, kind, metric, **kw)
+    if heads and "blocks.0.attn.z" in lm.adapter.site_table():
+        kw.pop("window", None)
+        kw.pop("positions", None)
+        out["attn.z"] = head_sweep(lm, clean, corrupted, metric, **kw)
+    return out
