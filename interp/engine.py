@@ -520,7 +520,7 @@ class Engine:
             self._replay_ok = self._validate_replay(block_in, base_logits, b, last_only, shared, prepared, ctx)
         replay = can_replay and bool(self._replay_ok)
 
-        # positional prefix reuse (interp.prefix): rows whose edits all sit at position >= p >= 1
+        # positional prefix reuse (interp.prefix): rows whose edits all sit at position >= p run on positions p..
         T = prepared.seq_len
         packable: dict[int, int] = {}
         if replay and last_only and T and T > 1:
@@ -581,6 +581,7 @@ class Engine:
                     for j, r in enumerate(chunk):
                         values[r] = val[j]
                     bar.update(n)
+            pending: list = []
             if packed:
                 from .prefix import Pack
                 forwards += 1  # the key/value recording replay
@@ -602,17 +603,18 @@ class Engine:
                         for bb in self.bind(rows[r], prepared, 0, 1):
                             bb.pos_shift, bb.full_len = pack.shift(j), T
                             bound.append(bb)
+                    cut = all(_layer(bb.site) < L - 1 for bb in bound)  # no edit inside the last block
                     with torch.no_grad(), attached(ad.root, self.entries(bound, ctx)):
-                        logits = pre.run(start, pack)
-                    forwards += pack.Q * (L - start) / (L * T)
+                        pending.append((chunk, pre.run(start, pack, tail=False, cut_last=cut)))
+                    forwards += (pack.Q * (L - start - cut) + cut * len(chunk)) / (L * T)
                     self.check_fired(bound)
-                    val = metric(logits)
-                    val = val.reshape(len(chunk), b, *val.shape[1:])
+                    bar.update(len(chunk))
+            with torch.no_grad():  # the head runs once over many packs' final states
+                for chunk, val in (pre.tails(pending, metric) if pending else ()):
                     if chunk_hook is not None:
                         chunk_hook.after(chunk, val)
                     for j, r in enumerate(chunk):
                         values[r] = val[j]
-                    bar.update(len(chunk))
         finally:
             bar.close()
         if chunk_hook is not None:  # rows another process computes
@@ -645,7 +647,7 @@ class Engine:
                 return None
             site = table.get(op.site)
             if op.where.pos is None or op.where.steps is not None or len(site.axes) < 2 or site.axes[1] != "pos" \
-                    or site.layer is None or site.layer < 0:
+                    or site.layer is None or not 0 <= site.layer < len(self.adapter.block_paths):
                 return None
             if isinstance(op, Add) and getattr(op, "spatial", None) is not None:
                 return None
@@ -654,7 +656,7 @@ class Engine:
             if lo is None:
                 return None
             first = lo if first is None else min(first, lo)
-        return first if first and first >= 1 else None
+        return first
 
     def _prefix_replay(self, block_in, base_logits, b, T, prepared, ctx):
         """A validated interp.prefix.PrefixReplay for this base run, or None (then rows use full-length replays)."""
