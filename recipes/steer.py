@@ -40,9 +40,12 @@ class Preset:
 PRESETS = {
     "sentiment": Preset("lm", "smollm2", "blocks.8.resid_post", "caa", "last",
                         [-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3]),
-    "physics-kappa": Preset("physics", "physics", "module:blocks.1", "caa", "mean",
-                            [-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3],
-                            {"high": 0.008, "low": 0.001, "kappa": 0.003, "rollout_steps": 25, "n": 64}),
+    # the kappa signal enters the grid tokens through block 0's attention to the regime token;
+    # norm=None: alpha = 1 adds the full mean (high - low) difference of the grid tokens
+    "physics-kappa": Preset("physics", "physics", "module:blocks.0.attn", "caa", slice(1, None),
+                            [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
+                            {"high": 0.008, "low": 0.001, "kappa": 0.003, "rollout_steps": 25, "n": 64,
+                             "norm": None}),
     "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.mid", "caa", "mean",
                               [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 20,
@@ -57,7 +60,8 @@ def register(sub) -> None:
     p.add_argument("--model", help="zoo name or folder (default: the preset's)")
     p.add_argument("--site", help="site to extract and steer at (default: the preset's)")
     p.add_argument("--method", choices=("mean_diff", "caa", "pca"))
-    p.add_argument("--reduce", choices=("last", "mean", "keep"), help="positions / spatial axes: last, mean or keep")
+    p.add_argument("--reduce", help="positions / spatial axes: last, mean, keep, a position (0) or a slice (1:)")
+    p.add_argument("--norm", choices=("relative", "none"), help="norm-relative alpha or an absolute multiple")
     p.add_argument("--znorm", action="store_true", help="z-normalise each example before the difference")
     p.add_argument("--alphas", help="comma-separated alphas (norm-relative), e.g. -0.2,0,0.2")
     p.add_argument("--steps", help="step window START,STOP for diffusion / rollout injection")
@@ -79,11 +83,26 @@ def _lines(path: str | None, default: list[str]) -> list[str]:
     return lines
 
 
+def parse_reduce(text: str):
+    """'last' | 'mean' | 'keep' | '3' (one position) | '1:' / '1:5' (mean over a slice of positions)."""
+    if text in ("last", "mean", "keep"):
+        return text
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return slice(int(a) if a else None, int(b) if b else None)
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--reduce {text!r}: use last, mean, keep, a position like 0 or a slice like 1:") from None
+
+
 def config(args) -> Preset:
     pr = PRESETS[args.preset]
     cfg = Preset(pr.kind, args.model or pr.model, args.site or pr.site, args.method or pr.method,
-                 args.reduce or pr.reduce, [float(a) for a in args.alphas.split(",")] if args.alphas else list(pr.alphas),
+                 parse_reduce(args.reduce) if args.reduce else pr.reduce, [float(a) for a in args.alphas.split(",")] if args.alphas else list(pr.alphas),
                  dict(pr.extra))
+    if getattr(args, "norm", None):
+        cfg.extra["norm"] = None if args.norm == "none" else "relative"
     cfg.extra.update(znorm=bool(args.znorm), seed=args.seed,
                      window=tuple(int(s) for s in args.steps.split(",")) if args.steps else None)
     if cfg.kind == "lm":
@@ -147,17 +166,18 @@ def run_lm(model, cfg: Preset, out: Path) -> dict:
     sv, p, n = S.extract(lm, x["positive"], x["negative"], cfg.site, method=cfg.method, reduce=cfg.reduce,
                          znorm=x["znorm"], model=cfg.model, return_activations=True)
     vecs = S.controls(sv, p, n, seed=x["seed"])
-    res = S.lm_target_prob(lm, vecs, x["eval"], x["targets"], cfg.alphas)
+    norm = x.get("norm", "relative")
+    res = S.lm_target_prob(lm, vecs, x["eval"], x["targets"], cfg.alphas, norm=norm)
     rep = _finish(res, vecs, cfg, out, f"{cfg.model} {cfg.site}: p({'|'.join(x['targets'][:3])}{'|...' if len(x['targets']) > 3 else ''}) vs alpha")
     plain = S.generate(lm, x["eval"][0], max_new_tokens=12)
     zero = S.generate(lm, x["eval"][0], sv, 0.0, max_new_tokens=12)
     rep["alpha0_bitwise_identical"] = bool(torch.equal(plain["ids"], zero["ids"]) and torch.equal(plain["scores"], zero["scores"]))
     top = max(cfg.alphas)
     rep["samples"] = {"prompt": x["eval"][0], "unsteered": plain["text"],
-                      **{f"{name} alpha={top}": S.generate(lm, x["eval"][0], v, top, max_new_tokens=12)["text"]
+                      **{f"{name} alpha={top}": S.generate(lm, x["eval"][0], v, top, max_new_tokens=12, norm=norm)["text"]
                          for name, v in vecs.items()},
                       f"steer alpha={min(cfg.alphas)}": S.generate(lm, x["eval"][0], sv, min(cfg.alphas),
-                                                                   max_new_tokens=12)["text"]}
+                                                                   max_new_tokens=12, norm=norm)["text"]}
     rep["verdict"] = _verdict(rep)
     return rep
 
@@ -268,7 +288,7 @@ def run_diffusion(pipe, cfg: Preset, out: Path) -> dict:
     base_p, shapes = shapes_prompts(x["base"], x["seeds"])
     spec = Sampling(base_p, seed=0, steps=x["n_steps"], guidance=x["guidance"])
     names = list(vecs)
-    rows = [[vecs[k].op(a, steps=x["window"])] for k in names for a in cfg.alphas]
+    rows = [[vecs[k].op(a, norm=x.get("norm", "relative"), steps=x["window"])] for k in names for a in cfg.alphas]
     g = sample_grid(pl, spec, rows, lambda o: o.images, desc="steer diffusion")  # [rows, n, 3, H, W]
     imgs = g.values.reshape(len(names), len(cfg.alphas), *g.values.shape[1:])
     centre = HUES[x["base"]]

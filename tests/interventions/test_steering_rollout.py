@@ -8,12 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 
 import interp
 from interp.zoo import physics as P
 from interventions import steering as S
 from recipes import steer as R
+
+torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_trained_physics_kappa_follows_the_steering_vector(tmp_path):
 
     model = load("physics")
     cfg = R.config(argparse.Namespace(
-        preset="physics-kappa", model=None, site=None, method=None, reduce=None, alphas="-0.2,0,0.2",
+        preset="physics-kappa", model=None, site=None, method=None, reduce=None, alphas="-1,0,1",
         steps=None, positive=None, negative=None, eval=None, targets=None, seed=0, znorm=False))
     rep = R.run_physics(model, cfg, tmp_path)
     assert rep["alpha0_bitwise_identical"] is True
