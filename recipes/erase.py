@@ -57,7 +57,7 @@ def _method_kwargs(method: str, args) -> dict:
     if args.lam is not None and method in ("uce", "time", "locoedit", "quickfix", "context"):
         kw["lam"] = args.lam
     if method == "hirm":
-        kw.update(steps=args.hirm_steps, progress=not args.quiet)
+        kw.update(steps=args.hirm_steps, progress=not args.quiet and args.progress)
     if method == "leace" and args.leace_site:
         kw["site"] = args.leace_site
     if method == "time" and args.preserve_time:
@@ -82,6 +82,11 @@ def run(args) -> dict:
     report: dict = {"model": args.model, "concept": concept.describe(), "methods": {}, "settings": vars(args).copy()}
     report["settings"].pop("func", None)
     evaluate = args.report is not None and is_shapes and args.eval_prompts > 0
+    probe = R.ValueProbe(pipe, args.concept, args.seed) if args.report is not None and is_shapes and \
+        hasattr(pipe, "unet") and not args.no_probe else None
+    if probe is not None:
+        report["value_probe"] = {"about": R.ValueProbe.__doc__.split(chr(10))[0] + " ...", "held_out_accuracy_original":
+                                 probe.held_out_accuracy, "original": probe.original}
     if args.report is not None and not is_shapes:
         print("interp erase: --report needs a shapes zoo model (the scorers know its attributes); skipping the report")
     if evaluate:
@@ -123,6 +128,10 @@ def run(args) -> dict:
                                        in_place=args.in_place, overwrite=args.overwrite)
             entry["checkpoint"] = str(written)
             print(f"{method}: wrote {written}")
+        if probe is not None:
+            entry["value_probe"] = vp = probe.score(edited)
+            print(f"{method}: value probe {args.concept} rate {probe.original['concept_rate']:.3f} -> {vp['concept_rate']:.3f}, "
+                  f"other values' accuracy {probe.original['other_values_accuracy']:.3f} -> {vp['other_values_accuracy']:.3f}")
         if evaluate:
             t1 = time.time()
             imgs = R.generate(edited, prompts, args.n_per_prompt, args.seed, args.steps)
@@ -167,9 +176,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-prompts", type=int, default=8, help="report: captions per colour (0: no images, fit and write only)")
     p.add_argument("--n-per-prompt", type=int, default=2, help="report: images per caption")
     p.add_argument("--steps", type=int, default=None, help="report: denoising steps (default: the pipeline's)")
+    p.add_argument("--no-probe", action="store_true", help="report: skip the cross-attention value probe")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--progress", action="store_true", help="progress bar for the HiRM fine-tune")
 
 
 def register(subparsers) -> argparse.ArgumentParser:

@@ -147,46 +147,59 @@ def _logreg(x: torch.Tensor, y: torch.Tensor, k: int, l2: float = 1e-3, steps: i
 
 
 def cross_attention_values(pipe, prompts: Sequence[str], start: int) -> torch.Tensor:
-    """Per prompt: the mean over positions >= start of every cross-attention layer's to_v output, concatenated."""
+    """Per prompt and cross-attention layer: to_out(to_v(x)) averaged over positions >= start (what an attention
+    row that spreads its weight over those tokens would add to the image stream), layers concatenated."""
     from .methods import cross_attention_layers, unet_cross_inputs
 
     layers = cross_attention_layers(pipe.unet)
     x = unet_cross_inputs(pipe, prompts, layers, ("to_v",))
-    feats = [(x[f"{l}.to_v"][:, start:] @ pipe.unet.get_submodule(f"{l}.to_v").weight.detach().double().T).mean(1)
-             for l in layers]
+    feats = []
+    for l in layers:
+        v = x[f"{l}.to_v"][:, start:] @ pipe.unet.get_submodule(f"{l}.to_v").weight.detach().double().T
+        out = pipe.unet.get_submodule(f"{l}.to_out.0")
+        feats.append((v @ out.weight.detach().double().T + out.bias.detach().double()).mean(1))
     return torch.cat(feats, -1)
 
 
-def value_probe_report(original, edited_by_method: dict, word: str, seed: int = 0) -> dict[str, Any]:
-    """A colour (attribute) classifier trained on the original model's cross-attention values, used as a
-    scorer on each edited model: concept rate on the concept's prompts, accuracy on the other prompts.
-    It reads what the denoiser receives from the text, so it does not depend on the denoiser's images."""
-    from interp.zoo import shapes
+class ValueProbe:
+    """A colour (attribute) classifier trained on the original model's cross-attention value contributions,
+    then used as a scorer on edited models: concept rate on the concept's prompts, accuracy on the other
+    prompts. It reads what the denoiser receives from the text, so it does not depend on image quality."""
 
-    attr = shapes_attribute(word)
-    values = list(shapes.ATTRIBUTES[attr])
-    attrs = shapes.all_attributes()
-    prompts = [a.caption() for a in attrs]
-    y = torch.tensor([values.index(getattr(a, attr)) for a in attrs])
-    tok = original.tokenizer
-    ids = tok(prompts[0])["input_ids"]
-    start = next(i for i, t in enumerate(ids) if tok.decode([t]).strip() == getattr(attrs[0], attr))
-    x0 = cross_attention_values(original, prompts, start)
-    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[: len(perm) // 2], perm[len(perm) // 2:]
-    held_out = float((_logreg(x0[tr], y[tr], len(values))(x0[te]) == y[te]).double().mean())
-    clf = _logreg(x0, y, len(values))
-    on, off = y == values.index(word), y != values.index(word)
+    def __init__(self, original, word: str, seed: int = 0):
+        from interp.zoo import shapes
 
-    def scores(x):
+        self.word, self.attr = word, shapes_attribute(word)
+        self.values = list(shapes.ATTRIBUTES[self.attr])
+        attrs = shapes.all_attributes()
+        self.prompts = [a.caption() for a in attrs]
+        self.y = torch.tensor([self.values.index(getattr(a, self.attr)) for a in attrs])
+        tok = original.tokenizer
+        ids = tok(self.prompts[0])["input_ids"]
+        self.start = next(i for i, t in enumerate(ids) if tok.decode([t]).strip() == getattr(attrs[0], self.attr))
+        x0 = cross_attention_values(original, self.prompts, self.start)
+        perm = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(seed))
+        tr, te = perm[: len(perm) // 2], perm[len(perm) // 2:]
+        self.held_out_accuracy = float((_logreg(x0[tr], self.y[tr], len(self.values))(x0[te]) == self.y[te]).double().mean())
+        self.clf = _logreg(x0, self.y, len(self.values))
+        self.original = self._scores(x0)
+
+    def _scores(self, x: torch.Tensor) -> dict[str, Any]:
+        k = self.values.index(self.word)
+        on, off = self.y == k, self.y != k
         with torch.no_grad():
-            pred = clf(x)
-        return {"concept_rate": float((pred[on] == values.index(word)).double().mean()),
-                "other_values_accuracy": float((pred[off] == y[off]).double().mean()),
-                "predicted_on_concept_prompts": {values[i]: int((pred[on] == i).sum()) for i in range(len(values))
-                                                 if int((pred[on] == i).sum())}}
+            pred = self.clf(x)
+        return {"concept_rate": float((pred[on] == k).double().mean()),
+                "other_values_accuracy": float((pred[off] == self.y[off]).double().mean()),
+                "predicted_on_concept_prompts": {self.values[i]: int((pred[on] == i).sum())
+                                                 for i in range(len(self.values)) if int((pred[on] == i).sum())}}
 
-    out = {"probe_held_out_accuracy_original": held_out, "original": scores(x0), "methods": {}}
-    for m, p in edited_by_method.items():
-        out["methods"][m] = scores(cross_attention_values(p, prompts, start))
-    return out
+    def score(self, pipe) -> dict[str, Any]:
+        return self._scores(cross_attention_values(pipe, self.prompts, self.start))
+
+
+def value_probe_report(original, edited_by_method: dict, word: str, seed: int = 0) -> dict[str, Any]:
+    """ValueProbe scores of the original and of each edited pipeline."""
+    vp = ValueProbe(original, word, seed)
+    return {"probe_held_out_accuracy_original": vp.held_out_accuracy, "original": vp.original,
+            "methods": {m: vp.score(p) for m, p in edited_by_method.items()}}
