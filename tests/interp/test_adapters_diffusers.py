@@ -114,3 +114,25 @@ def test_unknown_components_and_sites_are_clear_errors():
         lm.site("unet.down.1.resnet.9")
     with pytest.raises(interp.PositionError, match="no img/txt streams"):
         lm.run(Sampling(PROMPT, steps=1), ops=[interp.Ablate("unet.mid", where=at(stream="img"))])
+
+
+def test_sdxl_unet_alone_with_added_conditioning_in_a_grid():
+    """A standalone SDXL UNet: added_cond_kwargs travel with every grid row; rows match direct calls."""
+    unet = tiny_sdxl().unet
+    lm = interp.attach(unet)
+    assert {"unet.add_embed", "unet.down.1.attn.0.block.1.cross.k"} <= set(lm.site_names())
+    g = torch.Generator().manual_seed(0)
+    kw = {"sample": torch.randn(2, 3, 8, 8, generator=g), "timestep": torch.tensor([10, 500]),
+          "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
+          "added_cond_kwargs": {"text_embeds": torch.randn(2, 8, generator=g), "time_ids": torch.randn(2, 6, generator=g)}}
+    v = torch.randn(32, generator=g)
+    rows = [[], [interp.Add("unet.add_embed", v)], [interp.Ablate("unet.down.1.attn.0.block.1.cross.k", "zero", where=at(pos=2))]]
+    grid = lm.run_grid(kw, rows, metric=lambda o: o.flatten(1), progress=False)
+    with torch.no_grad():
+        plain = unet(**kw).sample.flatten(1)
+    torch.testing.assert_close(grid.values[0], plain, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(grid.values[1], plain, atol=1e-4) and not torch.allclose(grid.values[2], plain, atol=1e-4)
+    one = lm.run(kw, ops=rows[1]).logits.flatten(1)
+    torch.testing.assert_close(grid.values[1], one, atol=1e-5, rtol=1e-4)
+    emb = lm.capture(kw, "unet.add_embed")["unet.add_embed"]
+    assert emb.shape == (2, 32)
