@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from .errors import InterpError
+
 
 def _device(d) -> torch.device:
     return torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
@@ -29,10 +31,22 @@ def input_device(model: nn.Module) -> torch.device:
     for t in model.parameters():
         if t.device.type != "meta":
             return t.device
+    if any(True for _ in model.parameters()):
+        raise MetaWeightsError(
+            f"every parameter of {type(model).__name__} is on the meta device, so it has no weights to run: it is "
+            "an nnsight model that was never dispatched (e.g. one meant for nnsight's remote=True backend) or a model "
+            "built under init_empty_weights. interp runs models locally through torch hooks, which a remote backend "
+            "does not execute: load the weights here (nnsight: model.dispatch(), then interp.attach(model) again; "
+            "accelerate: load_checkpoint_and_dispatch / from_pretrained(device_map=...)), or run the experiment "
+            "with nnsight's own trace(remote=True) API (lm.site(name).module gives the module path of each interp site)")
     for t in model.buffers():
         if t.device.type != "meta":
             return t.device
     return torch.device("cpu")
+
+
+class MetaWeightsError(InterpError, RuntimeError):
+    """A model whose weights are not loaded (meta tensors) was asked to run."""
 
 
 def _hooks(module: nn.Module) -> list:
@@ -97,4 +111,4 @@ def block_map(lm, parts: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["input_device", "execution_device", "placement", "block_map"]
+__all__ = ["MetaWeightsError", "input_device", "execution_device", "placement", "block_map"]

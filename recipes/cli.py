@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 
@@ -28,11 +29,49 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from interp.errors import InterpError
 
+    with _ranks(args):
+        try:
+            return int(args.func(args) or 0)
+        except InterpError as e:
+            print(f"interp {args.command}: error: {e}", file=sys.stderr)
+            return 2
+
+
+@contextlib.contextmanager
+def _ranks(args):
+    """Under torchrun: one process group for the whole command (run_grid splits its rows over it);
+    only rank 0 prints to stdout and writes into --out (the other ranks write into a temporary folder
+    that is removed)."""
+    import os
+
+    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        yield
+        return
+    import io
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    from interp import distributed
+
+    owned = not (dist.is_available() and dist.is_initialized())
+    rank, _ = distributed.init()
+    scratch = None
     try:
-        return int(args.func(args) or 0)
-    except InterpError as e:
-        print(f"interp {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if rank == 0:
+            yield
+        else:
+            if getattr(args, "out", None) is not None:
+                scratch = tempfile.mkdtemp(prefix=f"interp-rank{rank}-")
+                args.out = scratch
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,12 @@
 """Worker launched by tests/scale/test_distributed.py under torchrun (2 CPU processes, gloo).
 
-    python -m torch.distributed.run --nproc-per-node 2 tests/scale/dist_worker.py MODEL_DIR OUT_DIR MODE
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/scale/dist_worker.py MODEL OUT CLI_MODEL
 
-MODE "main": every scenario, gathered values written by each rank (rank-0 and rank-1 copies), then a
-resumable sweep whose metric raises on rank 1 after two chunks (the launch fails on purpose).
-MODE "resume": the same resumable sweep again, which must load the chunks saved before the crash.
-The scenarios are also imported by the test to compute the one-process reference.
+Runs every scenario (gathered values written by each rank), then `interp demo` through recipes.cli.main
+(the code behind `torchrun -m recipes demo`) on CLI_MODEL, then a resumable sweep whose metric raises on
+rank 1 after two chunks: the launch fails on purpose, and the test resumes the sweep in one process.
+The scenarios are imported by the test (as module `dist_worker`, the name they have here too, so that
+functions hash the same in the sweep fingerprint) to compute the one-process references.
 """
 from __future__ import annotations
 
@@ -109,38 +110,48 @@ def resumable(lm, resume_dir: str):
                        resume_dir=resume_dir)
 
 
-def main(folder: str, out: str, mode: str) -> None:
+def main(folder: str, out: str, cli_model: str) -> None:
+    import contextlib
+    import io
+
     import interp.distributed as D
+    from recipes.cli import main as cli
     from safetensors.torch import save_file
 
     rank, world = D.init()
     assert world == 2 and D.active(), (rank, world)
     lm = load(folder)
     out = Path(out)
-    if mode == "main":
-        tensors, info = {}, {}
-        for name, fn in scenarios(lm).items():
-            tensors[name] = fn().contiguous()
-        g = lm.run_grid(prompts()[1], mixed_rows(lm), last_logits, progress=False, broadcast=False)
-        tensors["no_broadcast"] = g.values.contiguous()
-        info["stats"] = {k: v for k, v in g.stats.items() if k != "distributed"}
-        info["distributed"] = g.stats["distributed"]
-        try:  # each rank asks for a different grid: every rank must refuse
-            lm.run_grid(prompts()[1], mixed_rows(lm)[rank:], last_logits, progress=False)
-            info["mismatch"] = None
-        except D.DistributedError as e:
-            info["mismatch"] = str(e)
-        save_file(tensors, str(out / f"rank{rank}.safetensors"))
-        (out / f"rank{rank}.json").write_text(json.dumps(info))
-        D._dist().barrier()
-        global CRASH_AFTER
-        CRASH_AFTER = 2 if rank == 1 else None
-        resumable(lm, str(out / "resume"))
-    else:
-        g = resumable(lm, str(out / "resume"))
-        save_file({"values": g.values.contiguous()}, str(out / f"resume{rank}.safetensors"))
-        (out / f"resume{rank}.json").write_text(json.dumps(g.stats["distributed"] | {"resumed_rows": g.stats["resumed_rows"]}))
+    tensors, info = {}, {}
+    for name, fn in scenarios(lm).items():
+        tensors[name] = fn().contiguous()
+    g = lm.run_grid(prompts()[1], mixed_rows(lm), last_logits, progress=False, broadcast=False)
+    tensors["no_broadcast"] = g.values.contiguous()
+    info["stats"] = {k: v for k, v in g.stats.items() if k != "distributed"}
+    info["distributed"] = g.stats["distributed"]
+    try:  # each rank asks for a different grid: every rank must refuse
+        lm.run_grid(prompts()[1], mixed_rows(lm)[rank:], last_logits, progress=False)
+        info["mismatch"] = None
+    except D.DistributedError as e:
+        info["mismatch"] = str(e)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        info["cli_rc"] = cli(["demo", *CLI_ARGS, "--model", cli_model, "--out", str(out / "cli")])
+    info["cli_stdout"] = printed.getvalue()
+    save_file(tensors, str(out / f"rank{rank}.safetensors"))
+    (out / f"rank{rank}.json").write_text(json.dumps(info))
+    D._dist().barrier()
+    global CRASH_AFTER
+    CRASH_AFTER = 2 if rank == 1 else None
+    resumable(lm, str(out / "resume"))
+
+
+CLI_ARGS = ["--clean", "The cat sat on the mat", "--corrupted", "The dog sat on the mat",
+            "--target", " mat", "--foil", " cat"]
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    sys.path.insert(0, str(Path(__file__).parent))
+    import dist_worker  # the functions must live in module `dist_worker`, as in the test, not `__main__`
+
+    dist_worker.main(*sys.argv[1:4])

@@ -34,17 +34,20 @@ def ref(model_dir):
 
 
 def rows_for(lm):
-    """Every op kind: patches, per-head patches, relative adds, noise, zero/mean ablation, LEACE-style projections."""
+    """Every op kind, on both sides of the part boundary (blocks 0-1 | 2-3): patches (also per head and
+    over a window of layers), relative adds, noise, zero / mean ablation, LEACE-style projections."""
     clean, _ = W.prompts()
     cache = lm.run(clean, capture="blocks.*.resid_post").cache
     g = torch.Generator().manual_seed(0)
     L, R = torch.randn(64, 2, generator=g) * 0.1, torch.randn(2, 64, generator=g) * 0.1
     mu = torch.randn(64, generator=g)
-    rows = W.mixed_rows(lm)
-    for l in range(4):
+    rows = [r for i, r in enumerate(W.mixed_rows(lm)) if (i // 9) in (1, 3) and i % 9 in (1, 3, 4, 5, 6, 7, 8)]
+    for l in (1, 2):
         rows.append([Project(f"blocks.{l}.resid_post", {"L": L, "R": R, "mu": mu}, where=at(pos=[1, 6]))])
         rows.append([Ablate(f"blocks.{l}.resid_post", "mean", values=cache[f"blocks.{l}.resid_post"].mean((0, 1)),
                             where=at(pos=4))])
+    kinds = {type(op).__name__ for row in rows for op in row}
+    assert kinds == {"Patch", "Add", "Noise", "Ablate", "Project"} and len(rows) == 18
     return rows
 
 
@@ -59,10 +62,17 @@ def patching(lm):
     from interventions.patching import patch_sweep
 
     clean, corrupted = W.prompts()
-    return patch_sweep(lm, clean, corrupted, "resid_pre", metric=logit_diff(5, 9), progress=False).values
+    return patch_sweep(lm, clean, corrupted, "resid_pre", metric=logit_diff(5, 9), layers=[1, 3],
+                       progress=False).values
 
 
-def test_two_device_map_parts_equal_the_unsplit_model(model_dir, ref):
+@pytest.fixture(scope="module")
+def want(ref):
+    """The unsplit model's sweep values and patching map."""
+    return sweep(ref), patching(ref)
+
+
+def test_two_device_map_parts_equal_the_unsplit_model(model_dir, ref, want):
     model = LlamaForCausalLM.from_pretrained(model_dir).eval()
     dmap = block_map(model, ["cpu", "cpu"])
     assert dmap["model.layers.0"] == dmap["model.layers.1"] and dmap["lm_head"] == "cpu"
@@ -70,14 +80,14 @@ def test_two_device_map_parts_equal_the_unsplit_model(model_dir, ref):
     assert hasattr(model.model.layers[3], "_hf_hook")
     lm = interp.attach(model)
     assert lm.site_names() == ref.site_names()
-    assert torch.equal(sweep(lm), sweep(ref))
-    assert torch.equal(patching(lm), patching(ref))
+    assert torch.equal(sweep(lm), want[0])
+    assert torch.equal(patching(lm), want[1])
     got = lm.run(W.prompts()[0], capture="blocks.2.attn.z")
     assert torch.equal(got.cache["blocks.2.attn.z"], ref.run(W.prompts()[0], capture="blocks.2.attn.z").cache["blocks.2.attn.z"])
     assert interp.hook_count(model) == 0
 
 
-def test_disk_offload_equals_the_unsplit_model(model_dir, ref, tmp_path):
+def test_disk_offload_equals_the_unsplit_model(model_dir, want, tmp_path):
     """Blocks 0-1 and the embeddings live on disk (meta tensors in memory, loaded per call), blocks 2-3 on CPU."""
     dmap = block_map(LlamaForCausalLM.from_pretrained(model_dir), ["disk", "cpu"])
     dmap["model.embed_tokens"] = "disk"
@@ -89,8 +99,8 @@ def test_disk_offload_equals_the_unsplit_model(model_dir, ref, tmp_path):
     assert input_device(model) == torch.device("cpu")  # not the meta device of the first parameter
     where = placement(lm)
     assert where["model.layers.0"] == "cpu (offloaded)" and where["model.layers.3"] == "cpu"
-    assert torch.equal(sweep(lm), sweep(ref))
-    assert torch.equal(patching(lm), patching(ref))
+    assert torch.equal(sweep(lm), want[0])
+    assert torch.equal(patching(lm), want[1])
     assert interp.hook_count(model) == 0
 
 
