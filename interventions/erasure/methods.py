@@ -105,7 +105,8 @@ def solve_linear(linear: nn.Linear, keys: torch.Tensor, outputs: torch.Tensor, p
 
 def _encode_sd(pipe, prompts: Sequence[str]) -> torch.Tensor:
     with torch.no_grad():
-        return pipe.encode_prompt(list(prompts), _device(pipe), 1, False)[0]
+        return pipe.encode_prompt(prompt=list(prompts), device=_device(pipe), num_images_per_prompt=1,
+                                  do_classifier_free_guidance=False)[0]
 
 
 def unet_cross_inputs(pipe, prompts: Sequence[str], layers: Sequence[str], targets: Sequence[str] = ("to_k", "to_v")
