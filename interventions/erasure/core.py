@@ -40,7 +40,7 @@ class Concept:
         if not sources:
             raise ValueError(f"none of the {len(prompts)} prompts contains the concept {word!r}; "
                              f"first prompts: {list(prompts)[:3]}")
-        guides = tuple(tuple(pat.sub(g, p) for g in guide_words) for p in sources)
+        guides = tuple(tuple(pat.sub(lambda _m, g=g: g, p) for g in guide_words) for p in sources)
         keep = tuple(preserve) if preserve else tuple(p for p in prompts if not pat.search(p))
         return cls(word, sources, guides, keep, tuple(guide_words))
 
