@@ -63,7 +63,7 @@ def register(sub) -> None:
     p.add_argument("--reduce", help="positions / spatial axes: last, mean, keep, a position (0) or a slice (1:)")
     p.add_argument("--norm", choices=("relative", "none"), help="norm-relative alpha or an absolute multiple")
     p.add_argument("--znorm", action="store_true", help="z-normalise each example before the difference")
-    p.add_argument("--alphas", help="comma-separated alphas (norm-relative), e.g. -0.2,0,0.2")
+    p.add_argument("--alphas", help="comma-separated alphas, e.g. --alphas=-0.2,0,0.2 (with '=' when the first is negative)")
     p.add_argument("--steps", help="step window START,STOP for diffusion / rollout injection")
     p.add_argument("--positive", help="LM: text file, one positive prompt per line")
     p.add_argument("--negative", help="LM: text file, one negative prompt per line")
@@ -120,7 +120,7 @@ def run(args) -> int:
     torch.set_grad_enabled(False)
     cfg = config(args)
     t0 = time.perf_counter()
-    model = load(cfg.model)
+    model = _load_physics(cfg.model) if cfg.kind == "physics" else load(cfg.model)
     fn = {"lm": run_lm, "physics": run_physics, "diffusion": run_diffusion}[cfg.kind]
     report = fn(model, cfg, Path(args.out))
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -136,6 +136,14 @@ def run(args) -> int:
             print(f"  {k}: {report[k]}")
     print(f"report: {path}\nplot:   {report['plot']}   ({report['seconds']} s)")
     return 0
+
+
+def _load_physics(spec: str):
+    """The physics zoo model, or a folder written by PhysicsSurrogate.save_pretrained (e.g. a fresh training run)."""
+    from interp.zoo.catalog import load_trained
+
+    folder = Path(spec)
+    return load_trained("physics", path=folder) if (folder / "config.json").exists() else load_trained(spec)
 
 
 def _finish(res, vecs, cfg: Preset, out: Path, title: str, quantity: str | None = None) -> dict:

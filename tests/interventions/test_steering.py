@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import interp
 from interp.errors import InterpError, SiteShapeError
 from interventions import steering as S
+
+torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 
 D = 32
 
@@ -205,3 +205,18 @@ def test_collect_from_prompts_of_different_lengths_is_exact():
     assert sv.data_hash != S.extract(lm, ["abc", "abd"], ["xyz", "xyv"], site).data_hash
     with pytest.raises(interp.UnknownSiteError, match="Did you mean"):
         S.collect(lm, prompts, "blocks.1.resid_pots")
+
+
+def test_steer_command_line_parses_presets_and_reductions():
+    from recipes.cli import build_parser
+    from recipes.steer import config
+
+    args = build_parser().parse_args(["steer", "--preset", "physics-kappa", "--reduce", "1:", "--alphas=-1,0,2",
+                                      "--steps", "3,9", "--norm", "relative"])
+    cfg = config(args)
+    assert (cfg.kind, cfg.reduce, cfg.alphas) == ("physics", slice(1, None), [-1.0, 0.0, 2.0])
+    assert cfg.extra["window"] == (3, 9) and cfg.extra["norm"] == "relative"
+    assert config(build_parser().parse_args(["steer", "--reduce", "0"])).reduce == 0
+    assert config(build_parser().parse_args(["steer"])).extra["targets"][0] == " great"
+    with pytest.raises(ValueError, match="--reduce"):
+        config(build_parser().parse_args(["steer", "--reduce", "middle"]))
