@@ -148,7 +148,10 @@ def run(args) -> dict:
     if args.report is not None:
         out = Path(args.report)
         path = R.write_report(report, out)
-        print(f"report: {path}")
+        res = R.to_result(report)
+        res.save(out / "erasure_result")
+        res.plot(out / "erasure_table.png", title=f"erasing {args.concept!r}", cmap="viridis", center=False)
+        print(f"report: {path} (+ erasure_result.json/.safetensors, erasure_table.png)")
         if evaluate:
             labels = [prompts[c // args.n_per_prompt].replace(", ", "\n") for c in cols]
             png = R.grid(rows, out / "erasure_grid.png", labels, f"erasing {args.concept!r}: original and each method (same seeds)")

@@ -203,3 +203,26 @@ def value_probe_report(original, edited_by_method: dict, word: str, seed: int = 
     vp = ValueProbe(original, word, seed)
     return {"probe_held_out_accuracy_original": vp.held_out_accuracy, "original": vp.original,
             "methods": {m: vp.score(p) for m, p in edited_by_method.items()}}
+
+
+def to_result(report: dict):
+    """The report's numbers as an interp.Result with axes (model, metric): 'original' and each method; metrics
+    are the image-level concept rate / other values' accuracy / every attribute's accuracy and the value
+    probe's concept rate / other values' accuracy (NaN where not measured)."""
+    from interp import Result
+
+    rows = ["original", *report["methods"]]
+    metrics = ["image_concept_rate", "image_other_values_accuracy", "image_shape_accuracy", "image_colour_accuracy",
+               "probe_concept_rate", "probe_other_values_accuracy"]
+    nan = float("nan")
+
+    def row(img: dict | None, vp: dict | None) -> list[float]:
+        img, vp = img or {}, vp or {}
+        acc = img.get("accuracy_all", {})
+        return [img.get("concept_rate", nan), img.get("other_values_accuracy", nan), acc.get("shape", nan),
+                acc.get("colour", nan), vp.get("concept_rate", nan), vp.get("other_values_accuracy", nan)]
+
+    vals = [row(report.get("original"), report.get("value_probe", {}).get("original"))]
+    vals += [row(e.get("after"), e.get("value_probe")) for e in report["methods"].values()]
+    return Result(torch.tensor(vals, dtype=torch.float64), ("model", "metric"), {"model": rows, "metric": metrics},
+                  {"concept": report["concept"]["concept"], "metric": "rate / accuracy"})

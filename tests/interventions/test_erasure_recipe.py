@@ -36,6 +36,11 @@ def test_erase_cli_writes_checkpoints_and_report(source, tmp_path, capsys):
     assert set(rep["methods"]) == {"uce", "leace"} and "original" in rep
     assert {"concept_rate_before", "relative_drop", "efficacy_ok", "specificity_ok"} <= set(rep["methods"]["uce"]["comparison"])
     assert (tmp_path / "rep" / "erasure_grid.png").stat().st_size > 1000
+    from interp import Result
+
+    res = Result.load(tmp_path / "rep" / "erasure_result")
+    assert res.axes == ("model", "metric") and res.coord("model") == ["original", "uce", "leace"]
+    assert float(res.sel(model="original", metric="probe_concept_rate").values) == rep["value_probe"]["original"]["concept_rate"]
     assert _snapshot(source) == before
     assert "uce: red rate" in capsys.readouterr().out
 
