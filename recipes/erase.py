@@ -2,7 +2,7 @@
 
     interp erase shapes-diffusion --concept red --method uce --out erased/uce
     interp erase shapes-diffusion --concept red --method all --report interp-out/erase-red   # every method, report only
-    interp erase ./my-sd-folder --concept "van gogh" --guide painter --prompts prompts.txt --method quickfix --out out/
+    interp erase ./my-sd-folder --concept "van gogh" --guide "a painter" --prompts prompts.txt --method quickfix --out out/
 
 Methods: uce, time, locoedit (window chosen by an edit sweep unless --layers), quickfix (Diff-QuickFix), leace,
 hirm (UNet pipelines); context (SD3 / Flux). On the shapes zoo models the prompts are every caption and the
@@ -75,6 +75,9 @@ def run(args) -> dict:
     concept, is_shapes = _concept(args, pipe)
     kind = TRANSFORMER_METHODS if hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None else UNET_METHODS
     methods = list(kind) if args.method == ["all"] else args.method
+    unknown = [m for m in methods if m not in UNET_METHODS + TRANSFORMER_METHODS]
+    if unknown:
+        raise SystemExit(f"interp erase: unknown method(s) {unknown}; choose from {list(UNET_METHODS + TRANSFORMER_METHODS)} or all")
     if args.in_place and len(methods) != 1:
         raise SystemExit("interp erase: --in-place writes one checkpoint: pass exactly one --method")
     if args.in_place and source is None:
@@ -119,7 +122,10 @@ def run(args) -> dict:
                 report.setdefault("locoedit_trace", trace)
             else:
                 raise SystemExit("interp erase: locoedit needs --layers on models without scorers")
-        edit = erase(pipe, concept, method, **kw)
+        try:
+            edit = erase(pipe, concept, method, **kw)
+        except (ValueError, KeyError, IndexError) as e:
+            raise SystemExit(f"interp erase: {method}: {e}") from e
         edited = edit.applied(pipe)
         entry = {"edit": edit.manifest(), "fit_s": round(time.time() - t0, 2)}
         if args.out:

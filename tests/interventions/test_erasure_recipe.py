@@ -51,3 +51,7 @@ def test_erase_cli_refusals(source, tmp_path):
     with pytest.raises(SystemExit, match="--prompts and --guide"):
         main(["erase", str(source), "--concept", "van gogh", "--method", "uce"])
     assert main(["erase", str(source), "--concept", "red", "--method", "uce", "--out", str(source)]) == 2  # never the source
+    with pytest.raises(SystemExit, match="unknown method"):
+        main(["erase", str(source), "--concept", "red", "--method", "esd"])
+    with pytest.raises(SystemExit, match="same number of tokens"):
+        main(["erase", str(source), "--concept", "red", "--guide", "reddish-orange", "--method", "uce"])
