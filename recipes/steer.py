@@ -5,6 +5,7 @@ norm-matched control):
   sentiment        SmolLM2: positive - negative sentences; p(positive words) after neutral prompts
   physics-kappa    physics surrogate: high - low kappa regimes; kappa fitted from a steered rollout
   shapes-red-blue  shapes-diffusion: red - blue captions at the UNet mid-block; hue and shape accuracy
+  shapes-flow-red-blue  the same on shapes-flow (SD3 transformer), at the image tokens of block 1
 """
 from __future__ import annotations
 
@@ -50,6 +51,10 @@ PRESETS = {
                               [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 20,
                                "guidance": 4.0, "seeds": 2}),
+    "shapes-flow-red-blue": Preset("diffusion", "shapes-flow", "transformer.blocks.1.img", "caa", "mean",
+                                   [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
+                                   {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 20,
+                                    "guidance": 4.0, "seeds": 2}),
 }
 
 
@@ -264,7 +269,7 @@ def diffusion_activations(pl, site: str, prompts: list[str], x: dict, seed: int)
 
     from interp.diffusion import Sampling, record
 
-    spec = Sampling(prompts, seed=seed, steps=x["n_steps"], guidance=x["guidance"])
+    spec = Sampling(prompts, seed=seed, steps=x["n_steps"], guidance=x["guidance"], options=dict(x.get("options", {})))
     rec = record(pl, spec, [site])
     return torch.stack([rec.get(site, st, "cond").float() for st in rec.steps(site)]).mean(0)
 
@@ -285,16 +290,19 @@ def run_diffusion(pipe, cfg: Preset, out: Path) -> dict:
     neg_p, _ = shapes_prompts(x["negative"], x["seeds"])
     p = diffusion_activations(pl, cfg.site, pos_p, x, 1000)  # the same seeds for both: paired examples
     n = diffusion_activations(pl, cfg.site, neg_p, x, 1000)
-    grid = p.dim() >= 4
-    if cfg.reduce != "keep" and grid:
-        p, n = p.flatten(2).mean(-1), n.flatten(2).mean(-1)
-    spatial = ("keep" if cfg.reduce == "keep" else "average") if grid else None
+    spatial = None
+    if cfg.reduce == "keep":  # the whole map / token grid, norms per image
+        spatial = "keep"
+    elif p.dim() >= 4:  # UNet feature maps [n, C, H, W]: a channel vector added at every location
+        p, n, spatial = p.flatten(2).mean(-1), n.flatten(2).mean(-1), "average"
+    elif p.dim() == 3:  # DiT image tokens [n, T, D]: a token vector added at every token
+        p, n = p.mean(1), n.mean(1)
     sv = S.from_activations(p, n, cfg.site, method=cfg.method, znorm=x["znorm"], spatial=spatial, model=cfg.model,
                             meta={"positive": x["positive"], "negative": x["negative"], "steps": x["n_steps"]},
                             hash_of=(pos_p, neg_p, x["n_steps"], x["guidance"]))
     vecs = S.controls(sv, p, n, seed=x["seed"])
     base_p, shapes = shapes_prompts(x["base"], x["seeds"])
-    spec = Sampling(base_p, seed=0, steps=x["n_steps"], guidance=x["guidance"])
+    spec = Sampling(base_p, seed=0, steps=x["n_steps"], guidance=x["guidance"], options=dict(x.get("options", {})))
     names = list(vecs)
     rows = [[vecs[k].op(a, norm=x.get("norm", "relative"), steps=x["window"])] for k in names for a in cfg.alphas]
     g = sample_grid(pl, spec, rows, lambda o: o.images, desc="steer diffusion")  # [rows, n, 3, H, W]

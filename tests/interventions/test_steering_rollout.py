@@ -83,22 +83,35 @@ def test_trained_physics_kappa_follows_the_steering_vector(tmp_path):
     assert abs(m["random"]["change"]) < abs(m["steer"]["change"])
 
 
-def test_recipe_diffusion_path_on_a_tiny_pipeline(tmp_path):
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_recipe_diffusion_path_on_a_tiny_pipeline(tmp_path, family):
     """Extraction through interp.diffusion.record, the sweep through sample_grid (one sampling loop
-    for every (vector, alpha) row), alpha = 0 bitwise against a plain sampling run."""
+    for every (vector, alpha) row), alpha = 0 bitwise against a plain sampling run; UNet feature
+    maps get a channel vector (spatial="average"), SD3 image tokens a token vector."""
     import os
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "interp"))
-    from test_diffusion_helpers import tiny_sd
+    from test_diffusion_helpers import SD3_OPTIONS, tiny_sd, tiny_sd3
 
-    pipe = tiny_sd()
-    cfg = R.Preset("diffusion", "tiny-sd", "unet.mid", "caa", "mean", [0.0, 0.5],
+    pipe = tiny_sd() if family == "sd" else tiny_sd3()
+    site = "unet.mid" if family == "sd" else "transformer.blocks.0.img"
+    cfg = R.Preset("diffusion", f"tiny-{family}", site, "caa", "mean", [0.0, 0.5],
                    {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 2, "guidance": 3.0,
-                    "seeds": 1, "znorm": False, "seed": 0, "window": (1, 2)})
+                    "seeds": 1, "znorm": False, "seed": 0, "window": (1, 2),
+                    "options": {} if family == "sd" else SD3_OPTIONS})
     rep = R.run_diffusion(pipe, cfg, tmp_path)
     assert rep["alpha0_bitwise_identical"] is True
     back = S.SteeringVector.load(rep["vector_file"])
-    assert back.spatial == "average" and back.vector.shape == (pipe.unet.config.block_out_channels[-1],)
+    if family == "sd":
+        assert back.spatial == "average" and back.vector.shape == (pipe.unet.config.block_out_channels[-1],)
+    else:
+        assert back.spatial is None and back.vector.shape == (pipe.transformer.inner_dim,)
+    from interp.diffusion import Sampling
+
+    pl = interp.attach(pipe)  # the saved vector, injected in the window only, changes the image
+    spec = Sampling("a magenta circle", seed=0, steps=2, guidance=3.0, options=cfg.extra["options"])
+    plain = pl.run(spec).output.images
+    assert (pl.run(spec, ops=[back.op(0.5, steps=(1, 2))]).output.images - plain).abs().max() > 1e-4
     assert set(rep["dose_response"]) == {"steer", "random", "norm_matched"}
     assert Path(rep["samples"]).stat().st_size > 2000 and Path(rep["plot"]).stat().st_size > 5000
