@@ -43,7 +43,7 @@ PRESETS = {
                         [-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3]),
     # the kappa signal enters the grid tokens through block 0's attention to the regime token;
     # norm=None: alpha = 1 adds the full mean (high - low) difference of the grid tokens
-    "physics-kappa": Preset("physics", "physics", "module:blocks.0.attn", "caa", slice(1, None),
+    "physics-kappa": Preset("physics", "physics", "blocks.0.attn.out", "caa", slice(1, None),
                             [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
                             {"high": 0.008, "low": 0.001, "kappa": 0.003, "rollout_steps": 25, "n": 64,
                              "norm": None}),

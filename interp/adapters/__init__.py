@@ -40,6 +40,9 @@ def _builtin() -> None:
     register("unet", is_unet, UNetAdapter, first=False)
     register("dit", is_dit, DiTAdapter, first=False)
     register("text_encoder", is_text_encoder, TextEncoderAdapter, first=False)
+    from .physics import PhysicsAdapter, is_physics
+
+    register("physics", is_physics, PhysicsAdapter, first=False)
     register("generic", lambda m: isinstance(m, nn.Module), GenericAdapter, first=False)
 
 

@@ -51,9 +51,31 @@ def test_steering_in_a_rollout_is_exact_and_windowed(tiny):
     torch.testing.assert_close(win, torch.cat(ref), atol=1e-6, rtol=1e-6)
 
 
+def test_physics_adapter_names_the_residual_stream(tiny):
+    """attach() gives the surrogate canonical sites (interp/adapters/physics.py); they are the
+    tensors a hand-written forward computes, and raw module paths still resolve."""
+    model, lm = tiny
+    assert lm.family == "physics" and lm.n_layers == 2
+    u = torch.tensor(P.random_initial(__import__("numpy").random.default_rng(0), 3), dtype=torch.float32)
+    out = lm.run((u, 0.003, 0.25), capture=["blocks.*.resid_pre", "blocks.*.resid_post", "blocks.0.attn.out",
+                                             "blocks.0.resid_mid", "blocks.0.mlp.out", "module:blocks.1"])
+    c = out.cache
+    b0 = model.blocks[0]
+    x0 = c["blocks.0.resid_pre"]
+    assert x0.shape == (3, 65, 16)
+    torch.testing.assert_close(c["blocks.0.attn.out"], b0.attn(b0.ln1(x0)))
+    torch.testing.assert_close(c["blocks.0.resid_mid"], x0 + c["blocks.0.attn.out"])
+    torch.testing.assert_close(c["blocks.0.resid_post"], c["blocks.0.resid_mid"] + c["blocks.0.mlp.out"])
+    assert torch.equal(c["blocks.0.resid_post"], c["blocks.1.resid_pre"])
+    assert torch.equal(c["module:blocks.1"], c["blocks.1.resid_post"])
+    assert torch.equal(out.logits, model(u, 0.003, 0.25))
+    with pytest.raises(TypeError, match="kappa, velocity"):
+        lm.run(u)
+
+
 def test_recipe_physics_path_writes_report(tiny, tmp_path):
     model, _ = tiny
-    cfg = R.Preset("physics", "tiny", "module:blocks.1", "caa", "mean", [-0.2, 0.0, 0.2],
+    cfg = R.Preset("physics", "tiny", "blocks.0.attn.out", "caa", slice(1, None), [-0.2, 0.0, 0.2],
                    {"high": 0.008, "low": 0.001, "kappa": 0.003, "rollout_steps": 6, "n": 16, "znorm": False,
                     "seed": 0, "window": None})
     rep = R.run_physics(model, cfg, tmp_path)
@@ -62,7 +84,7 @@ def test_recipe_physics_path_writes_report(tiny, tmp_path):
     assert all(len(v) == 3 for v in rep["dose_response"].values())
     assert Path(rep["plot"]).stat().st_size > 5000
     back = S.SteeringVector.load(rep["vector_file"])
-    assert back.site == "module:blocks.1" and back.method == "caa" and back.model == "tiny"
+    assert back.site == "blocks.0.attn.out" and back.method == "caa" and back.model == "tiny"
 
 
 WEIGHTS = Path(P.__file__).parent / "weights" / "physics" / "metrics.json"
