@@ -204,6 +204,57 @@ def verify_files(folder: str | os.PathLike) -> list[str]:
     return [rel for rel, h in man["files"].items() if not (folder / rel).exists() or file_hash(folder / rel) != h]
 
 
+_PLAIN_SCRIPT = r"""
+import json, sys
+import numpy as np, torch
+torch.set_num_threads(1)
+import diffusers
+a = json.loads(sys.argv[1])
+kw = {"safety_checker": None, "requires_safety_checker": False} if a["cls"] == "StableDiffusionPipeline" else {}
+pipe = getattr(diffusers, a["cls"]).from_pretrained(a["folder"], local_files_only=True, **kw)
+pipe.set_progress_bar_config(disable=True)
+imgs = pipe(a["prompts"], num_inference_steps=a["steps"], generator=torch.Generator().manual_seed(a["seed"]),
+            output_type="np").images
+bad = [m for m in sys.modules if m == "interp" or m.startswith(("interp.", "interventions", "recipes"))]
+if bad:
+    raise SystemExit(f"interp modules were imported: {bad}")
+np.save(a["out"], imgs)
+"""
+
+
+def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[str], seed: int = 0, steps: int = 10,
+                          timeout: int = 600) -> dict:
+    """Load `folder` in a fresh Python process with plain diffusers (no interp import), generate `prompts`, and
+    compare with `pipe` (the edited pipeline in memory) on the same seed: returns the images' max difference."""
+    import subprocess
+    import sys
+    import tempfile
+
+    import numpy as np
+
+    cls = type(pipe).__name__
+    import diffusers
+
+    if getattr(diffusers, cls, None) is not type(pipe):
+        return {"checked": False, "why": f"{cls} is not a diffusers class, so plain diffusers cannot load it as such"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "imgs.npy"
+        args = {"cls": cls, "folder": str(folder), "prompts": list(prompts), "seed": seed, "steps": steps, "out": str(out)}
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+        r = subprocess.run([sys.executable, "-c", _PLAIN_SCRIPT, json.dumps(args)], cwd=tmp, env=env,
+                           capture_output=True, text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise CheckpointWriteError(f"plain diffusers could not load or run {folder}: {r.stderr[-1500:]}")
+        plain = np.load(out)
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        ours = pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+                    output_type="np").images
+    diff = float(np.abs(plain - ours).max())
+    return {"checked": True, "class": cls, "n_images": len(prompts), "steps": steps, "max_abs_diff": diff,
+            "reproduces": diff < 1e-3}
+
+
 def _jsonable(x):
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -216,4 +267,4 @@ def _jsonable(x):
     return str(x)
 
 
-__all__ = ["write_checkpoint", "read_manifest", "verify_files", "folder_hash", "CheckpointWriteError", "MANIFEST", "reload"]
+__all__ = ["write_checkpoint", "plain_diffusers_check", "read_manifest", "verify_files", "folder_hash", "CheckpointWriteError", "MANIFEST", "reload"]

@@ -134,6 +134,12 @@ def run(args) -> dict:
                                        in_place=args.in_place, overwrite=args.overwrite)
             entry["checkpoint"] = str(written)
             print(f"{method}: wrote {written}")
+            if args.check_plain:
+                from interventions.checkpoint import plain_diffusers_check
+
+                chk = plain_diffusers_check(edited, written, list(concept.sources[:4]), args.seed, args.steps or 10)
+                entry["plain_diffusers_check"] = chk
+                print(f"{method}: plain diffusers load: {chk}")
         if probe is not None:
             entry["value_probe"] = vp = probe.score(edited)
             print(f"{method}: value probe {args.concept} rate {probe.original['concept_rate']:.3f} -> {vp['concept_rate']:.3f}, "
@@ -179,6 +185,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preserve-time", action="store_true", help="time: also use the preservation list")
     p.add_argument("--hirm-steps", type=int, default=200)
     p.add_argument("--out", default=None, help="checkpoint folder (a sub-folder per method when several)")
+    p.add_argument("--check-plain", action="store_true",
+                   help="after writing, load each checkpoint with plain diffusers in a fresh process and compare images")
     p.add_argument("--in-place", action="store_true", help="replace the source checkpoint (a backup is kept)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (never the source)")
     p.add_argument("--report", default=None, help="folder for erasure_report.json and erasure_grid.png")

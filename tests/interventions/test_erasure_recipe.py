@@ -45,6 +45,14 @@ def test_erase_cli_writes_checkpoints_and_report(source, tmp_path, capsys):
     assert "uce: red rate" in capsys.readouterr().out
 
 
+def test_erase_cli_checks_the_checkpoint_with_plain_diffusers(source, tmp_path):
+    rc = main(["erase", str(source), "--concept", "red", "--method", "quickfix", "--out", str(tmp_path / "qf"),
+               "--check-plain", "--steps", "2", "--report", str(tmp_path / "rep"), "--eval-prompts", "0", "--no-probe"])
+    assert rc == 0
+    chk = json.loads((tmp_path / "rep" / "erasure_report.json").read_text())["methods"]["quickfix"]["plain_diffusers_check"]
+    assert chk["checked"] and chk["reproduces"] and chk["max_abs_diff"] < 1e-4
+
+
 def test_erase_cli_refusals(source, tmp_path):
     with pytest.raises(SystemExit, match="exactly one --method"):
         main(["erase", str(source), "--concept", "red", "--method", "uce", "time", "--in-place"])
