@@ -1,0 +1,103 @@
+"""`interp trace` end to end on a tiny local Hugging Face folder: heatmaps, JSON and CSV on disk; hub
+names fail offline with a clear message; diffusers pipelines go to recipes.trace_diffusion."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pandas as pd
+import pytest
+import torch
+
+import interp
+from recipes import cli, trace as trace_recipe
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory, gpt2_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    m = GPT2LMHeadModel(GPT2Config(n_layer=3, n_embd=32, n_head=4, n_positions=32)).eval()
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    m.save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+def test_trace_writes_heatmaps_json_and_csv(folder, tmp_path, capsys):
+    out = tmp_path / "trace"
+    rc = cli.main(["trace", "--model", str(folder), "--prompt", "The Eiffel Tower is located in the city of",
+                   "--subject", "Eiffel Tower", "--target", " Paris", "--samples", "3", "--window", "2",
+                   "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "largest mlp" in printed and "p_clean" in printed
+    for kind in ("hidden", "mlp", "attn"):
+        assert (out / f"{kind}.png").read_bytes()[:4] == b"\x89PNG"
+        res = interp.Result.load(out / f"{kind}.json")
+        assert res.axes == ("layer", "pos") and res.shape == (3, 11)
+        assert res.coord("pos")[1] == "1: E*" and res.attrs["samples"] == 3
+    df = pd.read_csv(out / "effects.csv")
+    assert set(df["kind"]) == {"hidden", "mlp", "attn"} and len(df) == 3 * 3 * 11
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["target"] == " Paris" and set(summary["peaks"]) == {"hidden", "mlp", "attn"}
+    mlp = interp.Result.load(out / "mlp.json")
+    peak = summary["peaks"]["mlp"]
+    assert peak["indirect_effect"] == pytest.approx(float(mlp.values.max()), abs=1e-6)
+
+
+def test_patching_mode_with_a_corrupted_prompt(folder, tmp_path):
+    out = tmp_path / "patch"
+    rc = cli.main(["trace", "--model", str(folder), "--prompt", "The capital of France is",
+                   "--corrupted", "The capital of Italy is", "--target", " Paris", "--foil", " Rome",
+                   "--kinds", "resid_pre,attn.z", "--layers", "0-1", "--out", str(out)])
+    assert rc == 0
+    res = interp.Result.load(out / "resid_pre.json")
+    assert res.coord("layer") == [0, 1] and res.attrs["direction"] == "denoise"
+    # position 3 (" France") is where the prompts differ: patching all of it at layer 0 restores the clean run
+    assert float(res.sel(layer=0).values[3]) == pytest.approx(1.0, abs=1e-4)
+    assert float(res.values[:, :3].abs().max()) == 0.0  # identical prefix: exact no-op cells
+    heads = interp.Result.load(out / "attn_z.json")
+    assert heads.axes == ("layer", "head") and heads.shape == (2, 4)
+    assert json.loads((out / "summary.json").read_text())["metric"] == "logit_diff"
+
+
+def test_hub_name_fails_offline_with_the_choices(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    rc = cli.main(["trace", "--model", "no-such-org/no-such-model", "--subject", "Eiffel Tower"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no-such-org/no-such-model" in err and "smollm2" in err and "offline" in err
+
+
+def test_bad_arguments(folder, tmp_path):
+    with pytest.raises(ValueError, match="--subject"):
+        cli.main(["trace", "--model", str(folder), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="layers .* do not exist"):
+        cli.main(["trace", "--model", str(folder), "--subject", "Eiffel Tower", "--layers", "2-5",
+                  "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="--kinds"):
+        cli.main(["trace", "--model", str(folder), "--subject", "Eiffel Tower", "--kinds", "mlp,neurons",
+                  "--out", str(tmp_path)])
+    assert trace_recipe.parse_layers("0-2,5", 6) == [0, 1, 2, 5]
+
+
+def test_pipelines_are_dispatched_to_the_diffusion_recipe(monkeypatch):
+    Fake = type("FakePipeline", (), {"__module__": "diffusers.pipelines.fake", "components": {}})
+    pipe = Fake()
+    seen = {}
+    mod = types.ModuleType("recipes.trace_diffusion")
+    mod.run = lambda args, p: seen.update(args=args, pipe=p) or 0
+    monkeypatch.setitem(sys.modules, "recipes.trace_diffusion", mod)
+    monkeypatch.setattr("recipes.models.load", lambda spec, device="cpu": pipe)
+    assert cli.main(["trace", "--model", "shapes-diffusion", "--prompt", "a red square"]) == 0
+    assert seen["pipe"] is pipe and seen["args"].prompt == "a red square"
