@@ -253,3 +253,15 @@ def test_context_edit_on_flux_transformer(concept):
     assert (k @ W1.T - want).norm() < 0.35 * (k @ W0.T - want).norm()
     c = emb(small.preserve).reshape(-1, 64)
     assert (c @ W1.T - c @ W0.T).norm() < 0.05 * (c @ W0.T).norm()
+
+
+def test_hirm_random_target_and_errors(pipe, concept):
+    from interventions.erasure import hirm
+
+    edit = hirm(pipe, concept, steps=40, target="random", seed=3)
+    f0, f1 = edit.info["forget_loss"]
+    assert f1 < 0.5 * f0 and edit.info["target"] == "random"
+    with pytest.raises(ValueError, match="'guide' or 'random'"):
+        hirm(pipe, concept, steps=1, target="super")
+    with pytest.raises(KeyError, match="no module"):
+        hirm(pipe, concept, steps=1, block="encoder.layers.9")
