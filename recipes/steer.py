@@ -125,7 +125,13 @@ def run(args) -> int:
     torch.set_grad_enabled(False)
     cfg = config(args)
     t0 = time.perf_counter()
-    model = _load_physics(cfg.model) if cfg.kind == "physics" else load(cfg.model)
+    zoo_name = PRESETS[args.preset].model
+    if cfg.kind in ("physics", "diffusion") and Path(cfg.model).is_dir():  # e.g. a fresh training run of a zoo model
+        from interp.zoo.catalog import load_trained
+
+        model = load_trained(zoo_name, path=cfg.model)
+    else:
+        model = load(cfg.model)
     fn = {"lm": run_lm, "physics": run_physics, "diffusion": run_diffusion}[cfg.kind]
     report = fn(model, cfg, Path(args.out))
     report["seconds"] = round(time.perf_counter() - t0, 1)
@@ -141,14 +147,6 @@ def run(args) -> int:
             print(f"  {k}: {report[k]}")
     print(f"report: {path}\nplot:   {report['plot']}   ({report['seconds']} s)")
     return 0
-
-
-def _load_physics(spec: str):
-    """The physics zoo model, or a folder written by PhysicsSurrogate.save_pretrained (e.g. a fresh training run)."""
-    from interp.zoo.catalog import load_trained
-
-    folder = Path(spec)
-    return load_trained("physics", path=folder) if (folder / "config.json").exists() else load_trained(spec)
 
 
 def _finish(res, vecs, cfg: Preset, out: Path, title: str, quantity: str | None = None) -> dict:
