@@ -146,7 +146,7 @@ def build_diffusion_pipeline(seed: int = 0, width: int = 16):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                          prediction_type="epsilon", clip_sample=False, set_alpha_to_one=True, steps_offset=1,
+                          prediction_type="sample", clip_sample=True, set_alpha_to_one=True, steps_offset=1,
                           timestep_spacing="leading")
     return StableDiffusionPipeline(vae=identity_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
@@ -370,6 +370,12 @@ def train_shapes_diffusion(args):
 
     ddpm = DDPMScheduler.from_config(pipe.scheduler.config)
     unet, te = pipe.unet, pipe.text_encoder
+    if args.init:
+        from interp.zoo.catalog import load_trained
+
+        src = load_trained("shapes-diffusion", path=args.init)
+        unet.load_state_dict(src.unet.state_dict())
+        te.load_state_dict(src.text_encoder.state_dict())
 
     def loss_fn(x0, caps):
         emb, _ = pipe.encode_prompt(caps, "cpu", 1, False)
@@ -377,7 +383,7 @@ def train_shapes_diffusion(args):
         t = torch.randint(0, ddpm.config.num_train_timesteps, (x0.shape[0],))
         xt = ddpm.add_noise(x0, noise, t)
         pred = unet(xt, t, encoder_hidden_states=emb).sample
-        return torch.nn.functional.mse_loss(pred, noise)
+        return torch.nn.functional.mse_loss(pred, x0)  # x0 ("sample") prediction
 
     return _image_common(args, pipe, {"unet": unet, "text_encoder": te}, loss_fn, "shapes-diffusion",
                          dict(steps=3000, smoke_steps=3, batch=32, pool=20000, lr=1e-3, ema=0.995))
@@ -479,6 +485,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps: seconds (for tests)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--init", default=None, help="initialise the weights from a saved pipeline folder")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)

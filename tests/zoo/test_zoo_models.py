@@ -58,9 +58,9 @@ def test_physics_loads_and_rolls_out():
     m = zoo.load("physics")
     assert isinstance(m, P.PhysicsSurrogate)
     u0 = torch.tensor(P.gaussian_blob(0.5, 0.04), dtype=torch.float32)
-    traj = m.rollout(u0, 5, kappa=0.004, velocity=0.25)
+    traj = m.rollout(u0, 5, kappa=0.004, velocity=0.1)
     assert traj.shape == (6, P.N_GRID) and torch.isfinite(traj).all()
-    exact = torch.tensor(P.exact_blob_rollout(5, 0.004, 0.25), dtype=torch.float32)
+    exact = torch.tensor(P.exact_blob_rollout(5, 0.004, 0.1), dtype=torch.float32)
     assert ((traj - exact).norm() / exact.norm()).item() < 0.1
     metrics = json.loads((catalog.weights_path("physics") / "metrics.json").read_text())
     assert "one_step_rel_l2" in metrics and "kappa_fit" in metrics
