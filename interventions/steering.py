@@ -77,10 +77,13 @@ class SteeringVector:
         """Context manager: the vector is added on every forward call of `lm`'s model inside the block.
 
         pos: None (all positions), "generated" (tokens after the prompt), ints / slices / Tokens.
-        steps: a (start, stop) window or list of step indices, counted by calls of `steps_from`.
+        steps: a (start, stop) window or list of step indices, counted by calls of `steps_from`
+        (default: the denoiser of an attached diffusers pipeline, else the model itself), so
+        `with sv.apply(attach(pipe), 0.5, steps=(2, 6)): pipe(...)` steers steps 2-5 of a plain
+        pipeline call (classifier-free guidance batched into one denoiser call per step).
         """
         if steps is not None and steps_from is None:
-            steps_from = ""
+            steps_from = getattr(lm.adapter, "denoiser", "")
         return lm.applied([self.op(alpha, norm=norm, pos=pos, steps=steps, items=items)], steps_from=steps_from,
                           check=check)
 

@@ -137,3 +137,34 @@ def test_recipe_diffusion_path_on_a_tiny_pipeline(tmp_path, family):
     assert (pl.run(spec, ops=[back.op(0.5, steps=(1, 2))]).output.images - plain).abs().max() > 1e-4
     assert set(rep["dose_response"]) == {"steer", "random", "norm_matched"}
     assert Path(rep["samples"]).stat().st_size > 2000 and Path(rep["plot"]).stat().st_size > 5000
+
+
+def test_apply_inside_a_plain_diffusers_pipeline_call_equals_the_engine_run():
+    """`with sv.apply(attach(pipe), ...): pipe(...)` (the user's own call) gives the images of
+    interp.diffusion's step-aware run with the same op; alpha = 0 is bitwise the plain call."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "interp"))
+    from test_diffusion_helpers import tiny_sd
+
+    from interp.diffusion import Sampling
+
+    pipe = tiny_sd()
+    pl = interp.attach(pipe)
+    sv = S.SteeringVector(torch.randn(16, generator=torch.Generator().manual_seed(0)), "unet.mid", spatial="average")
+    prompts = ["a red circle", "a blue square"]
+
+    def call():
+        return pipe(prompts, num_inference_steps=3, guidance_scale=3.0, output_type="pt",
+                    generator=[torch.Generator().manual_seed(s) for s in (5, 6)]).images
+
+    plain = call()
+    with sv.apply(pl, 0.0, steps=(1, 3)):
+        assert torch.equal(call(), plain)
+    with sv.apply(pl, 0.8, steps=(1, 3)) as sess:
+        mine = call()
+    assert sess.edits == [2] and sess.ctx.step == 2  # steps 1 and 2 of 0..2
+    ref = pl.run(Sampling(prompts, seed=[5, 6], steps=3, guidance=3.0), ops=[sv.op(0.8, steps=(1, 3))]).output.images
+    torch.testing.assert_close(mine, ref, atol=1e-6, rtol=1e-5)
+    assert (mine - plain).abs().max() > 1e-4
