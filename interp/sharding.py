@@ -45,6 +45,13 @@ def input_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def output_device(model: nn.Module) -> torch.device | None:
+    """Where an accelerate-dispatched model's forward returns its outputs (its inputs' device, which
+    interp puts at `input_device`), or None for a model that is not dispatched."""
+    hook = getattr(model, "_hf_hook", None)
+    return input_device(model) if getattr(hook, "io_same_device", False) else None
+
+
 class MetaWeightsError(InterpError, RuntimeError):
     """A model whose weights are not loaded (meta tensors) was asked to run."""
 
@@ -111,4 +118,4 @@ def block_map(lm, parts: Sequence[Any]) -> dict[str, Any]:
     return out
 
 
-__all__ = ["MetaWeightsError", "input_device", "execution_device", "placement", "block_map"]
+__all__ = ["MetaWeightsError", "input_device", "output_device", "execution_device", "placement", "block_map"]

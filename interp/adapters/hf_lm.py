@@ -160,7 +160,10 @@ class HFCausalLMAdapter(Adapter):
         cap = _cfg(self.model, "final_logit_softcapping")
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        return logits
+        from ..sharding import output_device
+
+        dev = output_device(self.model)  # accelerate: a full forward returns on the input device; replays must too
+        return logits if dev is None else logits.to(dev)
 
 
 def is_causal_lm(model: nn.Module) -> bool:

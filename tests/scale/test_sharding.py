@@ -13,7 +13,7 @@ from transformers import LlamaForCausalLM
 import interp
 from interp import Ablate, Patch, Project, at
 from interp.metrics import logit_diff
-from interp.sharding import block_map, input_device, placement
+from interp.sharding import block_map, input_device, output_device, placement
 
 HERE = Path(__file__).parent
 _spec = importlib.util.spec_from_file_location("interp_dist_worker", HERE / "dist_worker.py")
@@ -87,7 +87,7 @@ def test_two_device_map_parts_equal_the_unsplit_model(model_dir, ref, want):
     assert interp.hook_count(model) == 0
 
 
-def test_disk_offload_equals_the_unsplit_model(model_dir, want, tmp_path):
+def test_disk_offload_equals_the_unsplit_model(model_dir, ref, want, tmp_path):
     """Blocks 0-1 and the embeddings live on disk (meta tensors in memory, loaded per call), blocks 2-3 on CPU."""
     dmap = block_map(LlamaForCausalLM.from_pretrained(model_dir), ["disk", "cpu"])
     dmap["model.embed_tokens"] = "disk"
@@ -97,6 +97,7 @@ def test_disk_offload_equals_the_unsplit_model(model_dir, want, tmp_path):
     assert model.model.layers[3].mlp.up_proj.weight.device.type == "cpu"
     lm = interp.attach(model)
     assert input_device(model) == torch.device("cpu")  # not the meta device of the first parameter
+    assert output_device(model) == torch.device("cpu") and output_device(ref.model) is None
     where = placement(lm)
     assert where["model.layers.0"] == "cpu (offloaded)" and where["model.layers.3"] == "cpu"
     assert torch.equal(sweep(lm), want[0])
