@@ -274,7 +274,7 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
         elif isinstance(op, Noise):
             xr, ridx = _as_rows(x, idx)
             item = (idx[:, 0] - b.start) % b.base_batch
-            seeds = ((op.seed * _MIX + item * 1_000_003 + ridx[:, 1]) % (1 << 62)).to(torch.long)
+            seeds = (((op.seed * _MIX) % (1 << 62) + item * 1_000_003 + ridx[:, 1]) % (1 << 62)).to(torch.long)
             K.noise(xr, ridx, float(op.std), seeds)
         elif isinstance(op, Ablate):
             _ablate(x, op, b, idx, site)
