@@ -236,7 +236,7 @@ def lm_runner(lm: interp.Instrumented, sites: list[str], positions: dict[str, An
     def run(batch: list, start: int) -> dict[str, torch.Tensor]:
         prepared = lm.adapter.prepare(batch, pad=True) if isinstance(batch[0], str) else lm.adapter.prepare(
             torch.stack([torch.as_tensor(b) for b in batch]))
-        out = lm.run(prepared, capture=sites)
+        out = lm.run(prepared, capture=sites, last_only=True)   # logits are not used: skip the head on most rows
         mask = prepared.kwargs.get("attention_mask")
         lengths = mask.sum(1).tolist() if mask is not None else [prepared.seq_len] * prepared.batch
         feats = {}
@@ -253,6 +253,72 @@ def lm_runner(lm: interp.Instrumented, sites: list[str], positions: dict[str, An
                 subj = subjects[start + j] if subjects is not None else None
                 rows.append(torch.stack([t[j, _resolve(s, toks, subj, start + j)].mean(0) for s in specs]))
             feats[site] = torch.stack(rows).to(dtype)
+        return feats
+
+    return run
+
+
+def _pool(t: torch.Tensor, pool: str) -> torch.Tensor:
+    """One image's features: [n, C, H, W] -> [n, C] (spatial mean), [n, L, *F] -> [n, F] (token mean)."""
+    if t.dim() == 2 or pool == "flatten":
+        return t.flatten(1)
+    if pool != "mean":
+        raise ValueError(f"pool must be 'mean' or 'flatten', not {pool!r}")
+    if t.dim() == 4 and t.shape[1] <= t.shape[-1] * t.shape[-2] and t.shape[2] == t.shape[3]:  # [n, C, H, W]
+        return t.mean((2, 3))
+    return t.mean(1).flatten(1)
+
+
+def text_encoder_runner(pipe: interp.Instrumented, sites: list[str], positions: dict[str, Any],
+                        subjects: Sequence[str] | None = None, component: str = "text_encoder",
+                        dtype: torch.dtype = torch.float32) -> Callable:
+    """A runner for `collect` over a diffusers pipeline's text-encoder sites at named token positions.
+
+    Position specs: int, SubjectOf(which) (the item's subject words, e.g. its colour) or "eos" (the
+    end-of-text token). The pipeline samples one step per batch; only the text encoder's record is kept.
+    """
+    from interp.diffusion import Sampling, prompt_positions, record
+
+    def run(batch: list, start: int) -> dict[str, torch.Tensor]:
+        spec = Sampling(list(batch), seed=start, steps=1)
+        rec = record(pipe, spec, sites)
+        tokens = pipe.adapter.prepare(spec).views.get(component)
+        if tokens is None:
+            raise ValueError(f"the pipeline has no tokens for component {component!r}")
+        feats = {}
+        for site in sites:
+            t = rec.get(site, None, "cond")
+            rows = []
+            for j in range(t.shape[0]):
+                toks = tokens[j][:len(prompt_positions(tokens[j]))]
+                cols = []
+                for name, spec_ in positions.items():
+                    if spec_ == "eos":
+                        idx = [len(toks) - 1]
+                    else:
+                        idx = _resolve(spec_, toks, subjects[start + j] if subjects is not None else None, start + j)
+                    cols.append(t[j, idx].flatten(1).mean(0))
+                rows.append(torch.stack(cols))
+            feats[site] = torch.stack(rows).to(dtype)
+        return feats
+
+    return run
+
+
+def denoiser_runner(pipe: interp.Instrumented, sites: list[str], steps: int, *, guidance: float | None = None,
+                    seed: int = 0, branch: str = "cond", pool: str = "mean", options: dict | None = None,
+                    dtype: torch.dtype = torch.float32) -> Callable:
+    """A runner for `collect` over denoiser sites at every sampling step: features [b, steps, D]
+    (spatial / token mean by default). Each prompt i gets seed `seed + i`, so reruns resume exactly."""
+    from interp.diffusion import Sampling, record
+
+    def run(batch: list, start: int) -> dict[str, torch.Tensor]:
+        spec = Sampling(list(batch), seed=seed + start, steps=steps, guidance=guidance, options=dict(options or {}))
+        rec = record(pipe, spec, sites)
+        feats = {}
+        for site in sites:
+            per_step = [_pool(rec.get(site, s, branch).float(), pool) for s in range(steps)]
+            feats[site] = torch.stack(per_step, 1).to(dtype)
         return feats
 
     return run
@@ -339,4 +405,5 @@ def collect(lm: interp.Instrumented | None, inputs: Sequence[Any], sites: str | 
     return ActivationDataset(feats, labels, coords, axis, extra)
 
 
-__all__ = ["ActivationDataset", "SubjectOf", "collect", "lm_runner", "fingerprint"]
+__all__ = ["ActivationDataset", "SubjectOf", "collect", "lm_runner", "text_encoder_runner", "denoiser_runner",
+           "fingerprint"]
