@@ -77,7 +77,7 @@ class _Positions:
             raise PositionError(f"position {spec!r} for {site.name!r}: the only string position is {GENERATED!r}; "
                                 "use Tokens(...) to select tokens by text")
 
-    def __call__(self, s: Session, T: int, n: int) -> list[list[int]]:
+    def __call__(self, s: Session, T: int) -> list[list[int]]:
         spec, o, full = self.spec, s.offset, s.offset + T
         if spec is None:
             return [list(range(T))]
@@ -150,7 +150,7 @@ def applied(adapter, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), 
                 if isinstance(op, Add) and op.spatial is not None:
                     pos = [[0]]
                 elif seq:
-                    pos = resolvers[i](s, x.shape[1], n)
+                    pos = resolvers[i](s, x.shape[1])
                 else:
                     raise PositionError(f"{op.describe()} at {name!r}: the site's tensor {tuple(x.shape)} has no "
                                         "position axis; for grid activations use Add(..., spatial='average'|'keep')")

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import interp
 from interp import Add, OpNeverFiredError, PositionError, SiteShapeError, Tokens, at
+
+torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 
 SITE = "blocks.1.resid_post"
 
@@ -56,7 +56,6 @@ def test_generated_only_matches_full_sequence_reference(tiny, use_cache):
     assert s.edits == [5]  # 6 calls: the prompt (nothing generated yet) + 5 with a new token
     ref = lm.run(seq, ops=[Add(SITE, v, alpha=1.5, norm="relative", where=at(pos=slice(P, None)))]).logits
     torch.testing.assert_close(scores, ref[:, P - 1:-1], atol=2e-5, rtol=1e-4)
-    plain, _ = _gen(model, ids)
     base = lm.run(seq).logits  # the steering changed the logits of generated positions only
     assert torch.equal(base[:, :P], ref[:, :P]) and (base[:, P:] - ref[:, P:]).abs().max() > 1e-2
 
