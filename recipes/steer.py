@@ -45,8 +45,8 @@ PRESETS = {
     # norm=None: alpha = 1 adds the full mean (high - low) difference of the grid tokens
     "physics-kappa": Preset("physics", "physics", "blocks.0.attn.out", "caa", slice(1, None),
                             [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
-                            {"high": 0.008, "low": 0.001, "kappa": 0.003, "rollout_steps": 25, "n": 64,
-                             "norm": None}),
+                            {"high": None, "low": None, "kappa": None, "rollout_steps": 25, "n": 64,
+                             "norm": None}),  # kappas: the training grid's extremes and their geometric mean
     "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.mid", "caa", "mean",
                               [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 20,
@@ -225,6 +225,9 @@ def run_physics(model, cfg: Preset, out: Path) -> dict:
 
     lm = interp.attach(model)
     x = cfg.extra
+    x["high"] = x.get("high") or max(P.KAPPAS)
+    x["low"] = x.get("low") or min(P.KAPPAS)
+    x["kappa"] = x.get("kappa") or float(f"{(x['high'] * x['low']) ** 0.5:.3g}")
     hi, lo = physics_data(x["n"], x["high"], x["low"], x["seed"])
     sv, p, n = S.extract(lm, hi, lo, cfg.site, method=cfg.method, reduce=cfg.reduce, znorm=x["znorm"],
                          model=cfg.model, return_activations=True, batch_size=64)
