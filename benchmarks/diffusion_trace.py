@@ -9,7 +9,8 @@ interp: `record` the clean run, then one `sample_grid` (all rows in one sampling
 Per-cell: the plain pipeline called once per cell with bare torch hooks that patch the module outputs
 (a step counter from `callback_on_step_end`), which is what one writes by hand (or what nnsight's
 DiffusionModel does: one traced pipeline call per intervention). The two sides' values must agree.
-Runs alternate interp / per-cell; medians of --repeats.
+Runs alternate interp / per-cell; medians of --repeats, in process CPU time (one thread, so it is the
+work done; wall-clock on a shared machine mostly measures the other jobs) and in wall-clock time.
 
     .venv/bin/python benchmarks/diffusion_trace.py --repeats 3
     .venv/bin/python benchmarks/diffusion_trace.py --size shapes --repeats 3   # shapes-diffusion-sized UNet
@@ -177,20 +178,25 @@ def main() -> None:
     n_cells = len(text_sites) * len(tokens) + len(comps) * len(windows)
     print(f"{args.size} SD pipeline: {n_cells} cells ({len(text_sites)} text layers x {len(tokens)} tokens + "
           f"{len(comps)} UNet components x {len(windows)} step windows), {args.samples} images, {args.steps} steps, CFG")
-    t_interp, t_cell = [], []
+    t_interp, t_cell, w_interp, w_cell = [], [], [], []
     for r in range(args.repeats):
-        t = time.perf_counter()
+        t, w = time.process_time(), time.perf_counter()
         a, _ = interp_trace(pipe, spec, comps, windows, text_sites, tokens)
-        t_interp.append(time.perf_counter() - t)
-        t = time.perf_counter()
+        t_interp.append(time.process_time() - t)
+        w_interp.append(time.perf_counter() - w)
+        t, w = time.process_time(), time.perf_counter()
         b = per_cell_trace(pipe, spec, comps, windows, text_sites, tokens, sites, corrupted)
-        t_cell.append(time.perf_counter() - t)
+        t_cell.append(time.process_time() - t)
+        w_cell.append(time.perf_counter() - w)
         err = float((a - b).abs().max())
-        print(f"  repeat {r}: interp {t_interp[-1]:.2f} s, per-cell {t_cell[-1]:.2f} s, max |difference| {err:.2e}")
+        print(f"  repeat {r}: CPU interp {t_interp[-1]:.2f} s, per-cell {t_cell[-1]:.2f} s (wall {w_interp[-1]:.1f} / "
+              f"{w_cell[-1]:.1f} s), max |difference| {err:.2e}")
         assert err < 1e-4 * max(1.0, float(b.abs().max())), "interp and the per-cell loop disagree"
     mi, mc = statistics.median(t_interp), statistics.median(t_cell)
-    print(f"median: interp {mi:.2f} s, per-cell loop {mc:.2f} s, speed-up {mc / mi:.1f}x "
-          f"({n_cells / mi:.1f} vs {n_cells / mc:.1f} cells/s)")
+    wi, wc = statistics.median(w_interp), statistics.median(w_cell)
+    print(f"median CPU time: interp {mi:.2f} s, per-cell loop {mc:.2f} s, speed-up {mc / mi:.1f}x "
+          f"({n_cells / mi:.1f} vs {n_cells / mc:.1f} cells per CPU second); wall: {wi:.1f} vs {wc:.1f} s "
+          f"({wc / wi:.1f}x)")
 
 
 if __name__ == "__main__":

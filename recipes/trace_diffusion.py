@@ -133,8 +133,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", default=None)
+    p.add_argument("--weights", default=None, help="with a zoo name: load these weights instead of the shipped ones "
+                   "(e.g. a training run's folder)")
     add_arguments(p)
     args = p.parse_args(argv)
+    if args.weights:
+        from interp.zoo.catalog import load_trained
+
+        return run(args, load_trained(args.model, path=args.weights))
     from recipes.models import load
 
     return run(args, load(args.model))

@@ -81,3 +81,22 @@ def test_helpers_validate_their_inputs():
     blue = shapes.to_tensor(shapes.sample(0, 1, attributes=[shapes.Attributes("blue", "square", "center", "large", "solid")])[0])
     imgs = (torch.cat([red, blue]) + 1) / 2
     assert m(SampleOutput(imgs, None, None, None, {}, 1)).tolist() == [1.0, 1.0, 0.0]
+
+
+def test_corruption_covers_every_text_encoder_of_sd3():
+    """SD3 has two CLIP encoders: both get their own noise (and seeds past int64 range stay valid)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "interp"))
+    from test_diffusion_helpers import SD3_OPTIONS, tiny_sd3
+
+    from interp.diffusion import Sampling
+
+    lm = interp.attach(tiny_sd3())
+    ops = corruption(lm, "red", seed=12345)
+    assert [o.site for o in ops] == ["text_encoder.embed", "text_encoder_2.embed"]
+    s = Sampling(PROMPT, steps=1, guidance=3.0, options=SD3_OPTIONS)
+    sites = ["text_encoder.embed", "text_encoder_2.embed"]
+    a = lm.run(s, ops=ops, capture=sites).cache
+    b = lm.run(s, capture=sites).cache
+    for site in sites:  # [call (prompt, negative), batch, token, d]: only the prompt's "red" (token 3) moved
+        diff = (a[site] - b[site]).abs().amax(-1)
+        assert diff[0, 0, 3] > 0 and diff[0, 0, :3].max() == 0 and diff[0, 0, 4:].max() == 0 and diff[1].max() == 0
