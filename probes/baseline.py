@@ -45,4 +45,23 @@ def random_copy(model: nn.Module, seed: int = 0) -> nn.Module:
     return fresh
 
 
-__all__ = ["random_copy"]
+__all__ = ["random_copy", "random_pipeline"]
+
+
+NEURAL_COMPONENTS = ("text_encoder", "text_encoder_2", "text_encoder_3", "unet", "transformer")
+
+
+def random_pipeline(pipe, seed: int = 0):
+    """A diffusers pipeline whose text encoders and denoiser are randomly initialised copies (VAE,
+    tokenizers and scheduler shared with the original, which is untouched)."""
+    comps = dict(pipe.components)
+    for i, name in enumerate(NEURAL_COMPONENTS):
+        if comps.get(name) is not None:
+            comps[name] = random_copy(comps[name], seed + i)
+    try:
+        fresh = type(pipe)(**comps)
+    except TypeError:
+        fresh = type(pipe)(**comps, requires_safety_checker=False)
+    if hasattr(fresh, "set_progress_bar_config"):
+        fresh.set_progress_bar_config(disable=True)
+    return fresh

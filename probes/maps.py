@@ -119,6 +119,54 @@ def lm_probe_maps(lm: interp.Instrumented, inputs: Sequence[Any], labels: dict[s
     return stack_models(maps), data
 
 
+def _unet_blocks(pipe: interp.Instrumented) -> list[str]:
+    names = pipe.site_names()
+    blocks = [n for n in names if re.fullmatch(r"(unet\.(down|up)\.\d+|unet\.mid|transformer\.blocks\.\d+(\.img)?"
+                                                r"|transformer\.single\.\d+)", n)]
+    if not blocks:
+        raise ValueError("no denoiser blocks found by default; pass denoiser_sites=[...] (see `interp sites`)")
+    return blocks
+
+
+def diffusion_probe_maps(pipe: interp.Instrumented, prompts: Sequence[str], labels: dict[str, Sequence[Any]], label: str,
+                         *, subjects: Sequence[str] | None = None, text_sites: str = "text_encoder.blocks.*.resid_post",
+                         text_positions: dict | None = None, denoiser_sites: Sequence[str] | None = None,
+                         steps: int = 10, guidance: float | None = None, seed: int = 0, types: str | None = None,
+                         groups: str | None = None, kind: str = "ridge", random_baseline: bool = True,
+                         batch_size: int = 16, path: str | None = None, k: int = 4,
+                         progress: bool = True) -> tuple[Result, Result]:
+    """Probe `label` in a diffusers pipeline, beside a random-init copy of its text encoder and denoiser.
+
+    Returns (text map with axes (model, measure, layer, pos) over text-encoder layers x token
+    positions -- by default the subject word and the end-of-text token --, denoiser map with axes
+    (model, measure, site, step) over denoiser blocks x sampling steps, features averaged over space).
+    """
+    from .baseline import random_pipeline
+    from .datasets import SubjectOf, denoiser_runner, text_encoder_runner
+
+    pipe = interp.attach(pipe)
+    text_positions = text_positions or ({"subject": SubjectOf("last"), "eos": "eos"} if subjects else {"eos": "eos"})
+    tsites = [s.name for s in pipe.sites(text_sites)]
+    dsites = list(denoiser_sites or _unet_blocks(pipe))
+    models = {"trained": pipe}
+    if random_baseline:
+        models["random-init"] = interp.attach(random_pipeline(pipe.adapter.pipe, seed))
+    tmaps, dmaps = {}, {}
+    for name, m in models.items():
+        sub = None if path is None else Path(path) / name
+        tds = collect(None, prompts, tsites, labels=labels, batch_size=batch_size, coords=list(text_positions),
+                      runner=text_encoder_runner(m, tsites, text_positions, subjects), progress=progress,
+                      path=None if sub is None else sub / "text", meta={"model": name, "runner": "text"})
+        dds = collect(None, prompts, dsites, labels=labels, batch_size=batch_size, coords=list(range(steps)),
+                      axis="step", runner=denoiser_runner(m, dsites, steps, guidance=guidance, seed=seed),
+                      progress=progress, path=None if sub is None else sub / "denoiser",
+                      meta={"model": name, "runner": f"denoiser steps={steps} guidance={guidance} seed={seed}"})
+        kw = dict(kind=kind, types=types, groups=groups, k=k, seed=seed, progress=progress)
+        tmaps[name] = probe_map(tds, label, **kw)
+        dmaps[name] = probe_map(dds, label, **kw)
+    return stack_models(tmaps), stack_models(dmaps)
+
+
 def plot_maps(res: Result, path: str | Path, title: str | None = None, measures: Sequence[str] | None = None) -> Path:
     """One PNG with a heatmap per (model, measure); accuracies share the 0..1 scale, chance marked in the title."""
     import matplotlib
@@ -167,4 +215,4 @@ def peak(res: Result, measure: str = "accuracy", model: str | None = None) -> tu
     return r.sel(measure=measure).top(1)[0]
 
 
-__all__ = ["probe_map", "lm_probe_maps", "stack_models", "plot_maps", "peak", "row_axis"]
+__all__ = ["probe_map", "lm_probe_maps", "diffusion_probe_maps", "stack_models", "plot_maps", "peak", "row_axis"]
