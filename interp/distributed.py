@@ -373,7 +373,8 @@ def run_grid(engine, inputs, rows: Sequence[Sequence], metric: Callable | None =
     False = run every row here. resume_dir: folder of finished chunks (shared by all ranks); chunks
     already there are loaded, not computed. broadcast: every rank gets the full values (default); with
     False only rank 0 does and the other ranks' `values` hold their own rows only (zeros elsewhere).
-    Every rank must call this with the same inputs, rows and metric (checked)."""
+    In a group it is a collective call: every rank must make it, with the same inputs, rows and metric
+    (checked; a call on one rank only waits for the others until the group's timeout)."""
     use = active(group) if distributed is None else bool(distributed)
     if use and not active(group):
         dist = _dist()

@@ -11,7 +11,6 @@ functions hash the same in the sweep fingerprint) to compute the one-process ref
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 

@@ -19,7 +19,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import interp
 from interp import Patch, at
 from interp.distributed import DistributedError, _row_cost, _Shard, fingerprint
 from interp.metrics import logit_diff

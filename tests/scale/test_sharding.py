@@ -11,7 +11,7 @@ from accelerate import dispatch_model
 from transformers import LlamaForCausalLM
 
 import interp
-from interp import Ablate, Patch, Project, at
+from interp import Ablate, Project, at
 from interp.metrics import logit_diff
 from interp.sharding import block_map, input_device, output_device, placement
 
