@@ -58,6 +58,24 @@ def attribute_metric(attribute: str, value: str) -> Callable[[SampleOutput], tor
     return image_metric(lambda imgs: [float(v == value) for v in fn(imgs)])
 
 
+def hue_metric(colour: str) -> Callable[[SampleOutput], torch.Tensor]:
+    """cos(mean hue inside the shape - the hue of `colour`) per image (zoo scorer `hue`): 1 = exactly that
+    hue, -1 = the opposite hue, 0 where no coloured shape is found. Continuous, unlike a label match."""
+    import math
+
+    from interp.zoo import scorers, shapes
+
+    if colour not in shapes.HUES:
+        raise ValueError(f"unknown colour {colour!r}; the zoo's colours are {sorted(shapes.HUES)}")
+    target = math.radians(shapes.HUES[colour])
+
+    def score(imgs):
+        h = torch.as_tensor(scorers.hue(imgs), dtype=torch.float32)
+        c = torch.cos(torch.deg2rad(h) - target)
+        return torch.nan_to_num(c, nan=0.0)
+    return image_metric(score)
+
+
 def denoiser_components(lm: interp.Instrumented, kinds: Sequence[str] | None = None) -> list[str]:
     den = lm.adapter.denoiser
     kinds = tuple(kinds) if kinds is not None else (UNET_KINDS if den == "unet" else DIT_KINDS)
@@ -172,14 +190,16 @@ def trace_diffusion(model, prompt: str, attribute: str, *, samples: int = 4, see
             for w in ws:
                 rows.append(restore(comp, rec, steps=w))
                 cells.append(("denoiser", comp, w))
+    clean_m = float(m(clean_out).float().mean())
+    corrupted = lm.run(spec, ops=shared).output  # checked before the grid: a corruption without effect stops here
+    if abs(clean_m - float(m(corrupted).float().mean())) < 1e-9:
+        raise ValueError(f"the corruption did not change the metric (clean = corrupted = {clean_m:.4g} over "
+                         f"{samples} images); raise noise= (now {noise}), use more samples or a continuous metric, "
+                         "or pick attribute words that the prompt depends on")
     grid = sample_grid(lm, spec, rows, m, shared=shared, memory_budget=memory_budget, progress=progress,
                        desc="diffusion trace")
-    clean_m = float(m(clean_out).float().mean())
     corrupt_m = float(grid.base.float().mean())
     denom = clean_m - corrupt_m
-    if abs(denom) < 1e-12:
-        raise ValueError("the corruption did not change the metric (clean == corrupted); raise noise= or pick "
-                         "attribute words that the prompt depends on")
     eff = ((grid.values.float().mean(1) - corrupt_m) / denom).reshape(len(rows))
     attrs = {"prompt": prompt, "attribute": attribute, "metric": f"normalised effect ({name})", "noise": noise,
              "samples": samples, "steps": n_steps, "clean_metric": clean_m, "corrupted_metric": corrupt_m}
@@ -206,7 +226,6 @@ def trace_diffusion(model, prompt: str, attribute: str, *, samples: int = 4, see
     trace = DiffusionTrace(text_res, den_res, clean_m, corrupt_m, stats={**grid.stats, "cells": len(rows)})
     if keep_images:
         trace.images["clean"] = clean_out.images[:keep_images]
-        corrupted = lm.run(spec, ops=shared).output
         trace.images["corrupted"] = corrupted.images[:keep_images]
         best = int(eff.argmax())
         trace.images[f"restored best ({_cell_label(cells[best], n_steps)})"] = \
@@ -220,5 +239,5 @@ def _cell_label(cell, n_steps: int) -> str:
     return f"{cell[0]} L{cell[1]} t{cell[2]}"
 
 
-__all__ = ["trace_diffusion", "DiffusionTrace", "corruption", "attribute_metric", "embedding_stds",
+__all__ = ["trace_diffusion", "DiffusionTrace", "corruption", "attribute_metric", "hue_metric", "embedding_stds",
            "denoiser_components", "step_windows", "clip_score"]

@@ -30,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "(default: ResNets, self- and cross-attention; DiT attention / MLP per stream)")
     g.add_argument("--text-kinds", default="resid_post", help="text-encoder states restored per layer x token, "
                    "comma list of resid_post, attn.out, mlp.out (default: %(default)s)")
-    g.add_argument("--score", default=None, help="zoo scorer metric ATTRIBUTE=VALUE, e.g. colour=red "
+    g.add_argument("--score", default=None, help="zoo scorer metric ATTRIBUTE=VALUE, e.g. colour=red (1 if the "
+                   "scorer reads VALUE), or hue=red (cos of the hue difference, continuous) "
                    "(default: the denoiser-output distance to the clean run)")
     g.add_argument("--clip", default=None, help="folder of a transformers CLIPModel + CLIPProcessor: CLIP score "
                    "of the images against --subject as the metric")
@@ -52,7 +53,7 @@ def _windows(spec: str):
 
 
 def _metric(args, lm):
-    from interventions.diffusion_tracing import attribute_metric, clip_score
+    from interventions.diffusion_tracing import attribute_metric, clip_score, hue_metric
 
     if args.score and args.clip:
         raise ValueError("choose one metric: --score or --clip")
@@ -60,6 +61,8 @@ def _metric(args, lm):
         attr, _, value = args.score.partition("=")
         if not value:
             raise ValueError(f"--score {args.score!r}: write ATTRIBUTE=VALUE, e.g. colour=red")
+        if attr == "hue":
+            return hue_metric(value), f"cos(hue - hue({value}))"
         return attribute_metric(attr, value), f"{attr}=={value}"
     if args.clip:
         from transformers import CLIPModel, CLIPProcessor

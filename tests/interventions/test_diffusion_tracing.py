@@ -13,8 +13,8 @@ from test_diffusion_helpers import tiny_sd  # noqa: E402
 
 import interp  # noqa: E402
 from interp import Result  # noqa: E402
-from interventions.diffusion_tracing import (attribute_metric, corruption, step_windows,  # noqa: E402
-                                             trace_diffusion)
+from interventions.diffusion_tracing import (attribute_metric, corruption, hue_metric,  # noqa: E402
+                                             step_windows, trace_diffusion)
 
 torch.set_num_threads(1)
 PROMPT = "a small red circle on the left, solid"
@@ -81,6 +81,9 @@ def test_helpers_validate_their_inputs():
     blue = shapes.to_tensor(shapes.sample(0, 1, attributes=[shapes.Attributes("blue", "square", "center", "large", "solid")])[0])
     imgs = (torch.cat([red, blue]) + 1) / 2
     assert m(SampleOutput(imgs, None, None, None, {}, 1)).tolist() == [1.0, 1.0, 0.0]
+    h = hue_metric("red")(SampleOutput(imgs, None, None, None, {}, 1))  # red: cos 0 = 1; blue (240 deg): cos = -0.5
+    torch.testing.assert_close(h, torch.tensor([1.0, 1.0, -0.5]), atol=1e-3, rtol=0)
+    assert float(hue_metric("red")(SampleOutput(torch.zeros(1, 3, 8, 8), None, None, None, {}, 1))) == 0.0  # no shape
 
 
 def test_corruption_covers_every_text_encoder_of_sd3():
