@@ -49,12 +49,12 @@ PRESETS = {
                              "norm": None}),  # kappas: the training grid's extremes and their geometric mean
     "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.mid", "caa", "mean",
                               [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
-                              {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 20,
-                               "guidance": 4.0, "seeds": 2}),
+                              {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,
+                               "guidance": 4.0, "seeds": 1}),
     "shapes-flow-red-blue": Preset("diffusion", "shapes-flow", "transformer.blocks.1.img", "caa", "mean",
                                    [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
-                                   {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 20,
-                                    "guidance": 4.0, "seeds": 2}),
+                                   {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,
+                                    "guidance": 4.0, "seeds": 1}),
 }
 
 
@@ -256,11 +256,11 @@ def run_physics(model, cfg: Preset, out: Path) -> dict:
 
 # ---------------------------------------------------------------------------------------------
 def shapes_prompts(colour: str, seeds: int) -> tuple[list[str], list[str]]:
-    """One caption per shape (large, centred, solid) in `colour`, repeated for each seed."""
+    """One caption per shape x position (large, solid) in `colour`, repeated for each seed; and the shapes."""
     from interp.zoo import shapes as Sh
 
-    prompts = [Sh.Attributes(colour, s, "center", "large", "solid").caption() for s in Sh.SHAPES]
-    return prompts * seeds, list(Sh.SHAPES) * seeds
+    attrs = [Sh.Attributes(colour, s, p, "large", "solid") for s in Sh.SHAPES for p in Sh.POSITIONS]
+    return [a.caption() for a in attrs] * seeds, [a.shape for a in attrs] * seeds
 
 
 def diffusion_activations(pl, site: str, prompts: list[str], x: dict, seed: int):
@@ -332,9 +332,9 @@ def run_diffusion(pipe, cfg: Preset, out: Path) -> dict:
     plain = pl.run(spec).output.images
     zero = pl.run(spec, ops=[sv.op(0.0, steps=x["window"])]).output.images
     rep["alpha0_bitwise_identical"] = bool(torch.equal(plain, zero))
-    n_show = min(len(base_p), 4)
-    interp.image_grid(imgs[0, :, :n_show].reshape(-1, *imgs.shape[3:]), out / "samples.png",
-                      labels=[f"a={a:g} {s}" for a in cfg.alphas for s in shapes[:n_show]], ncol=n_show,
+    show = [shapes.index(k) for k in dict.fromkeys(shapes)]  # one image per shape
+    interp.image_grid(imgs[0][:, show].reshape(-1, *imgs.shape[3:]), out / "samples.png",
+                      labels=[f"a={a:g} {shapes[i]}" for a in cfg.alphas for i in show], ncol=len(show),
                       title=f"steer {x['positive']} - {x['negative']} at {cfg.site} on '{x['base']}' prompts")
     rep["samples"] = str(out / "samples.png")
     rep["verdict"] = _verdict(rep) + f"; shape accuracy drop {rep['shape_accuracy']['steer_max_drop_points']:.1f} points"
