@@ -146,7 +146,8 @@ def build_diffusion_pipeline(seed: int = 0, width: int = 16):
         up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                          prediction_type="sample", clip_sample=True, set_alpha_to_one=True, steps_offset=1,
+                          prediction_type="sample", clip_sample=False, thresholding=True,
+                          dynamic_thresholding_ratio=0.995, sample_max_value=1.0, set_alpha_to_one=True, steps_offset=1,
                           timestep_spacing="leading")
     return StableDiffusionPipeline(vae=identity_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
