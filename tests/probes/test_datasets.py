@@ -85,20 +85,10 @@ def test_input_errors(toy):
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
-    """A 2-layer random Llama with SmolLM2's real tokenizer (multi-token subjects, different prompt lengths)."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def tiny_llama(tiny_llama_dir):
+    from recipes.models import load
 
-    from interp.zoo.smollm2 import cache_dir
-
-    if not (cache_dir() / "tokenizer.json").exists():
-        pytest.skip("SmolLM2's tokenizer is not cached yet (run `interp demo` once)")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=49152, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2)
-    model = LlamaForCausalLM(cfg).eval()
-    model.tokenizer = AutoTokenizer.from_pretrained(str(cache_dir()))
-    return interp.attach(model)
+    return interp.attach(load(str(tiny_llama_dir)))
 
 
 def test_padded_batches_equal_single_prompt_runs_at_subject_positions(tiny_llama):
