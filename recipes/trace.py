@@ -146,10 +146,14 @@ def _trace(lm, args, layers):
         raise ValueError("interp trace needs --subject (the text whose token embeddings are corrupted), "
                          "or --corrupted PROMPT for activation patching")
     kinds = _kinds(args.kinds, ("hidden", "mlp", "attn"), ("hidden", "mlp", "attn"))
+    t0 = time.perf_counter()
     tr = trace(lm, args.prompt, args.subject, args.target, kinds=kinds, state=args.state, window=args.window,
                samples=args.samples, noise=args.noise, seed=args.seed, layers=layers)
+    seconds = time.perf_counter() - t0
     lines = [f"prompt {args.prompt!r}, subject {args.subject!r}, target {tr.target!r}: "
-             f"p_clean {tr.p_clean:.4f}, p_corrupted {tr.p_corrupted:.4f} ({args.samples} noise samples)"]
+             f"p_clean {tr.p_clean:.4f}, p_corrupted {tr.p_corrupted:.4f} ({args.samples} noise samples)",
+             f"traced {tr.stats['rows']} restorations x {args.samples} samples in {seconds:.1f} s "
+             f"({tr.stats['forward_equivalents']:.0f} forward equivalents of the {args.samples}-prompt batch)"]
     peaks = {}
     for kind in kinds:
         layer, tok, v = tr.peak(kind)
@@ -158,6 +162,7 @@ def _trace(lm, args, layers):
     summary = {"mode": "causal tracing", "model": args.model, "prompt": args.prompt, "subject": args.subject,
                "target": tr.target, "p_clean": tr.p_clean, "p_corrupted": tr.p_corrupted, "samples": args.samples,
                "noise": args.noise, "seed": args.seed, "window": args.window, "peaks": peaks, "grid": tr.stats,
+               "trace_seconds": round(seconds, 2), "torch_threads": __import__("torch").get_num_threads(),
                "lines": lines}
     return tr.results, summary
 

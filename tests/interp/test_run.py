@@ -64,7 +64,8 @@ def test_prefix_reuse_does_less_work(gpt2):
             for l in range(2) for p in range(10)]
     fast = lm.run_grid(CORRUPT, rows, progress=False)
     slow = lm.run_grid(CORRUPT, rows, progress=False, reuse_prefix=False)
-    assert fast.stats["prefix_reuse"] and fast.stats["forward_equivalents"] == 15.0  # 10 full + 10 half
+    # layer reuse alone: 10 full + 10 half = 15; positional reuse (interp.prefix) does less again
+    assert fast.stats["prefix_reuse"] and fast.stats["forward_equivalents"] <= 15.0
     assert slow.stats["forward_equivalents"] == 20.0
     torch.testing.assert_close(fast.values, slow.values, rtol=1e-5, atol=1e-5)
 
