@@ -207,3 +207,17 @@ def test_bad_input_errors():
         patch_sweep(lm, clean, corrupted, "resid_pre", METRIC, window=0)
     with pytest.raises(interp.PositionError, match="out of range"):
         patch_sweep(lm, clean, corrupted, "resid_pre", METRIC, positions=[T + 3])
+
+
+def test_positional_reuse_falls_back_when_its_validation_fails(monkeypatch):
+    import interp.prefix as prefix
+
+    # a cache stand-in that forgets the base keys: packed replays would be wrong, and must not be used
+    monkeypatch.setattr(prefix._Prefixed, "update", lambda self, k, v, *a, **kw: (k, v))
+    lm = interp.attach(tiny_gpt2())
+    clean, corrupted = pair()
+    res = patch_sweep(lm, clean, corrupted, "resid_pre", METRIC, progress=False)
+    assert not res.attrs["grid"]["positional_reuse"] and res.attrs["grid"]["prefix_reuse"]
+    cells = [[(f"blocks.{l}.resid_pre", {"pos": p})] for l in range(3) for p in range(T)]
+    torch.testing.assert_close(res.values, reference(lm, corrupted, clean, cells, METRIC).reshape(3, T),
+                               atol=2e-4, rtol=1e-3)
