@@ -455,7 +455,8 @@ def generate(lm: interp.Instrumented, prompt: str, vector: SteeringVector | None
             "scores": torch.stack(out.scores, 1)[0]}
 
 
-def plot_dose_response(res: Result, path: str | Path, title: str = "", quantity: str | None = None) -> Path:
+def plot_dose_response(res: Result, path: str | Path, title: str = "", quantity: str | None = None,
+                       xlabel: str = "alpha (norm-relative)") -> Path:
     """Line plot: metric vs alpha, one line per vector (steer / random / norm_matched)."""
     import matplotlib
 
@@ -473,9 +474,9 @@ def plot_dose_response(res: Result, path: str | Path, title: str = "", quantity:
               "norm_matched": dict(color="C2", ls=":", marker="^")}
     for i, name in enumerate(r.coord("vector")):
         ax.plot(alphas, r.values[i].float().numpy(), label=name, **styles.get(name, dict(marker=".")))
-    ax.set_xlabel("alpha (norm-relative)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(quantity or res.attrs.get("metric", "metric"))
-    ax.set_title(title or res.attrs.get("title", ""), fontsize=9)
+    ax.set_title(title or res.attrs.get("title", ""), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

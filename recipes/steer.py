@@ -44,7 +44,7 @@ PRESETS = {
     # the kappa signal enters the grid tokens through block 0's attention to the regime token;
     # norm=None: alpha = 1 adds the full mean (high - low) difference of the grid tokens
     "physics-kappa": Preset("physics", "physics", "blocks.0.attn.out", "caa", slice(1, None),
-                            [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
+                            [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
                             {"high": None, "low": None, "kappa": None, "rollout_steps": 25, "n": 64,
                              "norm": None}),  # kappas: the training grid's extremes and their geometric mean
     "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.mid", "caa", "mean",
@@ -155,7 +155,9 @@ def _finish(res, vecs, cfg: Preset, out: Path, title: str, quantity: str | None 
     out.mkdir(parents=True, exist_ok=True)
     vecs["steer"].save(out / "vector.safetensors")
     res.save(out / "dose_response")
-    png = plot_dose_response(res, out / "dose_response.png", title=title, quantity=quantity)
+    absolute = cfg.extra.get("norm", "relative") is None
+    png = plot_dose_response(res, out / "dose_response.png", title=title, quantity=quantity,
+                             xlabel="alpha (x the mean difference)" if absolute else "alpha (norm-relative)")
     r = res.sel(quantity=quantity) if quantity else res
     return {"kind": cfg.kind, "model": cfg.model, "site": cfg.site, "method": cfg.method, "reduce": cfg.reduce,
             "alphas": cfg.alphas, "metric": quantity or res.attrs.get("metric"),
@@ -243,7 +245,7 @@ def run_physics(model, cfg: Preset, out: Path) -> dict:
             traj = model.rollout(u0, T, x["kappa"], 0.0)
         return fit_kappa(traj.numpy(), P.DT)
     res = S.dose_response(vecs, cfg.alphas, fitted, metric="fitted kappa")
-    rep = _finish(res, vecs, cfg, out, f"{cfg.model} {cfg.site}: fitted kappa vs alpha (conditioned on {x['kappa']})")
+    rep = _finish(res, vecs, cfg, out, f"{cfg.model} {cfg.site}: fitted kappa (conditioned on {x['kappa']})")
     plain = model.rollout(u0, T, x["kappa"], 0.0)
     with sv.apply(lm, 0.0, steps_from=""):
         zero = model.rollout(u0, T, x["kappa"], 0.0)
