@@ -82,6 +82,8 @@ def register(sub) -> None:
     p.add_argument("--das-epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache", help="folder for memory-mapped activations (resumable)")
+    p.add_argument("--steps", type=int, default=10, help="sampling steps for diffusion pipelines (default: %(default)s)")
+    p.add_argument("--guidance", type=float, default=None, help="CFG scale for diffusion pipelines (default: the pipeline's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="interp-out/probe", help="output folder (default: %(default)s)")
     p.set_defaults(func=run)
@@ -120,7 +122,10 @@ def run(args) -> int:
     from recipes.models import load
 
     t0 = time.perf_counter()
-    lm = interp.attach(load(args.model))
+    obj = load(args.model)
+    if hasattr(obj, "scheduler") and (hasattr(obj, "unet") or hasattr(obj, "transformer")):
+        return run_diffusion(obj, args)
+    lm = interp.attach(obj)
     if args.data:
         rows = read_jsonl(args.data)
         label, types, groups = "label", "group", "group"
@@ -230,4 +235,52 @@ def run_toy(args) -> int:
     iia.save(out / "toy_iia")
     plot_maps(iia, out / "toy_iia.png", title="toy: IIA of V (k=2), trained vs random-init")
     print(f"probe map and IIA map written to {out}")
+    return 0
+
+
+def shapes_task() -> dict[str, list]:
+    """Captions of the zoo's coloured-shapes world: every colour x shape x position, large and solid."""
+    from interp.zoo.shapes import COLOURS, POSITIONS, SHAPES
+
+    where = {"left": "on the left", "center": "in the center", "right": "on the right"}
+    rows = {"prompt": [], "colour": [], "shape": [], "subject": []}
+    for c in COLOURS:
+        for s in SHAPES:
+            for p in POSITIONS:
+                rows["prompt"].append(f"a large {c} {s} {where[p]}, solid")
+                rows["colour"].append(c)
+                rows["shape"].append(s)
+                rows["subject"].append(c)
+    return rows
+
+
+def run_diffusion(pipe, args) -> int:
+    """Colour probe maps of a text-to-image pipeline: text-encoder layers x tokens, denoiser blocks x steps."""
+    from probes import peak, plot_maps
+    from probes.maps import diffusion_probe_maps
+
+    if args.data:
+        rows = read_jsonl(args.data)
+        label, groups = "label", "group"
+    else:
+        rows = shapes_task()
+        label, groups = "colour", "shape"
+    labels = {k: v for k, v in rows.items() if k != "prompt"}
+    text, den = diffusion_probe_maps(pipe, rows["prompt"], labels, label, subjects=rows.get("subject"),
+                                     steps=args.steps, guidance=args.guidance, seed=args.seed, groups=groups,
+                                     kind=args.probe, random_baseline=not args.no_random, batch_size=args.batch_size,
+                                     path=args.cache, k=args.folds)
+    out = Path(args.out)
+    summary = {"n": len(rows["prompt"]), "chance": text.attrs["chance"], "steps": args.steps}
+    for name, res in (("text_encoder", text), ("denoiser", den)):
+        res.attrs["model"] = args.model
+        res.save(out / f"{name}_probe_map")
+        plot_maps(res, out / f"{name}_probe_map.png", title=f"{args.model}: linear probe for {label} ({name})")
+        for model in res.coord("model"):
+            for meas in res.coord("measure"):
+                cell, val = peak(res, meas, model)
+                summary[f"{name}/{model}/{meas}"] = {"peak": cell, "value": round(val, 4)}
+                print(f"{name:12s} {model:12s} {meas:15s} peak {val:.3f} at {cell}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    print(f"chance {summary['chance']:.3f}; maps and heatmaps in {out}")
     return 0

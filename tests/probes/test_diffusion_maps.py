@@ -58,3 +58,25 @@ def test_denoiser_features_are_seeded_per_prompt(data):
     assert a["unet.mid"].shape == (3, 2, 16)                          # [items, steps, channels]
     ds = collect(None, prompts[:6], "den", runner=run, coords=[0, 1], axis="step", batch_size=3, progress=False)
     assert torch.equal(ds.X("unet.mid", 1)[:3], a["unet.mid"][:, 1])
+
+
+def test_probe_cli_on_a_saved_pipeline(data, tmp_path):
+    import json
+
+    from interp import Result
+    from recipes.cli import main
+
+    prompts, labels = data
+    lines = [json.dumps({"prompt": p, "label": c, "subject": c, "group": s})
+             for p, c, s in zip(prompts, labels["colour"], labels["shape"]) if p.endswith("left")]
+    (tmp_path / "d.jsonl").write_text("\n".join(lines))
+    tiny_sd().save_pretrained(tmp_path / "pipe")
+    rc = main(["probe", "--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "d.jsonl"), "--steps", "1",
+               "--guidance", "3.0", "--no-random", "--folds", "3", "--batch-size", "24", "--out", str(tmp_path / "out")])
+    assert rc == 0
+    text = Result.load(tmp_path / "out" / "text_encoder_probe_map")
+    den = Result.load(tmp_path / "out" / "denoiser_probe_map")
+    assert text.coord("pos") == ["subject", "eos"] and den.axes[-1] == "step"
+    assert text.sel(model="trained", measure="accuracy", pos="subject").values.min() > 0.95
+    assert (tmp_path / "out" / "denoiser_probe_map.png").exists()
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["n"] == 24
