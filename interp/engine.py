@@ -639,8 +639,8 @@ class Engine:
 
     def _pack_start(self, ops, start: int, shared, prepared: Prepared, table) -> int | None:
         """The first position a row's edits touch, if the row can run on positions >= it only (else None)."""
-        if not ops or start < 0 or any(_layer(table.get(o.site)) >= start for o in shared):
-            return None
+        if not ops or start < 0 or any(_layer(table.get(o.site)) >= 0 for o in shared):
+            return None  # shared ops inside the blocks would also shape the recorded keys/values
         first = None
         for op in ops:
             if not (isinstance(op, self._PACK_OPS) or (isinstance(op, Ablate) and op.mode == "zero")):
@@ -677,7 +677,7 @@ class Engine:
                     ok = bool(((got - want.repeat(len(starts), 1, 1)).abs().max() / scale) < 1e-4)
         except Exception:  # an architecture whose blocks do not take a key/value cache this way
             ok = False
-        if self._packed_ok is None or not ok:
+        if self._packed_ok is None:  # the first check decides for this model; later misses skip one grid
             self._packed_ok = ok
         return pre if ok else None
 

@@ -221,3 +221,19 @@ def test_positional_reuse_falls_back_when_its_validation_fails(monkeypatch):
     cells = [[(f"blocks.{l}.resid_pre", {"pos": p})] for l in range(3) for p in range(T)]
     torch.testing.assert_close(res.values, reference(lm, corrupted, clean, cells, METRIC).reshape(3, T),
                                atol=2e-4, rtol=1e-3)
+
+
+def test_shared_ops_inside_the_blocks_keep_grids_exact():
+    from interp import Noise
+
+    lm = interp.attach(tiny_llama())
+    clean, corrupted = pair()
+    src = lm.run(clean, capture="blocks.2.resid_pre")
+    shared = [Noise("blocks.1.resid_pre", std=0.5, seed=3, where=at(pos=[1, 4]))]
+    rows = [[Patch("blocks.2.resid_pre", src.cache["blocks.2.resid_pre"], where=at(pos=p))] for p in range(T)]
+    g = lm.run_grid(corrupted, rows, METRIC, shared=shared, progress=False)
+    want = torch.stack([METRIC(lm.run(corrupted, ops=[*shared, *r]).logits) for r in rows])
+    torch.testing.assert_close(g.values, want, atol=1e-5, rtol=1e-4)
+    assert not g.stats["positional_reuse"]
+    # a packed grid afterwards still uses positional reuse on this model
+    assert patch_sweep(lm, clean, corrupted, "resid_pre", METRIC, progress=False).attrs["grid"]["positional_reuse"]
