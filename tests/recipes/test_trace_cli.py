@@ -74,6 +74,7 @@ def test_patching_mode_with_a_corrupted_prompt(folder, tmp_path):
 
 def test_hub_name_fails_offline_with_the_choices(monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)  # read at import time
     rc = cli.main(["trace", "--model", "no-such-org/no-such-model", "--subject", "Eiffel Tower"])
     err = capsys.readouterr().err
     assert rc == 2 and "no-such-org/no-such-model" in err and "smollm2" in err and "offline" in err
