@@ -133,6 +133,15 @@ def _make_input_hook(entries: list[Entry]):
     return hook
 
 
+def _recorders_last(module: nn.Module) -> None:
+    """transformers (>= 5) collects `hidden_states` / `attentions` with forward hooks it installs once, at a
+    model's first forward; they must see interp's edits (pipelines read e.g. CLIP's hidden_states[-2]),
+    so they are moved behind the hook just registered."""
+    hooks = module._forward_hooks
+    for k in [k for k, h in hooks.items() if getattr(h, "__name__", "") == "output_capturing_hook"]:
+        hooks.move_to_end(k)
+
+
 @contextlib.contextmanager
 def attached(root: nn.Module, entries: list[Entry]) -> Iterator[None]:
     """Register `entries` on `root`'s modules for the duration of the block; always removed."""
@@ -145,6 +154,7 @@ def attached(root: nn.Module, entries: list[Entry]) -> Iterator[None]:
             module = root.get_submodule(path) if path else root
             if io == "output":
                 handles.append(module.register_forward_hook(_make_output_hook(group), with_kwargs=True))
+                _recorders_last(module)
             else:
                 handles.append(module.register_forward_pre_hook(_make_input_hook(group), with_kwargs=True))
         yield

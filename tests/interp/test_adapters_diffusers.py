@@ -136,3 +136,16 @@ def test_sdxl_unet_alone_with_added_conditioning_in_a_grid():
     torch.testing.assert_close(grid.values[1], one, atol=1e-5, rtol=1e-4)
     emb = lm.capture(kw, "unet.add_embed")["unet.add_embed"]
     assert emb.shape == (2, 32)
+
+
+def test_edits_reach_what_pipelines_read_from_hidden_states():
+    """SD3 reads CLIP's hidden_states[-2], which transformers records with its own hooks (installed at the
+    first forward). Zeroing layer 0's output (= hidden_states[-2] of a 2-layer CLIP) must zero the CLIP part
+    of the denoiser's text input on every run, not only the first."""
+    lm = interp.attach(tiny_sd3())
+    s = Sampling(PROMPT, steps=1, guidance=3.0, options=SD3_OPTIONS)
+    for _ in range(2):
+        ctx = lm.run(s, ops=[interp.Ablate("text_encoder.blocks.0.resid_post", "zero", where=at(branch="cond"))],
+                     capture="transformer.context").cache["transformer.context"]
+        assert ctx[1, :, :16].abs().max() == 0 and ctx[1, :, 16:32].abs().max() > 0  # cond row: CLIP-1 part zeroed
+        assert ctx[0, :, :16].abs().max() > 0                                         # uncond row untouched
