@@ -4,7 +4,7 @@ Presets (each a contrast, a site and a measured dose-response, beside a random d
 norm-matched control):
   sentiment        SmolLM2: positive - negative sentences; p(positive words) after neutral prompts
   physics-kappa    physics surrogate: high - low kappa regimes; kappa fitted from a steered rollout
-  shapes-red-blue  shapes-diffusion: red - blue captions at the UNet mid-block; hue and shape accuracy
+  shapes-red-blue  shapes-diffusion: red - blue captions in the UNet's text context; hue and shape accuracy
   shapes-flow-red-blue  the same on shapes-flow (SD3 transformer), at the image tokens of block 1
 """
 from __future__ import annotations
@@ -47,8 +47,10 @@ PRESETS = {
                             [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
                             {"high": None, "low": None, "kappa": None, "rollout_steps": 25, "n": 64,
                              "norm": None}),  # kappas: the training grid's extremes and their geometric mean
-    "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.mid", "caa", "mean",
-                              [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
+    # the text conditioning the UNet's cross-attention reads (METHODS: "add in the text embedding");
+    # the mid-block (h-space) moved the hue of this model < 15 degrees up to alpha 1.5
+    "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.context", "caa", "mean",
+                              [-0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,
                                "guidance": 4.0, "seeds": 1}),
     "shapes-flow-red-blue": Preset("diffusion", "shapes-flow", "transformer.blocks.1.img", "caa", "mean",
