@@ -82,15 +82,31 @@ def _n(inputs) -> int:
     return inputs.shape[0] if isinstance(inputs, torch.Tensor) else len(inputs)
 
 
+def _batches(lm: interp.Instrumented, inputs, order: torch.Tensor, batch_size: int):
+    """Index batches in `order` whose inputs share one token length (prompts of other lengths go to other batches)."""
+    if isinstance(inputs, torch.Tensor):
+        lengths = [0] * _n(inputs)
+    else:
+        cache = lm.__dict__.setdefault("_probe_lengths", {})
+        lengths = [cache.setdefault(x, len(lm.tokens(x))) if isinstance(x, str) else 0 for x in inputs]
+    groups: dict[int, list[int]] = {}
+    for i in order.tolist():
+        groups.setdefault(lengths[i], []).append(i)
+    for members in groups.values():
+        for s in range(0, len(members), batch_size):
+            yield torch.tensor(members[s:s + batch_size])
+
+
 def site_activations(lm: interp.Instrumented, inputs, site: str, pos: int, batch_size: int = 64) -> torch.Tensor:
     """Activations [N, d] of `site` at position `pos` (per-head sites flattened)."""
-    rows = []
+    out = None
     with torch.no_grad():
-        for s in range(0, _n(inputs), batch_size):
-            idx = torch.arange(s, min(_n(inputs), s + batch_size))
-            t = lm.run(_take(inputs, idx), capture=[site], last_only=True).cache[site]
-            rows.append(t[:, pos].flatten(1))
-    return torch.cat(rows)
+        for idx in _batches(lm, inputs, torch.arange(_n(inputs)), batch_size):
+            t = lm.run(_take(inputs, idx), capture=[site], last_only=True).cache[site][:, pos].flatten(1)
+            if out is None:
+                out = torch.empty(_n(inputs), t.shape[1], dtype=t.dtype, device=t.device)
+            out[idx.to(t.device)] = t
+    return out
 
 
 def _readout(logits: torch.Tensor, candidates) -> torch.Tensor:
@@ -120,12 +136,11 @@ def fit_das(lm: interp.Instrumented, site: str, pos: int, base, source, targets:
     lin = lin.to(src.device)
     params = list(lin.parameters())
     opt = torch.optim.Adam(params, lr=lr)
-    steps = epochs * ((len(targets) + batch_size - 1) // batch_size)
+    steps = epochs * sum(1 for _ in _batches(lm, base, torch.arange(len(targets)), batch_size))
     bar = tqdm(total=steps, desc=f"DAS {site}@{pos}", disable=not progress, leave=False)
     try:
         for perm in order:
-            for s in range(0, len(targets), batch_size):
-                idx = perm[s:s + batch_size]
+            for idx in _batches(lm, base, perm, batch_size):
                 op = _swap_op(site, pos, src[idx], lambda: lin.weight)
                 with torch.enable_grad():
                     out = lm.run(_take(base, idx), ops=[op], grad=True, last_only=True)
@@ -157,8 +172,7 @@ def iia(lm: interp.Instrumented, alignment: Alignment | None, base, source, targ
     weight = (lambda: None) if alignment is None else (lambda: alignment.W)
     hits = 0
     with torch.no_grad():
-        for s in range(0, len(targets), batch_size):
-            idx = torch.arange(s, min(len(targets), s + batch_size))
+        for idx in _batches(lm, base, torch.arange(len(targets)), batch_size):
             out = lm.run(_take(base, idx), ops=[_swap_op(site, pos, src[idx], weight)], last_only=True)
             hits += int((_readout(out.logits, candidates).argmax(-1).cpu() == targets[idx]).sum())
     return hits / max(1, len(targets))
@@ -169,8 +183,7 @@ def base_agreement(lm: interp.Instrumented, base, targets, candidates=None, batc
     targets = torch.as_tensor(targets).long()
     hits = 0
     with torch.no_grad():
-        for s in range(0, len(targets), batch_size):
-            idx = torch.arange(s, min(len(targets), s + batch_size))
+        for idx in _batches(lm, base, torch.arange(len(targets)), batch_size):
             out = lm.run(_take(base, idx), last_only=True)
             hits += int((_readout(out.logits, candidates).argmax(-1).cpu() == targets[idx]).sum())
     return hits / max(1, len(targets))

@@ -5,6 +5,8 @@ each beside the same measurement on a randomly initialised copy of the model.
     interp probe --data prompts.jsonl              # {"prompt", "label", "subject"?, "group"?} per line
     interp probe --das-layers 4,8,12,16            # + IIA at those layers (last position)
     interp probe --model toy                       # the constructed model with a known causal site
+    interp probe --model shapes-diffusion          # a pipeline: colour over text-encoder layers x tokens
+                                                   # and denoiser blocks x steps
 """
 from __future__ import annotations
 
@@ -170,11 +172,18 @@ def _answers(lm, rows, label) -> dict | None:
     if any(len(i) != 1 for i in ids):
         return None
     cand = [i[0] for i in ids]
-    correct, length = [], []
-    for p, gold in zip(rows["prompt"], rows[label]):
-        out = lm.run(p, last_only=True)
-        correct.append(classes[int(_readout(out.logits, cand).argmax(-1))] == gold)
-        length.append(len(out.tokens[0]))
+    length = [len(lm.tokens(p)) for p in rows["prompt"]]
+    correct = [False] * len(length)
+    by_len: dict[int, list[int]] = {}
+    for i, n in enumerate(length):
+        by_len.setdefault(n, []).append(i)
+    for members in by_len.values():                      # equal lengths batch without padding
+        for s in range(0, len(members), 32):
+            idx = members[s:s + 32]
+            out = lm.run([rows["prompt"][i] for i in idx], last_only=True)
+            pred = _readout(out.logits, cand).argmax(-1).tolist()
+            for i, p in zip(idx, pred):
+                correct[i] = classes[p] == rows[label][i]
     return {"classes": classes, "candidates": cand, "correct": correct, "length": length,
             "accuracy": sum(correct) / len(correct)}
 

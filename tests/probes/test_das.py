@@ -60,3 +60,21 @@ def test_random_copy_reinitialises_without_touching_the_original(toy):
     X, lab = m.dataset()
     acc = (r(X).logits[:, -1, :3].argmax(-1) == torch.tensor(lab["y"])).float().mean()
     assert acc < 0.6
+
+
+def test_prompts_of_different_lengths_are_batched_by_length(tiny_llama_dir):
+    from probes import iia
+    from probes.das import site_activations
+    from recipes.models import load
+
+    lm = interp.attach(load(str(tiny_llama_dir)))
+    prompts = ["The Eiffel Tower is in", "The Leaning Tower of Pisa is in", "Big Ben is in", "The Louvre is in"]
+    assert len({len(lm.tokens(p)) for p in prompts}) > 1
+    acts = site_activations(lm, prompts, "blocks.1.resid_post", -1, batch_size=8)
+    for i, p in enumerate(prompts):
+        alone = lm.run(p, capture="blocks.1.resid_post").cache["blocks.1.resid_post"][0, -1]
+        assert torch.allclose(acts[i], alone, atol=1e-5)
+    tgt = torch.tensor([0, 1, 0, 1])
+    al = fit_das(lm, "blocks.1.resid_post", -1, prompts, prompts[::-1], tgt, k=2, candidates=[5, 6], epochs=1,
+                 progress=False)
+    assert 0.0 <= iia(lm, al, prompts, prompts[::-1], tgt, candidates=[5, 6]) <= 1.0
