@@ -60,6 +60,8 @@ def _method_kwargs(method: str, args) -> dict:
         kw.update(steps=args.hirm_steps, progress=not args.quiet and args.progress)
     if method == "leace" and args.leace_site:
         kw["site"] = args.leace_site
+    if method == "leace":
+        kw["contrast"] = args.leace_contrast
     if method == "time" and args.preserve_time:
         kw["preserve"] = True
     return kw
@@ -182,6 +184,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="locoedit: cross-attention layer indices (forward order)")
     p.add_argument("--window", type=int, default=2, help="locoedit: window size for the edit sweep")
     p.add_argument("--leace-site", choices=("cross_attention", "text_encoder"), default=None)
+    p.add_argument("--leace-contrast", choices=("all", "aligned"), default="all",
+                   help="leace: concept tokens against all other tokens, or against other prompts' tokens at the same positions")
     p.add_argument("--preserve-time", action="store_true", help="time: also use the preservation list")
     p.add_argument("--hirm-steps", type=int, default=200)
     p.add_argument("--out", default=None, help="checkpoint folder (a sub-folder per method when several)")

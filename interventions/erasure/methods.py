@@ -292,7 +292,7 @@ def _restore_mean(unet: nn.Module, name: str, lin: nn.Linear, er, tensors: dict)
 
 
 def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=None, preserve_negative: bool = True,
-               tol: float = 1e-6, exact_mean: bool = True) -> Edit:
+               tol: float = 1e-6, exact_mean: bool = True, contrast: str = "all") -> Edit:
     """Fit a LEACE eraser of "concept present" (source positions from the concept token on) against the
     preserve prompts' positions, then fold it into weights.
 
@@ -300,7 +300,11 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
     bias-free; with exact_mean the lost mean term is restored through to_out.0's bias (see _restore_mean),
     so the edited attention equals a Project op on its text inputs; without it only the mean is lost. site="text_encoder": fitted on text-encoder
     layer 0's out_proj output and folded after it (bias kept, exact).
+    contrast="all": the concept's tokens against every other token (prefixes and the empty prompt too);
+    "aligned": against the other prompts' tokens at the same positions (from the concept position on).
     """
+    if contrast not in ("all", "aligned"):
+        raise ValueError(f"contrast must be 'all' or 'aligned', not {contrast!r}")
     if site not in ("cross_attention", "text_encoder"):
         raise ValueError(f"site must be 'cross_attention' or 'text_encoder', not {site!r}")
     starts = _starts(pipe.tokenizer, concept)
@@ -316,7 +320,12 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
 
     def fit(x: torch.Tensor):
         x = x[keep]
-        return LeaceFitter(x.shape[-1], 1, tol=tol).update(x.reshape(-1, x.shape[-1]), labels(x).reshape(-1)).eraser
+        z = labels(x)
+        if contrast == "aligned":
+            rows = [i for i, p in enumerate(prompts[j] for j in keep) if p != ""]
+            p0 = min(starts)
+            x, z = x[rows, p0:], z[rows, p0:]
+        return LeaceFitter(x.shape[-1], 1, tol=tol).update(x.reshape(-1, x.shape[-1]), z.reshape(-1)).eraser
 
     tensors, mean_kept, ranks, erasers = {}, [], [], {}
     if site == "cross_attention":
@@ -350,5 +359,5 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
         ranks.append(er.rank)
         layer_names = [f"text_encoder.{path}"]
     return Edit("leace", concept.word, tensors, None, layer_names,
-                {"site": site, "eraser_rank": ranks, "mean_preserved": all(mean_kept), "n_preserve_prompts": n_pres,
+                {"site": site, "contrast": contrast, "eraser_rank": ranks, "mean_preserved": all(mean_kept), "n_preserve_prompts": n_pres,
                  **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}}, erasers)

@@ -265,3 +265,18 @@ def test_hirm_random_target_and_errors(pipe, concept):
         hirm(pipe, concept, steps=1, target="super")
     with pytest.raises(KeyError, match="no module"):
         hirm(pipe, concept, steps=1, block="encoder.layers.9")
+
+
+def test_leace_aligned_contrast_also_equalises_concept_means(pipe, concept):
+    edit = erase(pipe, concept, "leace", contrast="aligned")
+    assert edit.info["contrast"] == "aligned" and edit.info["mean_preserved"] is True
+    layer = cross_attention_layers(pipe.unet)[0]
+    x = unet_cross_inputs(pipe, [*concept.sources, *concept.preserve], [layer], ["to_k"])[f"{layer}.to_k"]
+    p0 = min(_starts(pipe.tokenizer, concept))
+    z = torch.zeros(x.shape[:2], dtype=torch.bool)
+    z[: len(concept.sources), p0:] = True
+    y = edit.erasers[f"module:{layer}.to_k:input"](x[:, p0:])
+    zz = z[:, p0:]
+    assert (y[zz].mean(0) - y[~zz].mean(0)).norm() < 1e-6 * y.std(0).norm()
+    with pytest.raises(ValueError, match="contrast"):
+        erase(pipe, concept, "leace", contrast="some")
