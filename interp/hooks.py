@@ -127,9 +127,14 @@ def _make_input_hook(entries: list[Entry]):
         site_entries = [e for e in entries if not e.raw_io]
         if not site_entries:
             return None
-        t = read_input(site_entries[0].site, args, kwargs)
+        site = site_entries[0].site
+        t = read_input(site, args, kwargs)
         new = _apply(site_entries, t)
-        return None if new is None else write_input(site_entries[0].site, args, kwargs, new)
+        if new is not None and site.inplace:
+            with torch.no_grad():
+                t.copy_(new)
+            return None
+        return None if new is None else write_input(site, args, kwargs, new)
     return hook
 
 

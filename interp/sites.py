@@ -23,6 +23,9 @@ class Site:
     axes: names of the tensor's axes, batch first.
     heads: if set, the last axis is split into (heads, d_head) for this site.
     layer: block index the site belongs to (-1 before the first block, n_layers after the last).
+    inplace: an input site whose tensor is also used by the module's caller after the call (the
+      residual stream at `resid_mid` is both the norm's input and the residual that is added back):
+      edits are written into that tensor in place so every consumer sees them.
     """
 
     name: str
@@ -32,6 +35,7 @@ class Site:
     arg_name: str | None = None
     axes: tuple[str, ...] = ("batch", "pos", "d_model")
     heads: int | None = None
+    inplace: bool = False  # edits are copied into the flowing tensor itself (see hooks._make_input_hook)
     layer: int | None = None
     kind: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)

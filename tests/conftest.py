@@ -1,6 +1,12 @@
 """Shared fixtures: offline tokenizers and tiny models of every family interp claims."""
 from __future__ import annotations
 
+import os
+
+# Triton's CPU interpreter must be chosen before anything imports triton (diffusers and torch may);
+# this root conftest is imported before any test module is collected.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import importlib.util
 from pathlib import Path
 

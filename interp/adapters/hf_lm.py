@@ -75,7 +75,7 @@ def block_sites(model: nn.Module, blocks: str, n_heads: int, n_kv: int, prefix: 
                          else ("post_attention_layernorm", "ln_2"))
         if mid and not parallel:
             out.append(Site(n + "resid_mid", f"{bp}.{mid}", io="input", slot=0, arg_name="hidden_states",
-                            layer=i, kind="resid_mid"))
+                            layer=i, kind="resid_mid", inplace=True))
         if mlp:
             out.append(Site(n + "mlp.out", f"{bp}.{mlp}", slot=0, layer=i, kind="mlp.out"))
         out.append(Site(n + "resid_post", bp, slot=0, layer=i, kind="resid_post"))

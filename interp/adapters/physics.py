@@ -39,7 +39,7 @@ class PhysicsAdapter(Adapter):
                 sites += [
                     Site(n + "resid_pre", bp, io="input", slot=0, arg_name="x", layer=i, kind="resid_pre"),
                     Site(n + "attn.out", f"{bp}.attn", layer=i, kind="attn.out"),
-                    Site(n + "resid_mid", f"{bp}.ln2", io="input", slot=0, arg_name="input", layer=i, kind="resid_mid"),
+                    Site(n + "resid_mid", f"{bp}.ln2", io="input", slot=0, arg_name="input", layer=i, kind="resid_mid", inplace=True),
                     Site(n + "mlp.out", f"{bp}.mlp", layer=i, kind="mlp.out"),
                     Site(n + "resid_post", bp, layer=i, kind="resid_post"),
                 ]

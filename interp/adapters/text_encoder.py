@@ -72,7 +72,7 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
             if s.kind == "attn.out":  # CLIP is pre-norm: layer_norm2's input is the mid residual stream
                 i = s.layer
                 sites.append(Site(f"blocks.{i}.resid_mid", f"{blocks}.{i}.layer_norm2", io="input", slot=0,
-                                  arg_name="input", layer=i, kind="resid_mid"))
+                                  arg_name="input", layer=i, kind="resid_mid", inplace=True))
         n = len(model.get_submodule(blocks))
         sites.append(Site("final", cp + "final_layer_norm", layer=n, kind="final"))
     elif kind == "t5":
@@ -90,7 +90,7 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
                      axes=("batch", "pos", "head", "d_head"), heads=n_heads, layer=i, kind="attn.z"),
                 Site(nm + "attn.out", att, slot=0, layer=i, kind="attn.out"),
                 Site(nm + "resid_mid", f"{bp}.layer.1", io="input", slot=0, arg_name="hidden_states", layer=i,
-                     kind="resid_mid"),
+                     kind="resid_mid", inplace=True),
                 Site(nm + "mlp.out", f"{bp}.layer.1.DenseReluDense", slot=0, layer=i, kind="mlp.out"),
                 Site(nm + "resid_post", bp, slot=0, layer=i, kind="resid_post"),
             ]

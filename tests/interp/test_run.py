@@ -119,3 +119,11 @@ def test_residual_stream_bookkeeping(gpt2):
         torch.testing.assert_close(c[f"blocks.{l}.resid_pre"] + c[f"blocks.{l}.attn.out"], c[f"blocks.{l}.resid_mid"])
         torch.testing.assert_close(c[f"blocks.{l}.resid_mid"] + c[f"blocks.{l}.mlp.out"], c[f"blocks.{l}.resid_post"])
     torch.testing.assert_close(c["blocks.0.resid_post"], c["blocks.1.resid_pre"])
+
+
+def test_patching_resid_mid_edits_the_residual_stream(gpt2):
+    """resid_mid is both the MLP's norm input and the residual added back: a patch must reach both."""
+    lm = interp.attach(gpt2)
+    clean = lm.capture(CLEAN, ["blocks.0.resid_mid", "blocks.0.resid_post"])
+    out = lm.run(CORRUPT, ops=[Patch("blocks.0.resid_mid", clean["blocks.0.resid_mid"])], capture="blocks.0.resid_post")
+    torch.testing.assert_close(out.cache["blocks.0.resid_post"], clean["blocks.0.resid_post"], rtol=0, atol=1e-6)
