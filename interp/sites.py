@@ -35,10 +35,10 @@ class Site:
     arg_name: str | None = None
     axes: tuple[str, ...] = ("batch", "pos", "d_model")
     heads: int | None = None
-    inplace: bool = False  # edits are copied into the flowing tensor itself (see hooks._make_input_hook)
     layer: int | None = None
     kind: str = ""
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    inplace: bool = False  # edits are copied into the flowing tensor itself (see hooks._make_input_hook)
 
     @property
     def is_raw(self) -> bool:
