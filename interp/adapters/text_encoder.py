@@ -17,6 +17,7 @@ Inside a pipeline every name is prefixed by the component (`text_encoder.blocks.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -99,8 +100,8 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
         raise TypeError(f"{type(model).__name__} is not a CLIP or T5 text encoder")
     if not prefix and not module_prefix:
         return sites
-    return [Site(prefix + s.name, module_prefix + s.module, s.io, s.slot, s.arg_name, s.axes, s.heads, s.layer,
-                 s.kind, {**s.meta, "component": prefix.rstrip(".")}) for s in sites]
+    return [replace(s, name=prefix + s.name, module=module_prefix + s.module,
+                    meta={**s.meta, "component": prefix.rstrip(".")}) for s in sites]
 
 
 def _has(model: nn.Module, path: str) -> bool:

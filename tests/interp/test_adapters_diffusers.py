@@ -149,3 +149,20 @@ def test_edits_reach_what_pipelines_read_from_hidden_states():
                      capture="transformer.context").cache["transformer.context"]
         assert ctx[1, :, :16].abs().max() == 0 and ctx[1, :, 16:32].abs().max() > 0  # cond row: CLIP-1 part zeroed
         assert ctx[0, :, :16].abs().max() > 0                                         # uncond row untouched
+
+
+def test_clip_resid_mid_edits_reach_the_residual_stream():
+    """CLIP's resid_mid is layer_norm2's input *and* the residual added after the MLP: an edit there must
+    show up in the block output even where the MLP contributes nothing."""
+    pipe = tiny_sd()
+    te = interp.attach(pipe.text_encoder, tokenizer=pipe.tokenizer)
+    v = torch.randn(32)
+    base = te.run(PROMPT, capture="blocks.0.resid_post").cache["blocks.0.resid_post"]
+    with torch.no_grad():
+        for p in pipe.text_encoder.get_submodule(te.adapter.blocks + ".0.mlp").parameters():
+            p.zero_()
+    plain = te.run(PROMPT, capture="blocks.0.resid_post").cache["blocks.0.resid_post"]
+    out = te.run(PROMPT, ops=[interp.Add("blocks.0.resid_mid", v, where=at(pos=2))],
+                 capture="blocks.0.resid_post").cache["blocks.0.resid_post"]
+    torch.testing.assert_close(out[0, 2], plain[0, 2] + v, atol=1e-5, rtol=0)
+    assert torch.equal(out[0, :2], plain[0, :2]) and not torch.equal(base, plain)
