@@ -29,12 +29,18 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from interp.errors import InterpError
 
+    import torch
+
+    grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
     with _ranks(args):
         try:
             return int(args.func(args) or 0)
         except InterpError as e:
             print(f"interp {args.command}: error: {e}", file=sys.stderr)
             return 2
+        finally:  # recipes may switch off autograd or pin threads; a caller in the same process keeps its own
+            torch.set_grad_enabled(grad)
+            torch.set_num_threads(threads)
 
 
 @contextlib.contextmanager

@@ -28,11 +28,11 @@ def run(args) -> int:
     from interventions.patching import patch_sweep
     from recipes.models import load
 
-    torch.set_grad_enabled(False)
     t0 = time.perf_counter()
     lm = interp.attach(load(args.model))
     target, foil = (metrics.token_id(lm.tokenizer, w) for w in (args.target, args.foil))
-    res = patch_sweep(lm, args.clean, args.corrupted, "resid_pre", metric=metrics.logit_diff(target, foil))
+    with torch.no_grad():
+        res = patch_sweep(lm, args.clean, args.corrupted, "resid_pre", metric=metrics.logit_diff(target, foil))
     out = Path(args.out)
     json_path = res.save(out / "resid_pre_patching")
     png = res.plot(out / "resid_pre_patching.png",

@@ -512,7 +512,8 @@ def run(args) -> dict:
     if args.eval_only:
         metrics = evaluate_physics(args) if args.name == "physics" else evaluate_saved(args)
     else:
-        metrics = TRAINERS[args.name](args)
+        with torch.enable_grad():  # a caller may have switched autograd off in this process
+            metrics = TRAINERS[args.name](args)
     shown = {k: v for k, v in metrics.items() if k not in ("kappa_fit", "held_out")}
     if "held_out" in metrics:
         shown["held_out_accuracy"] = metrics["held_out"]["accuracy"]
