@@ -18,7 +18,6 @@ import functools
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -26,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import InterpError
+from .results import atomic_write
 
 FORMAT = "interp.sweep/1"
 _QUIET_KW = ("progress", "desc")
@@ -240,25 +240,14 @@ class ChunkStore:
         dest = self.path(rows)
         meta = {"format": FORMAT, "sweep": self.sweep, "rows": json.dumps(list(rows))}
         tensor = values.detach().contiguous().cpu()
-        _atomic(dest, lambda tmp: save_file({"values": tensor}, tmp, metadata=meta))
+        atomic_write(dest, lambda tmp: save_file({"values": tensor}, tmp, metadata=meta))
         return dest
 
     def write_index(self, descriptions: list[str], plan: list[list[int]] | None, complete: bool) -> None:
         data = {"format": FORMAT, "fingerprint": self.sweep, "rows": len(descriptions), "complete": complete,
                 "descriptions": descriptions,
                 "chunks": None if plan is None else [{"key": self.key(c), "rows": c} for c in plan]}
-        _atomic(self.index_path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
-
-
-def _atomic(dest: Path, write: Callable[[str], Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        atomic_write(self.index_path, lambda tmp: Path(tmp).write_text(json.dumps(data, indent=1)))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,11 +84,11 @@ class Result:
         base = Path(path)
         base = base.with_suffix("") if base.suffix in (".json", ".safetensors") else base
         base.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format": FORMAT, "axes": list(self.axes), "coords": self.coords, "attrs": _jsonable(self.attrs),
+        meta = {"format": FORMAT, "axes": list(self.axes), "coords": self.coords, "attrs": jsonable(self.attrs),
                 "dtype": str(self.values.dtype), "shape": list(self.values.shape)}
         js, st = base.with_suffix(".json"), base.with_suffix(".safetensors")
-        _atomic(st, lambda p: save_file({"values": self.values.contiguous()}, str(p)))
-        _atomic(js, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+        atomic_write(st, lambda p: save_file({"values": self.values.contiguous()}, str(p)))
+        atomic_write(js, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
         return js
 
     @classmethod
@@ -174,7 +174,8 @@ def image_grid(images: torch.Tensor, path: str | os.PathLike, labels: Sequence[s
     return path
 
 
-def _atomic(dest: Path, write) -> None:
+def atomic_write(dest: Path, write) -> None:
+    """Call write(tmp_path) on a temporary file beside `dest`, then rename it into place (never a partial `dest`)."""
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -185,11 +186,12 @@ def _atomic(dest: Path, write) -> None:
             os.unlink(tmp)
 
 
-def _jsonable(x):
+def jsonable(x):
+    """Nested dicts/lists/tensors -> plain JSON values (anything else as its string)."""
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [jsonable(v) for v in x]
     if isinstance(x, torch.Tensor):
         return x.tolist()
     if isinstance(x, (str, int, float, bool)) or x is None:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from interp.errors import InterpError
+from interp.results import jsonable
 
 MANIFEST = "interp_edit.json"
 FORMAT = "interp.edit/1"
@@ -147,7 +148,7 @@ def write_checkpoint(model: Any, dest: str | os.PathLike, edit=None, *, source: 
         from interp import __version__
 
         manifest["interp_version"] = __version__
-        (tmp / MANIFEST).write_text(json.dumps(_jsonable(manifest), indent=1))
+        (tmp / MANIFEST).write_text(json.dumps(jsonable(manifest), indent=1))
         stage = "verifying"
         reloaded = reload(model, tmp)
         _compare(model, reloaded, getattr(edit, "tensors", None))
@@ -253,18 +254,6 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
     diff = float(np.abs(plain - ours).max())
     return {"checked": True, "class": cls, "n_images": len(prompts), "steps": steps, "max_abs_diff": diff,
             "reproduces": diff < 1e-3}
-
-
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
 
 
 __all__ = ["write_checkpoint", "plain_diffusers_check", "read_manifest", "verify_files", "folder_hash", "CheckpointWriteError", "MANIFEST", "reload"]
