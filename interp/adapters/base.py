@@ -145,3 +145,30 @@ def ids_tokens(tokenizer, ids: torch.Tensor) -> list[list[str]]:
     if tokenizer is None:
         return [[str(int(i)) for i in row] for row in ids]
     return [[tokenizer.decode([int(i)]) for i in row] for row in ids]
+
+
+LM_KEYS = ("input_ids", "attention_mask", "inputs_embeds", "position_ids")
+
+
+def prepare_token_inputs(model, tokenizer, inputs: Any, pad: bool, keys=LM_KEYS, with_mask: bool = False) -> Prepared:
+    """Prompts, a [batch, pos] id tensor or a tokenizer dict -> Prepared on the model's input device."""
+    from ..sharding import input_device
+
+    dev = input_device(model)  # accelerate-dispatched models: the execution device, not meta
+    if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
+        kw, tokens = tokenize(tokenizer, inputs, pad)
+    elif isinstance(inputs, torch.Tensor):
+        ids = inputs if inputs.dim() == 2 else inputs[None]
+        kw, tokens = {"input_ids": ids}, ids_tokens(tokenizer, ids)
+        if with_mask:
+            kw["attention_mask"] = torch.ones_like(ids)
+    elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
+        kw = {k: v for k, v in dict(inputs).items() if k in keys}
+        ids = kw.get("input_ids")
+        tokens = ids_tokens(tokenizer, ids) if ids is not None else []
+    else:
+        raise TypeError(f"cannot run {type(model).__name__} on a {type(inputs).__name__}: pass a prompt, a list "
+                        "of prompts, a [batch, pos] tensor of token ids or a dict from the tokenizer")
+    kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    first = kw.get("input_ids", kw.get("inputs_embeds"))
+    return Prepared(kw, first.shape[0], first.shape[1], tokens)

@@ -12,8 +12,9 @@ import torch
 from torch import nn
 
 from ..sites import Site, SiteTable
-from .base import Adapter, Prepared, ids_tokens, module_paths, tokenize
+from .base import LM_KEYS, Adapter, Prepared, module_paths, prepare_token_inputs
 
+ENCODER_KEYS = (*LM_KEYS, "token_type_ids")
 ENCODER_LISTS = ("encoder.layer", "bert.encoder.layer", "roberta.encoder.layer", "model.encoder.layer")
 
 
@@ -62,19 +63,7 @@ class HFEncoderAdapter(Adapter):
     def prepare(self, inputs: Any, pad: bool = False) -> Prepared:
         if isinstance(inputs, Prepared):
             return inputs
-        from ..sharding import input_device
-
-        dev = input_device(self.model)  # accelerate-dispatched models: the execution device, not meta
-        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
-            kw, tokens = tokenize(self.tokenizer, inputs, pad)
-        elif isinstance(inputs, torch.Tensor):
-            ids = inputs if inputs.dim() == 2 else inputs[None]
-            kw, tokens = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids_tokens(self.tokenizer, ids)
-        else:
-            kw = dict(inputs)
-            tokens = ids_tokens(self.tokenizer, kw["input_ids"])
-        kw = {k: v.to(dev) for k, v in kw.items() if isinstance(v, torch.Tensor)}
-        return Prepared(kw, kw["input_ids"].shape[0], kw["input_ids"].shape[1], tokens)
+        return prepare_token_inputs(self.model, self.tokenizer, inputs, pad, keys=ENCODER_KEYS, with_mask=True)
 
     def forward(self, prepared: Prepared, last_only: bool = False):
         return self.model(**prepared.kwargs)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..sites import Site, SiteTable
-from .base import Adapter, Prepared, first_attr, ids_tokens, module_paths, tokenize
+from .base import Adapter, Prepared, first_attr, module_paths, prepare_token_inputs
 
 BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
                "transformer.layers", "layers", "h", "model.language_model.layers")
@@ -116,24 +116,7 @@ class HFCausalLMAdapter(Adapter):
     def prepare(self, inputs: Any, pad: bool = False) -> Prepared:
         if isinstance(inputs, Prepared):
             return inputs
-        from ..sharding import input_device
-
-        dev = input_device(self.model)  # accelerate-dispatched models: the execution device, not meta
-        if isinstance(inputs, str) or (isinstance(inputs, (list, tuple)) and inputs and isinstance(inputs[0], str)):
-            kw, tokens = tokenize(self.tokenizer, inputs, pad)
-        elif isinstance(inputs, torch.Tensor):
-            ids = inputs if inputs.dim() == 2 else inputs[None]
-            kw, tokens = {"input_ids": ids}, ids_tokens(self.tokenizer, ids)
-        elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
-            kw = {k: v for k, v in dict(inputs).items() if k in ("input_ids", "attention_mask", "inputs_embeds", "position_ids")}
-            ids = kw.get("input_ids")
-            tokens = ids_tokens(self.tokenizer, ids) if ids is not None else []
-        else:
-            raise TypeError(f"cannot run a language model on a {type(inputs).__name__}: pass a prompt, a list "
-                            "of prompts, a [batch, pos] tensor of token ids or a dict from the tokenizer")
-        kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
-        first = kw.get("input_ids", kw.get("inputs_embeds"))
-        return Prepared(kw, first.shape[0], first.shape[1], tokens)
+        return prepare_token_inputs(self.model, self.tokenizer, inputs, pad)
 
     def forward(self, prepared: Prepared, last_only: bool = False):
         kw = dict(prepared.kwargs)
