@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# The suite runs tiny models on a few shared cores: one thread each is fastest and avoids the
+# oversubscription that made small matmuls 20-50x slower on a busy machine.
+torch.set_num_threads(1)
+
 
 def _pkg_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)

@@ -14,7 +14,6 @@ import interp  # noqa: E402
 from interp import UnknownSiteError, at  # noqa: E402
 from interp.diffusion import Sampling  # noqa: E402
 
-torch.set_num_threads(1)
 PROMPT = "a small red circle on the left, solid"
 FAMILIES = {
     "sd": (tiny_sd, {}, 3.0),

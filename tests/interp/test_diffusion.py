@@ -14,7 +14,6 @@ from interp import Add, Noise, OpNeverFiredError, PositionError, Replace, Tokens
 from interp.diffusion import (Sampling, pred_distance, record, restore, sample_grid,  # noqa: E402
                               token_influence)
 
-torch.set_num_threads(1)
 PROMPT = "a small red circle on the left, solid"
 
 

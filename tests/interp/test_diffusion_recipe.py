@@ -11,7 +11,6 @@ from test_diffusion_helpers import tiny_sd  # noqa: E402
 from interp import Result  # noqa: E402
 from recipes.cli import main  # noqa: E402
 
-torch.set_num_threads(1)
 
 
 def test_interp_trace_on_a_pipeline_folder(tmp_path):

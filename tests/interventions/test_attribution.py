@@ -14,13 +14,6 @@ T, L = 6, 3
 METRIC = logit_diff(5, 9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def linear_tail_gpt2(zero_last_mlp: bool = True):
     """A tiny GPT-2 whose logits are linear in the last block's MLP output and output (no final

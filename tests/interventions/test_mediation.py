@@ -14,13 +14,6 @@ T, L = 6, 3
 METRIC = logit_diff(5, 9)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def lm():

@@ -31,14 +31,6 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and much faster than on two busy ones."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 MODELS = {"gpt2": tiny_gpt2, "gpt2-eager": lambda: tiny_gpt2("eager"), "llama-gqa": tiny_llama}
 

@@ -11,7 +11,6 @@ import interp
 from interp.errors import InterpError, SiteShapeError
 from interventions import steering as S
 
-torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 
 D = 32
 

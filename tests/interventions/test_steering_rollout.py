@@ -14,7 +14,6 @@ from interp.zoo import physics as P
 from interventions import steering as S
 from recipes import steer as R
 
-torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 
 
 @pytest.fixture(scope="module")

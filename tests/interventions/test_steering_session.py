@@ -13,7 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import interp
 from interp import Add, OpNeverFiredError, PositionError, SiteShapeError, Tokens, at
 
-torch.set_num_threads(1)  # the suite shares a few cores; oversubscribed threads only slow it down
 
 SITE = "blocks.1.resid_post"
 

@@ -14,13 +14,6 @@ T, L, SUBJ, MLP_LAYER, ATTN_LAYER = 6, 4, 2, 1, 2
 PROMPT = torch.tensor([[7, 12, 33, 4, 50, 21]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def planted_gpt2(mlp_scale: float = 50.0, sharpness: float = 300.0):
     """Only the subject token carries information: every other prompt token embeds to zero and there

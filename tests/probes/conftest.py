@@ -5,7 +5,6 @@ import interp
 from probes.toy import ToyLM
 
 # Tiny models and many small solves: extra threads only contend with each other on a shared machine.
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -14,13 +14,6 @@ import interp
 from recipes import cli, trace as trace_recipe
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory, gpt2_tokenizer):

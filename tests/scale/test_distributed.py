@@ -37,13 +37,6 @@ def _worker():
 W = _worker()
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
@@ -64,7 +57,7 @@ def cli_model(tmp_path_factory, gpt2_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def lm(model_dir, one_thread):
+def lm(model_dir):
     return W.load(str(model_dir))
 
 
