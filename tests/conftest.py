@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 # The suite runs tiny models on a few shared cores: one thread each is fastest and avoids the
 # oversubscription that made small matmuls 20-50x slower on a busy machine.
@@ -58,3 +59,22 @@ def gpt2(gpt2_tokenizer):
     m = tiny_gpt2()
     m.tokenizer = gpt2_tokenizer
     return m
+
+
+def logistic_accuracy(x_tr, y_tr, x_te, y_te, steps: int = 300, l2: float = 1e-4) -> float:
+    """A fresh multinomial logistic regression (LBFGS on standardised features); held-out accuracy."""
+    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
+    a, b = ((x_tr - mu) / sd).double(), ((x_te - mu) / sd).double()
+    k = int(max(y_tr.max(), y_te.max())) + 1
+    lin = nn.Linear(a.shape[1], k).double()
+    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(lin(a), y_tr) + l2 * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return float((lin(b).argmax(-1) == y_te).double().mean())

@@ -12,24 +12,7 @@ from torch import nn
 import interp
 from interventions.erasure import LeaceEraser, LeaceFitter, fit_at_site, fold_eraser, fold_weights
 
-
-def logistic_accuracy(x_tr, y_tr, x_te, y_te, steps: int = 300, l2: float = 1e-4) -> float:
-    """A fresh multinomial logistic regression (LBFGS on standardised features); held-out accuracy."""
-    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
-    a, b = ((x_tr - mu) / sd).double(), ((x_te - mu) / sd).double()
-    k = int(max(y_tr.max(), y_te.max())) + 1
-    lin = nn.Linear(a.shape[1], k).double()
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(lin(a), y_tr) + l2 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float((lin(b).argmax(-1) == y_te).double().mean())
+from ..conftest import logistic_accuracy
 
 
 def make_data(seed: int, n: int, d: int, k: int, sep: float = 3.0):

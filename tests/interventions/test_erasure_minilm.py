@@ -11,6 +11,8 @@ from torch import nn
 import interp
 from interventions.erasure import LeaceEraser
 
+from ..conftest import logistic_accuracy
+
 torch.set_num_threads(1)
 
 NOUNS = {0: ["the match", "the game", "the team", "the race", "the tournament", "the coach", "the season"],
@@ -62,24 +64,6 @@ def data(minilm):
     perm = torch.randperm(len(rows), generator=torch.Generator().manual_seed(0))
     n_tr = int(0.7 * len(rows))
     return x, topic, sentiment, perm[:n_tr], perm[n_tr:]
-
-
-def logistic_accuracy(x_tr, y_tr, x_te, y_te, steps: int = 300, l2: float = 1e-4) -> float:
-    """A fresh logistic regression (LBFGS on standardised features); held-out accuracy."""
-    mu, sd = x_tr.mean(0), x_tr.std(0).clamp_min(1e-6)
-    a, b = ((x_tr - mu) / sd).double(), ((x_te - mu) / sd).double()
-    lin = nn.Linear(a.shape[1], 2).double()
-    opt = torch.optim.LBFGS(lin.parameters(), lr=1, max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(lin(a), y_tr) + l2 * lin.weight.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        return float((lin(b).argmax(-1) == y_te).double().mean())
 
 
 @pytest.mark.parametrize("erase_name", ["topic", "sentiment"])

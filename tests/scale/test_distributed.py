@@ -8,7 +8,6 @@ workers have).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,26 +22,10 @@ from interp import Patch, at
 from interp.distributed import DistributedError, _row_cost, _Shard, fingerprint
 from interp.metrics import logit_diff
 
+from .conftest import W
+
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
-
-
-def _worker():
-    spec = importlib.util.spec_from_file_location("dist_worker", HERE / "dist_worker.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-W = _worker()
-
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    W.save_model(str(d))
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,6 @@ and attached again, interp's sweeps equal those on the plain HF model bit for bi
 """
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,19 +15,9 @@ from transformers import LlamaForCausalLM
 import interp
 from interp.sharding import MetaWeightsError
 
+from .conftest import W
+
 nnsight_tf = pytest.importorskip("nnsight.modeling.transformers")
-
-HERE = Path(__file__).parent
-_spec = importlib.util.spec_from_file_location("dist_worker", HERE / "dist_worker.py")
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    W.save_model(str(d))
-    return d
 
 
 def test_undispatched_nnsight_model_has_sites_but_refuses_to_run(model_dir, gpt2_tokenizer):

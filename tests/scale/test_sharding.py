@@ -2,8 +2,6 @@
 with blocks (and the embeddings) offloaded to disk, equals the sweep on the unsplit model bit for bit."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,17 +13,7 @@ from interp import Ablate, Project, at
 from interp.metrics import logit_diff
 from interp.sharding import block_map, input_device, output_device, placement
 
-HERE = Path(__file__).parent
-_spec = importlib.util.spec_from_file_location("interp_dist_worker", HERE / "dist_worker.py")
-W = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(W)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-llama")
-    W.save_model(str(d))
-    return d
+from .conftest import W
 
 
 @pytest.fixture(scope="module")
