@@ -7,7 +7,9 @@ corrupted run and the logit difference at the last position is recorded.
   TransformerLens : transformer_lens.patching.get_act_patch_resid_pre on a TransformerBridge
   nnsight         : one `model.trace` per (layer, position) cell
   interp          : interventions.patching.patch_sweep (run_grid: layer + position prefix reuse,
-                    last-position logits, exact skip of cells whose clean and corrupted values are equal)
+                    last-position logits, exact skip of cells whose clean and corrupted values are equal;
+                    its metric is interp.metrics.logit_diff, which declares the two vocabulary columns it
+                    reads, so the head computes 2 logits per cell instead of 50257)
 
 Two prompt pairs: "minimal" (the corrupted prompt differs from the clean one in 2 of 20 tokens,
 as in IOI-style patching) and "random" (every token differs; no cell can be skipped).
@@ -105,8 +107,12 @@ def nnsight_sweep(nn_model, clean, corrupted):
 def interp_sweep(lm, clean, corrupted):
     from interventions.patching import patch_sweep
 
+    from interp.metrics import logit_diff as column_logit_diff
+
+    metric = column_logit_diff(TARGET, FOIL)  # the same function as logit_diff, declaring the 2 columns it reads
+
     def run():
-        res = patch_sweep(lm, clean, corrupted, "resid_pre", metric=logit_diff, normalize=False, progress=False)
+        res = patch_sweep(lm, clean, corrupted, "resid_pre", metric=metric, normalize=False, progress=False)
         return res
     return run
 

@@ -541,7 +541,7 @@ class Engine:
             if r in packable:
                 packed.setdefault(s, []).append(r)
             else:
-                groups.setdefault(s if (replay and s >= 1) else 0, []).append(r)
+                groups.setdefault(s if (replay and 1 <= s < len(blocks)) else 0, []).append(r)  # edits after the blocks: full runs
         forwards = 0.0
         L = max(1, len(blocks))
         bar = tqdm(total=len(rows), desc=desc, disable=not progress, leave=False)
@@ -568,13 +568,15 @@ class Engine:
                         [bb for bb in self.bind([o for o in shared if _layer(table.get(o.site)) >= start], prepared, 0, n)]
                     with torch.no_grad(), attached(ad.root, self.entries(sbound + bound, ctx)):
                         if replay and start >= 1:
-                            logits = self._replay(block_in, start, n, b, last_only)
+                            val = self._replay(block_in, start, n, b, last_only, metric)
                             forwards += n * (L - start) / L
                         else:
-                            logits = ad.main_output(ad.forward(prepared.repeat(n), last_only=last_only))
+                            # an edit of the logits themselves needs every position's logits (its positions index them)
+                            at_head = any(_layer(bb.site) >= L for bb in bound + sbound)
+                            out = ad.forward(prepared.repeat(n), last_only=last_only and not at_head)
+                            val = metric(ad.main_output(out))
                             forwards += n
                     self.check_fired(bound + sbound)
-                    val = metric(logits)
                     val = val.reshape(n, b, *val.shape[1:])
                     if chunk_hook is not None:
                         chunk_hook.after(chunk, val)
@@ -625,7 +627,9 @@ class Engine:
         return GridOutput(torch.stack(values) if values else torch.empty(0), base_val.reshape(b, *base_val.shape[1:]),
                           prepared.tokens, stats)
 
-    def _replay(self, block_in: dict, start: int, n: int, b: int, last_only: bool) -> torch.Tensor:
+    def _replay(self, block_in: dict, start: int, n: int, b: int, last_only: bool, metric=None) -> torch.Tensor:
+        """Blocks start.. on n copies of the base batch; the logits, or `metric` of them when given
+        (then a column metric needs only its columns of the head: interp.prefix.head_metric)."""
         ad = self.adapter
         hidden = _expand_batch(block_in[start][0], b, n) if b > 1 else block_in[start][0].expand(n, *block_in[start][0].shape[1:])
         for i in range(start, len(ad.block_paths)):
@@ -633,7 +637,12 @@ class Engine:
             kwargs = {**_expand_batch(kwargs, b, n), **{k: v for k, v in NO_CACHE.items() if k in kwargs}}
             out = ad.root.get_submodule(ad.block_paths[i])(hidden, *_expand_batch(args, b, n), **kwargs)
             hidden = out[0] if isinstance(out, (tuple, list)) else out
-        return ad.tail(hidden, last_only)
+        if metric is not None and last_only:
+            from .prefix import head_metric
+
+            return head_metric(ad, hidden[:, -1:], metric)
+        logits = ad.tail(hidden, last_only)
+        return logits if metric is None else metric(logits)
 
     _PACK_OPS = (Patch, Add, Project)
 

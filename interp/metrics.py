@@ -1,7 +1,7 @@
 """Metrics over model outputs. Each takes logits [batch, pos, vocab] and returns one value per item."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -10,12 +10,37 @@ def _last(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1] if logits.dim() == 3 else logits
 
 
-def logit_diff(target: int, foil: int) -> Callable[[torch.Tensor], torch.Tensor]:
+class ColumnMetric:
+    """A metric that reads only a few vocabulary columns of the last position's logits.
+
+    Called on full logits ([batch, pos, vocab] or [batch, vocab]) it behaves like any metric.
+    `columns` tells `run_grid` that only those columns of the unembedding are needed, so the
+    head of a sweep computes `len(columns)` logits per row instead of the whole vocabulary;
+    `on_columns` takes those logits as [batch, len(columns)] in the order of `columns`.
+    """
+
+    def __init__(self, columns: Sequence[int], fn: Callable[[torch.Tensor], torch.Tensor], name: str):
+        self.columns = tuple(int(c) for c in columns)
+        self.fn, self.name = fn, name
+
+    def on_columns(self, sub: torch.Tensor) -> torch.Tensor:
+        return self.fn(_last(sub).float())
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.fn(_last(logits)[:, list(self.columns)].float())
+
+    def __repr__(self) -> str:
+        return f"{self.name}(columns={self.columns})"
+
+
+def logit_diff(target: int, foil: int) -> ColumnMetric:
     """logit[target] - logit[foil] at the last position."""
-    def f(logits):
-        last = _last(logits).float()
-        return last[:, target] - last[:, foil]
-    return f
+    return ColumnMetric((target, foil), lambda sub: sub[:, 0] - sub[:, 1], "logit_diff")
+
+
+def logit(target: int) -> ColumnMetric:
+    """The raw logit of `target` at the last position."""
+    return ColumnMetric((target,), lambda sub: sub[:, 0], "logit")
 
 
 def prob(target: int) -> Callable[[torch.Tensor], torch.Tensor]:

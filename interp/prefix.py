@@ -139,12 +139,33 @@ def _mask(pack: Pack, base_mask, dtype, dev) -> torch.Tensor:
     return m.masked_fill(~ok, torch.finfo(dtype).min)
 
 
+def head_metric(adapter, hidden: torch.Tensor, metric, check=None) -> torch.Tensor:
+    """`metric` of the model's head on last-position states [n, 1, d]. A metric with `columns`
+    (interp.metrics.ColumnMetric) gets only those logits when the adapter can compute them alone
+    (`tail_columns`): the unembedding then costs len(columns) / vocab of the full one. check =
+    (hidden [b, 1, d], full logits) from a real run: the column path is used only if it reproduces them."""
+    cols = getattr(metric, "columns", None)
+    part = getattr(adapter, "tail_columns", None)
+    if cols is not None and part is not None:
+        ok = True
+        if check is not None:
+            h0, full = check
+            sub = part(h0, cols)
+            want = full[..., list(cols)].float()
+            ok = sub is not None and bool(((sub.float() - want).abs().max() / want.abs().max().clamp_min(1e-6)) < 1e-5)
+        sub = part(hidden, cols) if ok else None
+        if sub is not None:
+            return metric.on_columns(sub)
+    return metric(adapter.tail(hidden, True))
+
+
 class PrefixReplay:
     """Block replays for one base run: the base keys/values, then packed partial-position rows."""
 
     def __init__(self, adapter, block_in: dict, batch: int, T: int):
         self.adapter, self.block_in, self.b, self.T = adapter, block_in, batch, T
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._last = None  # (last hidden, logits) of the recording replay: checks the column-only head
 
     def _block(self, i: int):
         return self.adapter.root.get_submodule(self.adapter.block_paths[i])
@@ -165,7 +186,9 @@ class PrefixReplay:
                 return None
             self.kv[i] = rec.kv
             hidden = out[0] if isinstance(out, (tuple, list)) else out
-        return self.adapter.tail(hidden, True)
+        logits = self.adapter.tail(hidden, True)
+        self._last = (hidden[:, -1:], logits)
+        return logits
 
     def run(self, start: int, pack: Pack, tail: bool = True, cut_last: bool = True) -> torch.Tensor:
         """Blocks start.. on the packed rows; returns last-position logits [n_rows * batch, 1, vocab]
@@ -228,8 +251,7 @@ class PrefixReplay:
         def flush():
             if not group:
                 return
-            logits = self.adapter.tail(torch.cat([h for _, h in group]), True)
-            val = metric(logits)
+            val = head_metric(self.adapter, torch.cat([h for _, h in group]), metric, self._last)
             at = 0
             for rows, h in group:
                 k = h.shape[0]

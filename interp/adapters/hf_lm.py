@@ -143,6 +143,25 @@ class HFCausalLMAdapter(Adapter):
         cap = _cfg(self.model, "final_logit_softcapping")
         if cap:
             logits = torch.tanh(logits / cap) * cap
+        return self._to_output_device(logits)
+
+    def tail_columns(self, hidden: torch.Tensor, columns) -> torch.Tensor | None:
+        """Logits of the given vocabulary columns only ([..., len(columns)]): final norm, then only those
+        rows of the unembedding. None when the head is not a plain Linear (then callers use `tail`)."""
+        head = self.model.get_submodule(self.head)
+        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+            return None  # anything hooked on the head must see the full logits
+        if self.final:
+            hidden = self.model.get_submodule(self.final)(hidden)
+        idx = torch.as_tensor(columns, device=head.weight.device)
+        bias = None if head.bias is None else head.bias.index_select(0, idx)
+        logits = nn.functional.linear(hidden.to(head.weight.device), head.weight.index_select(0, idx), bias)
+        cap = _cfg(self.model, "final_logit_softcapping")
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return self._to_output_device(logits)
+
+    def _to_output_device(self, logits: torch.Tensor) -> torch.Tensor:
         from ..sharding import output_device
 
         dev = output_device(self.model)  # accelerate: a full forward returns on the input device; replays must too

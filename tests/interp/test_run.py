@@ -127,3 +127,34 @@ def test_patching_resid_mid_edits_the_residual_stream(gpt2):
     clean = lm.capture(CLEAN, ["blocks.0.resid_mid", "blocks.0.resid_post"])
     out = lm.run(CORRUPT, ops=[Patch("blocks.0.resid_mid", clean["blocks.0.resid_mid"])], capture="blocks.0.resid_post")
     torch.testing.assert_close(out.cache["blocks.0.resid_post"], clean["blocks.0.resid_post"], rtol=0, atol=1e-6)
+
+
+def test_column_metric_head_computes_only_its_columns(gpt2, monkeypatch):
+    from interp import metrics
+
+    lm = interp.attach(gpt2)
+    clean = lm.run(CLEAN, capture=["blocks.*.resid_pre", "blocks.*.attn.z"])
+    rows = [[Patch(f"blocks.{l}.resid_pre", clean.cache[f"blocks.{l}.resid_pre"], where=at(pos=p))]
+            for l in range(2) for p in (0, 4, 9)]                                   # packed rows
+    rows += [[Patch(f"blocks.{l}.attn.z", clean.cache[f"blocks.{l}.attn.z"], where=at(heads=[h]))]
+             for l in range(2) for h in (0, 3)]                                       # full-length replays
+    rows += [[Add("logits", torch.ones(50257), alpha=0.5)]]                           # an op on the head itself
+    col = metrics.logit_diff(11, 22)
+    plain = lambda logits: logits[:, -1, 11].float() - logits[:, -1, 22].float()
+    torch.testing.assert_close(col(clean.logits), plain(clean.logits))
+    ref = torch.stack([plain(lm.run(CORRUPT, ops=r).logits) for r in rows])
+
+    full_rows = []
+    tail = lm.adapter.tail
+    monkeypatch.setattr(lm.adapter, "tail", lambda h, last: (full_rows.append(h.shape[0]), tail(h, last))[1])
+    for metric in (plain, col):
+        full_rows.clear()
+        g = lm.run_grid(CORRUPT, rows, metric, progress=False)
+        torch.testing.assert_close(g.values, ref, rtol=1e-5, atol=1e-5)
+        n_full = sum(full_rows)
+        if metric is plain:
+            assert n_full >= len(rows)
+    # the column metric needs the full head only for the recording replay and the row that edits the logits
+    assert n_full <= 2
+    assert g.stats["positional_reuse"]
+    assert interp.hook_count(gpt2) == 0
