@@ -393,6 +393,12 @@ def train_shapes_diffusion(args):
 def train_shapes_flow(args):
     pipe = build_flow_pipeline(args.seed, heads=2 if args.smoke else 4, layers=2 if args.smoke else 4)
     tr, te1, te2 = pipe.transformer, pipe.text_encoder, pipe.text_encoder_2
+    if args.init:
+        from interp.zoo.catalog import load_trained
+
+        src = load_trained("shapes-flow", path=args.init)
+        for mine, theirs in ((tr, src.transformer), (te1, src.text_encoder), (te2, src.text_encoder_2)):
+            mine.load_state_dict(theirs.state_dict())
 
     def loss_fn(x0, caps):
         emb, _, pooled, _ = pipe.encode_prompt(caps, caps, None, device="cpu", do_classifier_free_guidance=False)
@@ -418,6 +424,9 @@ def train_physics(args):
     bs = args.batch_size or (16 if args.smoke else 64)
     lr = args.lr or 1e-3
     model = P.PhysicsSurrogate() if not args.smoke else P.PhysicsSurrogate(d_model=16, n_layers=2, d_mlp=32)
+    if args.init:
+        model.load_state_dict(P.PhysicsSurrogate.from_pretrained(args.init).state_dict())
+    unroll = max(1, args.rollout_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     state_path = out / "train_state.pt"
     start = 0
@@ -433,11 +442,20 @@ def train_physics(args):
     for step in bar:
         for gp in opt.param_groups:
             gp["lr"] = _lr(step, steps, lr, warmup=min(200, steps // 5 + 1))
-        u, nxt, kappa, vel = P.sample_pairs(args.seed * 1_000_003 + step, bs)
-        pred = model(u, kappa, vel)
-        # loss on the increment, normalised per sample so slow regimes count as much as fast ones
-        inc, pinc = nxt - u, pred - u
-        loss = (((pinc - inc) ** 2).sum(-1) / (inc**2).sum(-1).clamp_min(1e-6)).mean()
+        # loss on the change from the start state, normalised per sample so slow regimes count as much
+        # as fast ones; with --rollout-steps K the model is unrolled K steps (gradients through the
+        # whole rollout), which penalises the error that accumulates over a rollout (e.g. a spurious
+        # diffusivity) and not only the one-step error
+        if unroll == 1:
+            u, nxt, kappa, vel = P.sample_pairs(args.seed * 1_000_003 + step, bs)
+            traj = torch.stack([u, nxt], dim=1)
+        else:
+            traj, kappa, vel = P.sample_rollouts(args.seed * 1_000_003 + step, bs, unroll)
+        pred, loss = traj[:, 0], 0.0
+        for k in range(1, unroll + 1):
+            pred = model(pred, kappa, vel)
+            inc, pinc = traj[:, k] - traj[:, 0], pred - traj[:, 0]
+            loss = loss + (((pinc - inc) ** 2).sum(-1) / (inc**2).sum(-1).clamp_min(1e-6)).mean() / unroll
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -452,7 +470,7 @@ def train_physics(args):
     err = P.one_step_error(model)
     kfit = P.kappa_fit_report(model)
     worst = max(v["rel_err"] for v in kfit.values())
-    metrics = {"name": "physics", **err, "kappa_fit_rollout_steps": 20, "kappa_fit_max_rel_err": worst,
+    metrics = {"name": "physics", **err, "kappa_fit_rollout_steps": 20, "train_rollout_steps": unroll, "kappa_fit_max_rel_err": worst,
                "kappa_fit": kfit, "train_steps": steps, "batch_size": bs, "final_loss": running,
                "train_wall_s": round(train_time, 1), "machine": _machine(), "seed": args.seed,
                "command": "python -m recipes.zoo_train " + " ".join(args.argv), "smoke": bool(args.smoke)}
@@ -497,6 +515,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-captions", type=int, default=8, help="how many held-out captions to score (of 8)")
     p.add_argument("--no-eval", action="store_true", help="train and save only")
     p.add_argument("--eval-only", action="store_true", help="score the model already saved in --out")
+    p.add_argument("--rollout-steps", type=int, default=1,
+                   help="physics: unroll the surrogate this many steps in the training loss (default 1 = one-step)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -84,6 +84,18 @@ def sample_pairs(seed: int, batch: int, n: int = N_GRID):
     return f(u), f(nxt), f(kappa), f(vel)
 
 
+def sample_rollouts(seed: int, batch: int, steps: int, n: int = N_GRID):
+    """Exact trajectories for rollout training: ((B, steps + 1, N) states spaced by ``DT``, kappa, velocity)."""
+    rng = np.random.default_rng(seed)
+    u0 = random_initial(rng, batch, n)
+    kappa = np.asarray(KAPPAS)[rng.integers(0, len(KAPPAS), batch)]
+    vel = np.asarray(VELOCITIES)[rng.integers(0, len(VELOCITIES), batch)]
+    t0 = rng.uniform(0, 1.0, batch)
+    traj = np.stack([exact_evolve(u0, t0 + k * DT, kappa, vel) for k in range(steps + 1)], axis=1)
+    f = lambda a: torch.tensor(a, dtype=torch.float32)
+    return f(traj), f(kappa), f(vel)
+
+
 # ----------------------------------------------------------------------------- model
 class Attention(nn.Module):
     def __init__(self, d: int, heads: int):
