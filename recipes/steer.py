@@ -52,7 +52,7 @@ PRESETS = {
     "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.context", "caa", "mean",
                               [-0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,
-                               "guidance": 4.0, "seeds": 1}),
+                               "guidance": None, "seeds": 1}),  # None: the pipeline's default (1.0, no CFG)
     "shapes-flow-red-blue": Preset("diffusion", "shapes-flow", "transformer.blocks.1.img", "caa", "mean",
                                    [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
                                    {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,

@@ -133,8 +133,10 @@ def _clip_config(tok, hidden: int, layers: int, heads: int, projection: int | No
 
 
 def build_diffusion_pipeline(seed: int = 0, width: int = 16):
-    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel
+
+    from interp.zoo.catalog import diffusion_pipeline_class
 
     torch.manual_seed(seed)
     tok = build_tokenizer()
@@ -149,7 +151,7 @@ def build_diffusion_pipeline(seed: int = 0, width: int = 16):
                           prediction_type="sample", clip_sample=False, thresholding=True,
                           dynamic_thresholding_ratio=0.995, sample_max_value=1.0, set_alpha_to_one=True, steps_offset=1,
                           timestep_spacing="leading")
-    return StableDiffusionPipeline(vae=identity_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet,
+    return diffusion_pipeline_class()(vae=identity_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet,
                                    scheduler=sched, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
@@ -251,8 +253,9 @@ def save_pipeline(pipe, out: Path) -> None:
         dlog.set_verbosity(level)
     index = Path(out) / "model_index.json"
     cfg = json.loads(index.read_text())
-    if cfg.get("_class_name") == "ShapesFlowPipeline":
-        cfg["_class_name"] = "StableDiffusion3Pipeline"
+    stock = {"ShapesFlowPipeline": "StableDiffusion3Pipeline", "ShapesDiffusionPipeline": "StableDiffusionPipeline"}
+    if cfg.get("_class_name") in stock:  # the folder loads with the stock diffusers class too
+        cfg["_class_name"] = stock[cfg["_class_name"]]
         index.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 

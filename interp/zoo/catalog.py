@@ -80,15 +80,46 @@ def _flow_pipeline_class():
     return ShapesFlowPipeline
 
 
-_FLOW_CLS = None
+# shapes-diffusion is sampled without classifier-free guidance by default: with this x0-predicting
+# pixel-space UNet, guidance > 1 extrapolates the predicted image out of the data (at 1.5 and 25 DDIM
+# steps the shapes land on the wrong side; see docs/ZOO.md), while guidance 1 follows every attribute
+DIFFUSION_GUIDANCE = 1.0
+
+
+def _diffusion_pipeline_class():
+    from diffusers import StableDiffusionPipeline
+
+    class ShapesDiffusionPipeline(StableDiffusionPipeline):
+        """StableDiffusionPipeline whose default ``guidance_scale`` is ``DIFFUSION_GUIDANCE`` (1.0: no
+        classifier-free guidance) instead of 7.5. Everything else is the stock pipeline; an explicit
+        ``guidance_scale`` is used as given. The saved folder names the stock class, which loads it too
+        (then pass ``guidance_scale=1.0``)."""
+
+        def __call__(self, *args, **kwargs):
+            if len(args) < 7:  # guidance_scale is the 7th positional parameter of the stock __call__
+                kwargs.setdefault("guidance_scale", DIFFUSION_GUIDANCE)
+            return super().__call__(*args, **kwargs)
+
+    ShapesDiffusionPipeline.__module__ = __name__
+    ShapesDiffusionPipeline.__qualname__ = "ShapesDiffusionPipeline"
+    return ShapesDiffusionPipeline
+
+
+_CLASSES: dict[str, Any] = {}
 
 
 def flow_pipeline_class():
     """The ``ShapesFlowPipeline`` class (a ``StableDiffusion3Pipeline`` subclass), built once."""
-    global _FLOW_CLS
-    if _FLOW_CLS is None:
-        _FLOW_CLS = _flow_pipeline_class()
-    return _FLOW_CLS
+    if "flow" not in _CLASSES:
+        _CLASSES["flow"] = _flow_pipeline_class()
+    return _CLASSES["flow"]
+
+
+def diffusion_pipeline_class():
+    """The ``ShapesDiffusionPipeline`` class (a ``StableDiffusionPipeline`` subclass), built once."""
+    if "diffusion" not in _CLASSES:
+        _CLASSES["diffusion"] = _diffusion_pipeline_class()
+    return _CLASSES["diffusion"]
 
 
 def _quiet_load(fn, *args, **kw):
@@ -122,9 +153,7 @@ def load_trained(name: str, device: str = "cpu", path: str | Path | None = None,
 
         return PhysicsSurrogate.from_pretrained(path, device=device)
     if name == "shapes-diffusion":
-        from diffusers import StableDiffusionPipeline
-
-        pipe = _quiet_load(StableDiffusionPipeline.from_pretrained, str(path), safety_checker=None,
+        pipe = _quiet_load(diffusion_pipeline_class().from_pretrained, str(path), safety_checker=None,
                            requires_safety_checker=False, local_files_only=True, **kw)
     else:
         kw.setdefault("text_encoder_3", None)
