@@ -215,7 +215,7 @@ kw = {"safety_checker": None, "requires_safety_checker": False} if a["cls"] == "
 pipe = getattr(diffusers, a["cls"]).from_pretrained(a["folder"], local_files_only=True, **kw)
 pipe.set_progress_bar_config(disable=True)
 imgs = pipe(a["prompts"], num_inference_steps=a["steps"], generator=torch.Generator().manual_seed(a["seed"]),
-            output_type="np").images
+            output_type="np", **a["call"]).images
 bad = [m for m in sys.modules if m == "interp" or m.startswith(("interp.", "interventions", "recipes"))]
 if bad:
     raise SystemExit(f"interp modules were imported: {bad}")
@@ -226,21 +226,28 @@ np.save(a["out"], imgs)
 def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[str], seed: int = 0, steps: int = 10,
                           timeout: int = 600) -> dict:
     """Load `folder` in a fresh Python process with plain diffusers (no interp import), generate `prompts`, and
-    compare with `pipe` (the edited pipeline in memory) on the same seed: returns the images' max difference."""
+    compare with `pipe` (the edited pipeline in memory) on the same seed: returns the images' max difference.
+    A subclass of a diffusers pipeline that declares `plain_call_kwargs` (e.g. the zoo's ShapesDiffusionPipeline:
+    the stock StableDiffusionPipeline with guidance_scale=1.0) is checked as that stock class with those kwargs."""
     import subprocess
     import sys
     import tempfile
 
     import numpy as np
 
-    cls = type(pipe).__name__
     import diffusers
 
-    if getattr(diffusers, cls, None) is not type(pipe):
+    call = dict(getattr(pipe, "plain_call_kwargs", None) or {})
+    stock = next((c for c in type(pipe).__mro__ if getattr(diffusers, c.__name__, None) is c), None)
+    cls = type(pipe).__name__
+    if stock is type(pipe) or (stock is not None and getattr(pipe, "plain_call_kwargs", None) is not None):
+        cls = stock.__name__
+    else:
         return {"checked": False, "why": f"{cls} is not a diffusers class, so plain diffusers cannot load it as such"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "imgs.npy"
-        args = {"cls": cls, "folder": str(folder), "prompts": list(prompts), "seed": seed, "steps": steps, "out": str(out)}
+        args = {"cls": cls, "folder": str(folder), "prompts": list(prompts), "seed": seed, "steps": steps, "out": str(out),
+                "call": call}
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         r = subprocess.run([sys.executable, "-c", _PLAIN_SCRIPT, json.dumps(args)], cwd=tmp, env=env,
                            capture_output=True, text=True, timeout=timeout)
@@ -250,9 +257,9 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ours = pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
-                    output_type="np").images
+                    output_type="np", **call).images
     diff = float(np.abs(plain - ours).max())
-    return {"checked": True, "class": cls, "n_images": len(prompts), "steps": steps, "max_abs_diff": diff,
+    return {"checked": True, "class": cls, "call_kwargs": call, "n_images": len(prompts), "steps": steps, "max_abs_diff": diff,
             "reproduces": diff < 1e-3}
 
 

@@ -95,6 +95,8 @@ def _diffusion_pipeline_class():
         ``guidance_scale`` is used as given. The saved folder names the stock class, which loads it too
         (then pass ``guidance_scale=1.0``)."""
 
+        plain_call_kwargs = {"guidance_scale": DIFFUSION_GUIDANCE}  # how the stock class reproduces this one
+
         def __call__(self, *args, **kwargs):
             if len(args) < 7:  # guidance_scale is the 7th positional parameter of the stock __call__
                 kwargs.setdefault("guidance_scale", DIFFUSION_GUIDANCE)

@@ -91,3 +91,25 @@ def test_identity_vae():
     with torch.no_grad():
         torch.testing.assert_close(vae.decode(x).sample, x, atol=1e-4, rtol=0)
         torch.testing.assert_close(vae.encode(x).latent_dist.mean, x, atol=1e-4, rtol=0)
+
+
+def test_shapes_diffusion_samples_without_cfg_by_default_and_plain_diffusers_reproduces_it():
+    if not _have("shapes-diffusion"):
+        pytest.skip("shapes-diffusion weights not trained yet")
+    from interventions.checkpoint import plain_diffusers_check
+
+    pipe = zoo.load("shapes-diffusion")
+    rows = []
+    h = pipe.unet.register_forward_pre_hook(lambda m, args: rows.append(args[0].shape[0]))
+    try:
+        pipe(["a large red square in the center, solid"], num_inference_steps=2, output_type="np")
+        assert rows == [1, 1]                     # guidance 1.0: no unconditional branch
+        rows.clear()
+        pipe(["a large red square in the center, solid"], num_inference_steps=2, output_type="np", guidance_scale=7.5)
+        assert rows == [2, 2]                     # an explicit guidance_scale is used as given
+    finally:
+        h.remove()
+    chk = plain_diffusers_check(pipe, catalog.weights_path("shapes-diffusion"), ["a small blue circle on the left, solid"],
+                                steps=2)
+    assert chk["checked"] and chk["class"] == "StableDiffusionPipeline" and chk["call_kwargs"] == {"guidance_scale": 1.0}
+    assert chk["reproduces"], chk
