@@ -160,3 +160,25 @@ def test_token_influence_is_zero_when_the_denoiser_ignores_the_text():
                 p.zero_()
     r = token_influence(interp.attach(pipe), Sampling(PROMPT, steps=2, guidance=3.0))
     assert r.values.abs().max() < 1e-5  # float noise of batched convolutions; with the text read it is ~1e-2
+
+
+def test_flux_true_cfg_calls_are_labelled_and_edited_per_branch():
+    """Flux true CFG runs the transformer twice per step (prompt, then negative prompt) with N rows each:
+    the second call of a step is the uncond branch, both calls carry the step index, branch ops edit
+    only their call, and restoring a recording of both branches is the identity."""
+    flux = interp.attach(tiny_flux())
+    opts = {**FLUX_OPTIONS, "true_cfg_scale": 2.0, "negative_prompt": "a blue square"}
+    spec = Sampling(PROMPT, seed=0, steps=2, options=opts)
+    rec = record(flux, spec, "transformer.single.0")
+    calls = rec.calls("transformer.single.0")
+    assert [(c["step"], c["branches"]) for c, _ in calls] == [
+        (0, {"cond": [0]}), (0, {"uncond": [0]}), (1, {"cond": [0]}), (1, {"uncond": [0]})]
+    base = torch.stack([t for _, t in calls])
+    v = torch.ones(16)
+    for branch, changed_call in (("cond", 0), ("uncond", 1)):
+        got = flux.run(spec, ops=[Add("transformer.single.0", v, where=at(branch=branch, steps=(0, 1)))],
+                       capture="transformer.single.0").cache["transformer.single.0"]
+        assert [i for i in range(2) if not torch.equal(got[i], base[i])] == [changed_call], branch
+        assert torch.allclose(got[changed_call], base[changed_call] + v)
+    same = flux.run(spec, ops=restore("transformer.single.0", rec)).output
+    assert torch.equal(same.images, rec.output.images)
