@@ -344,6 +344,18 @@ def _image_common(args, pipe, trainable: dict, loss_fn, name: str, defaults: dic
     return evaluate_saved(args, pipe)
 
 
+def _call_defaults(pipe) -> str:
+    """The pipeline's default step count and guidance scale, as words."""
+    import inspect
+
+    params = inspect.signature(type(pipe).__mro__[0].__call__).parameters
+    if "guidance_scale" not in params:  # a zoo subclass (**kwargs): the stock class's signature
+        params = inspect.signature(next(c for c in type(pipe).__mro__ if "guidance_scale" in
+                                        inspect.signature(c.__call__).parameters).__call__).parameters
+    guidance = (getattr(pipe, "plain_call_kwargs", None) or {}).get("guidance_scale", params["guidance_scale"].default)
+    return f"{params['num_inference_steps'].default} steps, guidance {guidance}"
+
+
 def evaluate_saved(args, pipe=None) -> dict:
     """Score held-out captions of a saved image model and merge the result into its metrics.json."""
     from interp.zoo import catalog, shapes
@@ -363,7 +375,7 @@ def evaluate_saved(args, pipe=None) -> dict:
     metrics["eval_wall_s"] = round(time.time() - t0, 1)
     metrics["eval"] = ("smoke" if args.smoke else
                        f"{ev['n_per_caption']} samples x {ev['n_captions']} held-out captions "
-                       f"(of {len(held)}), pipeline default steps and guidance, seed {args.seed + 99}")
+                       f"(of {len(held)}), pipeline defaults ({_call_defaults(pipe)}), seed {args.seed + 99}")
     f.write_text(json.dumps(metrics, indent=2))
     return metrics
 
