@@ -49,8 +49,9 @@ PRESETS = {
                              "norm": None}),  # kappas: the training grid's extremes and their geometric mean
     # the text conditioning the UNet's cross-attention reads (METHODS: "add in the text embedding");
     # the mid-block (h-space) moved the hue of this model < 15 degrees up to alpha 1.5
+    # alpha = 1 turns magenta into red; from 1.5 the hue overshoots to orange/yellow and shapes start to break
     "shapes-red-blue": Preset("diffusion", "shapes-diffusion", "unet.context", "caa", "mean",
-                              [-0.5, 0.0, 0.5, 1.0, 1.5, 2.0],
+                              [-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,
                                "guidance": None, "seeds": 1}),  # None: the pipeline's default (1.0, no CFG)
     "shapes-flow-red-blue": Preset("diffusion", "shapes-flow", "transformer.blocks.1.img", "caa", "mean",
@@ -77,6 +78,8 @@ def register(sub) -> None:
     p.add_argument("--eval", help="LM: text file of prompts whose next-token probabilities are measured")
     p.add_argument("--targets", help="LM: comma-separated target words (single tokens, with leading spaces)")
     p.add_argument("--seed", type=int, default=0, help="seed of the controls and samples")
+    p.add_argument("--samples", type=int, default=None,
+                   help="diffusion: images per caption (seeds) for extraction and for every alpha (default: the preset's)")
     p.add_argument("--out", default="interp-out/steer", help="output folder (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -112,6 +115,10 @@ def config(args) -> Preset:
         cfg.extra["norm"] = None if args.norm == "none" else "relative"
     cfg.extra.update(znorm=bool(args.znorm), seed=args.seed,
                      window=tuple(int(s) for s in args.steps.split(",")) if args.steps else None)
+    if getattr(args, "samples", None):
+        if cfg.kind != "diffusion":
+            raise SystemExit("interp steer: --samples applies to the diffusion presets (images per caption)")
+        cfg.extra["seeds"] = args.samples
     if cfg.kind == "lm":
         cfg.extra.update(positive=_lines(args.positive, POSITIVE), negative=_lines(args.negative, NEGATIVE),
                          eval=_lines(args.eval, EVAL),
