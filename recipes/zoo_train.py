@@ -242,7 +242,8 @@ def _load_state(path: Path, modules, opt, ema, data) -> int:
 
 
 def save_pipeline(pipe, out: Path) -> None:
-    """``save_pretrained`` (safetensors); model_index.json names the stock diffusers class."""
+    """``save_pretrained`` (safetensors); model_index.json names the stock diffusers class (the zoo's
+    pipeline subclasses write it that way themselves; a stock pipeline needs nothing)."""
     from diffusers.utils import logging as dlog
 
     level = dlog.get_verbosity()
@@ -251,12 +252,6 @@ def save_pipeline(pipe, out: Path) -> None:
         pipe.save_pretrained(str(out), safe_serialization=True)
     finally:
         dlog.set_verbosity(level)
-    index = Path(out) / "model_index.json"
-    cfg = json.loads(index.read_text())
-    stock = {"ShapesFlowPipeline": "StableDiffusion3Pipeline", "ShapesDiffusionPipeline": "StableDiffusionPipeline"}
-    if cfg.get("_class_name") in stock:  # the folder loads with the stock diffusers class too
-        cfg["_class_name"] = stock[cfg["_class_name"]]
-        index.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 # ============================================================================ evaluation

@@ -154,8 +154,11 @@ class HFCausalLMAdapter(Adapter):
         if self.final:
             hidden = self.model.get_submodule(self.final)(hidden)
         idx = torch.as_tensor(columns, device=head.weight.device)
-        bias = None if head.bias is None else head.bias.index_select(0, idx)
-        logits = nn.functional.linear(hidden.to(head.weight.device), head.weight.index_select(0, idx), bias)
+        # a per-row product and sum: each logit's rounding is the same whatever the batch (a matmul
+        # picks kernels by shape), so a grid split over processes or chunks gives bitwise equal values
+        logits = (hidden.to(head.weight.device)[..., None, :] * head.weight.index_select(0, idx)).sum(-1)
+        if head.bias is not None:
+            logits = logits + head.bias.index_select(0, idx)
         cap = _cfg(self.model, "final_logit_softcapping")
         if cap:
             logits = torch.tanh(logits / cap) * cap

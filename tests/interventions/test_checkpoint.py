@@ -172,8 +172,10 @@ torch.set_num_threads(1)
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained(sys.argv[1], safety_checker=None, requires_safety_checker=False)
 pipe.set_progress_bar_config(disable=True)
+# guidance 1.0: the zoo pipeline's default (ShapesDiffusionPipeline.plain_call_kwargs); the stock default is 7.5
 imgs = pipe(["a small red circle on the left, solid", "a large blue square in the center, striped"],
-            num_inference_steps=3, generator=torch.Generator().manual_seed(7), output_type="np").images
+            num_inference_steps=3, generator=torch.Generator().manual_seed(7), output_type="np",
+            guidance_scale=1.0).images
 assert not any(m == "interp" or m.startswith(("interp.", "interventions", "recipes")) for m in sys.modules)
 np.save(sys.argv[2], imgs)
 """
