@@ -54,8 +54,10 @@ PRESETS = {
                               [-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25],
                               {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,
                                "guidance": None, "seeds": 1}),  # None: the pipeline's default (1.0, no CFG)
-    "shapes-flow-red-blue": Preset("diffusion", "shapes-flow", "transformer.blocks.1.img", "caa", "mean",
-                                   [-1.0, -0.5, 0.0, 0.5, 1.0, 1.5],
+    # the text states the MMDiT reads (as unet.context above); transformer.blocks.1.img moved the hue no
+    # more than its controls did and broke the shapes (docs/FINDINGS.md)
+    "shapes-flow-red-blue": Preset("diffusion", "shapes-flow", "transformer.context", "caa", "mean",
+                                   [-0.5, 0.0, 0.25, 0.5, 0.75, 1.0, 1.25],
                                    {"positive": "red", "negative": "blue", "base": "magenta", "n_steps": 10,
                                     "guidance": 4.0, "seeds": 1}),
 }
