@@ -51,3 +51,18 @@ def test_zoo_lists_smollm2(capsys):
 def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "recipes", "--help"], capture_output=True, text=True)
     assert r.returncode == 0 and "demo" in r.stdout and "sites" in r.stdout
+
+
+def test_zoo_summary_is_one_line_of_the_numbers_that_matter(capsys):
+    from recipes.zoo import summary
+
+    image = {"held_out": {"n_captions": 8, "n_per_caption": 32, "accuracy": {"colour": 1.0, "shape": 0.92},
+                          "per_caption": {"a": {}}}, "lineage": [{"train_steps": 900}, {"train_steps": 5000}]}
+    assert summary(image) == "held-out accuracy (8 captions x 32): colour 1.00, shape 0.92; 5900 training steps"
+    phys = {"one_step_rel_l2": 0.00065, "kappa_fit_max_rel_err": 0.17, "train_steps": 600,
+            "kappa_fit": {"a": {"rel_err": 0.05}, "b": {"rel_err": 0.17}}}
+    assert summary(phys) == ("one-step rel. L2 0.00065; fitted kappa within 10% in 1 of 2 regimes (worst 17%); "
+                             "600 training steps")
+    assert main(["zoo"]) == 0
+    out = capsys.readouterr().out
+    assert "smollm2" in out and "per_caption" not in out
