@@ -343,10 +343,9 @@ def _call_defaults(pipe) -> str:
     """The pipeline's default step count and guidance scale, as words."""
     import inspect
 
-    params = inspect.signature(type(pipe).__mro__[0].__call__).parameters
-    if "guidance_scale" not in params:  # a zoo subclass (**kwargs): the stock class's signature
-        params = inspect.signature(next(c for c in type(pipe).__mro__ if "guidance_scale" in
-                                        inspect.signature(c.__call__).parameters).__call__).parameters
+    # the first class in the MRO whose __call__ names its parameters (a zoo subclass takes **kwargs)
+    params = next(p for p in (inspect.signature(c.__call__).parameters for c in type(pipe).__mro__)
+                  if "guidance_scale" in p)
     guidance = (getattr(pipe, "plain_call_kwargs", None) or {}).get("guidance_scale", params["guidance_scale"].default)
     return f"{params['num_inference_steps'].default} steps, guidance {guidance}"
 
