@@ -53,17 +53,17 @@ def list_trained() -> list[dict[str, Any]]:
     return out
 
 
-def _save_as_stock(pipe, stock: str, save_directory, **kwargs) -> None:
-    """save_pretrained, then name the stock diffusers class in model_index.json, so that the folder loads
-    with `DiffusionPipeline.from_pretrained` and plain diffusers (no interp import) too."""
-    import json as _json
-
-    type(pipe).__mro__[1].save_pretrained(pipe, save_directory, **kwargs)
+def _save_as_stock(pipe, save_directory, **kwargs) -> None:
+    """save_pretrained of the stock diffusers class a zoo pipeline subclasses, whose name model_index.json
+    then carries, so that the folder loads with `DiffusionPipeline.from_pretrained` and plain diffusers
+    (no interp import) too."""
+    stock = type(pipe).__mro__[1]
+    stock.save_pretrained(pipe, save_directory, **kwargs)
     index = Path(save_directory) / "model_index.json"
-    cfg = _json.loads(index.read_text())
-    if cfg.get("_class_name") != stock:
-        cfg["_class_name"] = stock
-        index.write_text(_json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    cfg = json.loads(index.read_text())
+    if cfg.get("_class_name") != stock.__name__:
+        cfg["_class_name"] = stock.__name__
+        index.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _flow_pipeline_class():
@@ -79,7 +79,7 @@ def _flow_pipeline_class():
         """
 
         def save_pretrained(self, save_directory, **kwargs):
-            _save_as_stock(self, "StableDiffusion3Pipeline", save_directory, **kwargs)
+            _save_as_stock(self, save_directory, **kwargs)
 
         def _get_t5_prompt_embeds(self, prompt=None, num_images_per_prompt: int = 1, max_sequence_length: int = 256,
                                   device=None, dtype=None):
@@ -114,7 +114,7 @@ def _diffusion_pipeline_class():
         plain_call_kwargs = {"guidance_scale": DIFFUSION_GUIDANCE}  # how the stock class reproduces this one
 
         def save_pretrained(self, save_directory, **kwargs):
-            _save_as_stock(self, "StableDiffusionPipeline", save_directory, **kwargs)
+            _save_as_stock(self, save_directory, **kwargs)
 
         def __call__(self, *args, **kwargs):
             if len(args) < 7:  # guidance_scale is the 7th positional parameter of the stock __call__
