@@ -12,7 +12,10 @@ Dispatch: the Triton kernels (``interp.kernels.triton``) for CUDA tensors, the t
 Triton is imported lazily, on the first call that needs it. Inputs are validated here, before any
 write, so a bad call raises :class:`KernelError` (a ``ValueError``; out-of-range indices raise
 :class:`KernelIndexError`, also an ``IndexError``) and never writes out of bounds. Validating index
-ranges reads the indices once (one host sync on CUDA). Empty index sets are no-ops.
+ranges reads the indices once (one host sync on CUDA); ``check=False`` skips that read for callers
+that built the indices themselves: the Triton kernels then skip out-of-range entries (nothing is
+written out of bounds, and nothing is reported), the reference raises torch's own index error.
+Empty index sets are no-ops.
 
 See ``interp/kernels/reference.py`` for the exact semantics (duplicates, rounding).
 """
@@ -143,38 +146,39 @@ def _index(name: str, idx, ref_name: str, ref: torch.Tensor, widths) -> torch.Te
 
 
 def _check_ranges(checks):
-    """checks: list of (idx_name, idx [K, m], tensor_name, shape). One host sync when all are fine."""
+    """checks: list of (idx_name, idx [K, m], tensor_name, shape). Each index's per-column min and max in
+    one reduction, read back together: one host sync when all are fine."""
     checks = [c for c in checks if c[1].shape[0] > 0]
     if not checks:
         return
-    bads = []
-    for _, idx, _, shape in checks:
-        m = idx.shape[1]
-        hi = torch.tensor([int(s) for s in shape[:m]], dtype=torch.int64, device=idx.device)
-        bads.append(((idx < 0) | (idx >= hi)).any(1))
-    if not bool(torch.cat([b.any().reshape(1) for b in bads]).any().item()):
-        return
+    ext = torch.cat([torch.stack(torch.aminmax(idx, dim=0)).reshape(-1) for _, idx, _, _ in checks]).tolist()
+    at = 0
     axes = ("row", "pos", "head")
-    for (iname, idx, tname, shape), bad in zip(checks, bads):
-        if bool(bad.any().item()):
-            k = int(torch.nonzero(bad)[0, 0].item())
-            entry = tuple(int(v) for v in idx[k].tolist())
-            m = idx.shape[1]
-            bounds = ", ".join(f"0 <= {axes[j]} < {int(shape[j])}" for j in range(m))
-            n_bad = int(bad.sum().item())
-            raise KernelIndexError(
-                f"{iname}[{k}] = {entry} is out of range for {tname} of shape {list(shape)} "
-                f"(expected {bounds}; {n_bad} of {idx.shape[0]} entries out of range)"
-            )
+    for iname, idx, tname, shape in checks:
+        m = idx.shape[1]
+        lo, hi = ext[at:at + m], ext[at + m:at + 2 * m]
+        at += 2 * m
+        if all(lo[j] >= 0 and hi[j] < int(shape[j]) for j in range(m)):
+            continue
+        bounds = torch.tensor([int(s) for s in shape[:m]], dtype=torch.int64, device=idx.device)
+        bad = ((idx < 0) | (idx >= bounds)).any(1)
+        k = int(torch.nonzero(bad)[0, 0].item())
+        entry = tuple(int(v) for v in idx[k].tolist())
+        limits = ", ".join(f"0 <= {axes[j]} < {int(shape[j])}" for j in range(m))
+        raise KernelIndexError(
+            f"{iname}[{k}] = {entry} is out of range for {tname} of shape {list(shape)} "
+            f"(expected {limits}; {int(bad.sum().item())} of {idx.shape[0]} entries out of range)"
+        )
 
 
-def _per_entry(name: str, a, K: int, ref: torch.Tensor) -> torch.Tensor:
-    """A python number or a tensor of shape [] / [K] -> fp32 tensor [K] on ref's device."""
+def _per_entry(name: str, a, K: int, ref: torch.Tensor) -> float | torch.Tensor:
+    """A python number (kept as a float: the kernels take it as a scalar) or a tensor of shape [] / [K]
+    (-> compute-dtype tensor [K] on ref's device)."""
     cd = _ref.compute_dtype(ref.dtype)
     if isinstance(a, bool):
         raise KernelError(f"{name} must be a float or a float tensor of shape [K], got a bool")
     if isinstance(a, numbers.Real):
-        return torch.full((K,), float(a), dtype=cd, device=ref.device)
+        return float(a)
     if not isinstance(a, torch.Tensor):
         raise KernelError(f"{name} must be a float or a float tensor of shape [{K}], got {type(a).__name__}")
     _same_device(name, a, "the tensor it applies to", ref)
@@ -185,12 +189,19 @@ def _per_entry(name: str, a, K: int, ref: torch.Tensor) -> torch.Tensor:
     return a.to(cd)
 
 
+def _full(a, K: int, ref: torch.Tensor) -> torch.Tensor:
+    """A per-entry value as the tensor [K] the reference takes."""
+    if isinstance(a, torch.Tensor):
+        return a
+    return torch.full((K,), float(a), dtype=_ref.compute_dtype(ref.dtype), device=ref.device)
+
+
 # --------------------------------------------------------------------------------------------
 # ops
 # --------------------------------------------------------------------------------------------
 
 
-def _validate_patch(dst, src, dst_idx, src_idx, alpha, widths):
+def _validate_patch(dst, src, dst_idx, src_idx, alpha, widths, check):
     _tensor("dst", dst)
     _tensor("src", src)
     _same_device("src", src, "dst", dst)
@@ -213,40 +224,43 @@ def _validate_patch(dst, src, dst_idx, src_idx, alpha, widths):
         )
     if alpha is not None:
         alpha = _per_entry("alpha", alpha, K, dst)
-    _check_ranges([("dst_idx", dst_idx, "dst", dst.shape), ("src_idx", src_idx, "src", src.shape)])
+    if check:
+        _check_ranges([("dst_idx", dst_idx, "dst", dst.shape), ("src_idx", src_idx, "src", src.shape)])
     return dst_idx, src_idx, alpha
 
 
-def row_patch(dst, src, dst_idx, src_idx, alpha=None):
+def row_patch(dst, src, dst_idx, src_idx, alpha=None, *, check=True):
     """In place: ``dst[dst_idx[k]] = (1 - alpha[k]) * dst[dst_idx[k]] + alpha[k] * src[src_idx[k]]``.
 
     dst: [N, T, *F]; src: [M, S, *F]; dst_idx, src_idx: int64 [K, m], m = 2 (row, pos) or 3
     (row, pos, head), indexing the first m dims; the remaining dims are the feature vector.
     alpha: None (an exact copy) or a float tensor [K] (or a float). The blend is computed in fp32
     and stored in dst's dtype. All reads happen before any write; for duplicated destinations the
-    last entry wins. Returns dst.
+    last entry wins. check=False skips the index range check (see the module doc). Returns dst.
     """
-    dst_idx, src_idx, alpha = _validate_patch(dst, src, dst_idx, src_idx, alpha, (2, 3))
-    if dst_idx.shape[0] == 0 or dst.numel() == 0:
+    dst_idx, src_idx, alpha = _validate_patch(dst, src, dst_idx, src_idx, alpha, (2, 3), check)
+    K = dst_idx.shape[0]
+    if K == 0 or dst.numel() == 0:
         return dst
     if backend(dst) == "triton":
         return _triton(dst).row_patch(dst, src, dst_idx, src_idx, alpha)
-    return _ref.row_patch(dst, src, dst_idx, src_idx, alpha)
+    return _ref.row_patch(dst, src, dst_idx, src_idx, None if alpha is None else _full(alpha, K, dst))
 
 
-def head_patch(dst, src, dst_idx, src_idx, alpha=None):
+def head_patch(dst, src, dst_idx, src_idx, alpha=None, *, check=True):
     """Head-wise patch on [N, T, H, Dh] tensors with [K, 3] (row, pos, head) indices; see row_patch."""
     _tensor("dst", dst)
     _tensor("src", src)
     for name, t in (("dst", dst), ("src", src)):
         if t.dim() != 4:
             raise KernelError(f"head_patch expects {name} of shape [N, T, H, Dh], got shape {list(t.shape)}")
-    dst_idx, src_idx, alpha = _validate_patch(dst, src, dst_idx, src_idx, alpha, (3,))
-    if dst_idx.shape[0] == 0 or dst.numel() == 0:
+    dst_idx, src_idx, alpha = _validate_patch(dst, src, dst_idx, src_idx, alpha, (3,), check)
+    K = dst_idx.shape[0]
+    if K == 0 or dst.numel() == 0:
         return dst
     if backend(dst) == "triton":
         return _triton(dst).row_patch(dst, src, dst_idx, src_idx, alpha)
-    return _ref.head_patch(dst, src, dst_idx, src_idx, alpha)
+    return _ref.head_patch(dst, src, dst_idx, src_idx, None if alpha is None else _full(alpha, K, dst))
 
 
 def _validate_rows(x, idx, name="x"):
@@ -257,7 +271,7 @@ def _validate_rows(x, idx, name="x"):
     return idx
 
 
-def add_scaled(x, v, idx, alpha, norm=None, renorm=False):
+def add_scaled(x, v, idx, alpha, norm=None, renorm=False, *, check=True):
     """In place at each (row, pos) of idx: ``x += alpha * v`` (norm=None) or
     ``x += alpha * v * ||x|| / ||v||`` (norm="relative"); with renorm=True the row is then
     rescaled to its norm before the update. alpha == 0 leaves x bitwise unchanged.
@@ -277,18 +291,22 @@ def add_scaled(x, v, idx, alpha, norm=None, renorm=False):
     if not isinstance(renorm, bool):
         raise KernelError(f"renorm must be a bool, got {type(renorm).__name__}")
     alpha = _per_entry("alpha", alpha, K, x)
-    _check_ranges([("idx", idx, "x", x.shape)])
+    if check:
+        _check_ranges([("idx", idx, "x", x.shape)])
     if K == 0 or x.numel() == 0:
         return x
     if backend(x) == "triton":
         return _triton(x).add_scaled(x, v, idx, alpha, norm, renorm)
-    return _ref.add_scaled(x, v, idx, alpha, norm, renorm)
+    return _ref.add_scaled(x, v, idx, _full(alpha, K, x), norm, renorm)
 
 
-def project(x, L, R, mu=None, idx=None):
+def project(x, L, R, mu=None, idx=None, *, check=True):
     """In place: ``x <- x - ((x - mu) @ R.T) @ L.T`` on every row of x ([..., F]) or, with idx
     (int64 [K, 2]), only at those (row, pos) of a [N, T, F] x. L: [F, k]; R: [k, F]; mu: [F] or
-    None. Computed in fp32. Duplicated positions are projected once. Returns x."""
+    None. Computed in fp32; on the Triton path a float16/bfloat16 x takes the two products with 16-bit
+    inputs and fp32 accumulation (tensor cores: 3-6x faster; relative error about 7e-4 for float16 and
+    6e-3 for bfloat16 against the fp32 reference on an H200). Duplicated positions are projected once.
+    Returns x."""
     _tensor("x", x)
     if x.dim() < 1:
         raise KernelError("x must have at least one dim (the features)")
@@ -309,7 +327,8 @@ def project(x, L, R, mu=None, idx=None):
             raise KernelError(f"mu must have shape [F] = [{F}] or be None, got {list(mu.shape)}")
     if idx is not None:
         idx = _validate_rows(x, idx)
-        _check_ranges([("idx", idx, "x", x.shape)])
+        if check:
+            _check_ranges([("idx", idx, "x", x.shape)])
         if idx.shape[0] == 0:
             return x
     if x.numel() == 0 or k == 0:
@@ -319,7 +338,7 @@ def project(x, L, R, mu=None, idx=None):
     return _ref.project(x, L, R, mu, idx)
 
 
-def noise(x, idx, std, seeds):
+def noise(x, idx, std, seeds, *, check=True):
     """In place: ``x[r, p, f] += std[k] * z(seeds[k], f)`` at each (r, p) = idx[k], where z is a
     standard normal from counter-based Philox4x32-10 keyed by (seed, f) (Box-Muller, the same
     stream as ``tl.randn(seed, f)``): deterministic, independent of K's order and of the other
@@ -340,9 +359,10 @@ def noise(x, idx, std, seeds):
     if seeds.dim() != 1 or seeds.shape[0] != K:
         raise KernelError(f"seeds must have shape [K] = [{K}] (one seed per index entry), got {list(seeds.shape)}")
     seeds = seeds.to(torch.int64)
-    _check_ranges([("idx", idx, "x", x.shape)])
+    if check:
+        _check_ranges([("idx", idx, "x", x.shape)])
     if K == 0 or x.numel() == 0:
         return x
     if backend(x) == "triton":
         return _triton(x).noise(x, idx, std, seeds)
-    return _ref.noise(x, idx, std, seeds)
+    return _ref.noise(x, idx, _full(std, K, x), seeds)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+#: Where the kernel tests run: "cpu" (default; Triton's interpreter) or "cuda" (compiled kernels on a
+#: GPU). Set INTERP_TEST_DEVICE=cuda for the second; conftest then leaves TRITON_INTERPRET unset.
+DEVICE = torch.device(os.environ.get("INTERP_TEST_DEVICE", "cpu"))
 
 SENTINEL = -777.0  # written into the gaps of strided views: must never change
 
@@ -39,12 +45,20 @@ def make(shape, dtype, layout, gen, scale=1.0):
         raise ValueError(layout)
     assert view.shape == shape
     view.copy_((torch.randn(shape, generator=gen) * scale).to(dtype))
+    if DEVICE.type != "cpu":  # the base is contiguous, so the view's strides carry over unchanged
+        base = base.to(DEVICE)
+        view = torch.as_strided(base, view.shape, view.stride(), view.storage_offset())
     return base, view
+
+
+def dev(x):
+    """x on the test device (tensors; anything else unchanged)."""
+    return x.to(DEVICE) if isinstance(x, torch.Tensor) else x
 
 
 def gaps_unchanged(base, view):
     """Every element of base outside view still holds SENTINEL."""
-    mask = torch.ones(base.shape, dtype=torch.bool)
+    mask = torch.ones(base.shape, dtype=torch.bool, device=base.device)
     vm = torch.as_strided(mask, view.shape, view.stride(), view.storage_offset() - base.storage_offset())
     vm.fill_(False)
     return bool((base[mask] == SENTINEL).all())
@@ -54,11 +68,12 @@ def tol(dtype):
     return 1e-6 if dtype == torch.float32 else 1e-2
 
 
-def assert_close(got, want, dtype, what=""):
-    """Relative error (max abs diff over max |want|) below the dtype's tolerance."""
+def assert_close(got, want, dtype, what="", tolerance=None):
+    """Relative error (max abs diff over max |want|) below the dtype's tolerance (or `tolerance`)."""
     g = got.double()
     w = want.double()
     assert torch.isfinite(g).all() == torch.isfinite(w).all(), what
     scale = max(w.abs().max().item(), 1e-30) if w.numel() else 1.0
     err = (g - w).abs().max().item() / scale if w.numel() else 0.0
-    assert err < tol(dtype), f"{what}: relative error {err:.3g} >= {tol(dtype)} ({dtype})"
+    t = tolerance or tol(dtype)
+    assert err < t, f"{what}: relative error {err:.3g} >= {t} ({dtype})"
