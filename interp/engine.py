@@ -232,7 +232,11 @@ def _branch_ok(where: Where, ctx: RunContext, site: Site) -> bool:
 
 
 def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.Tensor | None:
-    """Apply every bound op to the site tensor x; returns the edited tensor or None if none applied."""
+    """Apply every bound op to the site tensor x; returns the edited tensor or None if none applied.
+
+    The kernels are called with check=False: the indices are built here from positions and heads that
+    resolve_positions / resolve_heads already checked on the host, so the kernels' range check (one
+    device-to-host sync per call on a GPU) would only repeat it."""
     active = [b for b in bound if _step_ok(b.op.where, ctx, b.site) and _branch_ok(b.op.where, ctx, b.site)]
     if not active:
         return None
@@ -270,19 +274,19 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
             if v.numel() != xr.shape[-1]:
                 raise SiteShapeError(f"steering vector for {site.name!r} has {v.numel()} elements, the site's "
                                      f"feature size is {xr.shape[-1]} (axes {site.axes})")
-            K.add_scaled(xr, v.reshape(-1), ridx, float(op.alpha), norm=op.norm, renorm=op.renorm)
+            K.add_scaled(xr, v.reshape(-1), ridx, float(op.alpha), norm=op.norm, renorm=op.renorm, check=False)
         elif isinstance(op, Noise):
             xr, ridx = _as_rows(x, idx)
             item = (idx[:, 0] - b.start) % b.base_batch
             seeds = (((op.seed * _MIX) % (1 << 62) + item * 1_000_003 + ridx[:, 1]) % (1 << 62)).to(torch.long)
-            K.noise(xr, ridx, float(op.std), seeds)
+            K.noise(xr, ridx, float(op.std), seeds, check=False)
         elif isinstance(op, Ablate):
             _ablate(x, op, b, idx, site)
         elif isinstance(op, Project):
             L, R, mu = op.factors()
             xr, ridx = _as_rows(x, idx)
             K.project(xr, L.to(x.device, x.dtype), R.to(x.device, x.dtype),
-                      None if mu is None else mu.to(x.device, x.dtype), ridx)
+                      None if mu is None else mu.to(x.device, x.dtype), ridx, check=False)
         elif isinstance(op, Replace):
             items = torch.tensor(b.items(ctx), device=x.device)
             pos = torch.tensor(b.positions[0], device=x.device)
@@ -299,7 +303,7 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
         alphas = [g[0].op.alpha for g in group]
         alpha = None if all(a == 1.0 for a in alphas) else torch.cat(
             [torch.full((g[1].shape[0],), float(g[0].op.alpha), device=x.device) for g in group])
-        K.row_patch(x, src, didx, sidx, alpha)
+        K.row_patch(x, src, didx, sidx, alpha, check=False)
     return x[:, 0] if flat else x
 
 
@@ -319,7 +323,7 @@ def _add_spatial(x: torch.Tensor, op: Add, items: list[int], site: Site) -> None
                              f"on a tensor of shape {tuple(x.shape)} needs {want}")
     idx = torch.tensor([(r, p) for r in items for p in range(rows.shape[1])], dtype=torch.long,
                        device=x.device).reshape(-1, 2)
-    K.add_scaled(rows, v, idx, float(op.alpha), norm=op.norm, renorm=op.renorm)
+    K.add_scaled(rows, v, idx, float(op.alpha), norm=op.norm, renorm=op.renorm, check=False)
     if op.spatial == "average" and x.dim() >= 4:
         x.copy_(rows.reshape(N, *x.shape[2:], x.shape[1]).movedim(-1, 1))
     else:
@@ -334,7 +338,7 @@ def _ablate(x: torch.Tensor, op: Ablate, b: Bound, idx: torch.Tensor, site: Site
         if idx.shape[1] == 3:
             sidx[:, 2] = idx[:, 2]
             src = torch.zeros((1, 1, *feat), dtype=x.dtype, device=x.device)
-        K.row_patch(x, src, idx, sidx)
+        K.row_patch(x, src, idx, sidx, check=False)
         return
     if op.values is None:
         raise SiteShapeError(f"Ablate(mode={op.mode!r}) at {site.name!r} needs values=: the mean activation "
@@ -347,14 +351,14 @@ def _ablate(x: torch.Tensor, op: Ablate, b: Bound, idx: torch.Tensor, site: Site
             src = _source_for(vals, x, site, "mean values")
         sidx = idx.clone()
         sidx[:, 0] = 0
-        K.row_patch(x, src.contiguous(), idx, sidx)
+        K.row_patch(x, src.contiguous(), idx, sidx, check=False)
     else:  # resample: each destination item takes a seeded random item of the pool
         pool = _source_for(vals, x, site, "resample pool")
         g = torch.Generator().manual_seed(op.seed)
         pick = torch.randint(0, pool.shape[0], (b.stop - b.start,), generator=g).to(x.device)
         sidx = idx.clone()
         sidx[:, 0] = pick[(idx[:, 0] - b.start) % (b.stop - b.start)]
-        K.row_patch(x, pool, idx, sidx)
+        K.row_patch(x, pool, idx, sidx, check=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ def _sweep(lm, clean, corrupted, cells, metric, *, direction, normalize, progres
     base_metric = grid.base.float().mean()
     vals = torch.full((len(cells),), float(base_metric))
     if rows:
-        vals[torch.tensor([not s for s in skip])] = grid.values.float().reshape(len(rows), -1).mean(1)
+        vals[torch.tensor([not s for s in skip])] = grid.values.float().reshape(len(rows), -1).mean(1).cpu()
     source_metric = metric(source.logits).float().mean()
     if normalize:
         vals = normalized(vals, source_metric, base_metric)

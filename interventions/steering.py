@@ -431,7 +431,7 @@ def lm_target_prob(lm: interp.Instrumented, vectors: dict[str, SteeringVector], 
     acc = torch.zeros(len(rows), dtype=torch.float64)
     for p in tqdm(prompts, desc="target prob", disable=not progress, leave=False):
         g = lm.run_grid(p, rows, metric, progress=False)
-        acc += g.values.double().mean(1)
+        acc += g.values.double().mean(1).cpu()
     vals = (acc / len(prompts)).reshape(len(names), len(alphas))
     res = Result(vals, ("vector", "alpha"), {"vector": names, "alpha": [float(a) for a in alphas]},
                  {"metric": "p(target words)", "targets": list(targets), "n_prompts": len(prompts)})

@@ -4,8 +4,10 @@ from __future__ import annotations
 import os
 
 # Triton's CPU interpreter must be chosen before anything imports triton (diffusers and torch may);
-# this root conftest is imported before any test module is collected.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# this root conftest is imported before any test module is collected. INTERP_TEST_DEVICE=cuda runs the
+# kernel tests on a GPU's compiled kernels instead (tests/kernels/conftest.py).
+if os.environ.get("INTERP_TEST_DEVICE", "cpu") == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util
 from pathlib import Path
