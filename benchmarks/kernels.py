@@ -2,6 +2,7 @@
 
     python benchmarks/kernels.py                 # CUDA if available (Triton kernels), else CPU (reference)
     python benchmarks/kernels.py --sizes small   # one size only; --dtype float32 to change the dtype
+    python benchmarks/kernels.py --project-sweep # CUDA: time the projection kernel's launch configurations
 
 Per op and size it prints: time of the public op (``interp.kernels.<op>``, input validation
 included), time of the backend call alone (no validation, no host sync; CUDA only), achieved GB/s
@@ -173,12 +174,50 @@ def check_against_reference(dev, dtype):
     print(f"check: {'OK' if worst < tol else 'FAILED'} (tolerance {tol:g})\n")
 
 
+def project_sweep(dev, tm, reps):
+    """Time interp.kernels.triton.project over launch configurations (large size, k = 16 and 64), with each
+    configuration's error against the torch reference; the unfused sequence's time for comparison."""
+    from interp.kernels import reference as ref
+    from interp.kernels import triton as tk
+
+    N, T, F, _ = SIZES["large"]
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"projection sweep, x [{N}, {T}, {F}], every row; ms = median of {reps}; err = max |op - reference| / max |reference|")
+    print(f"{'dtype':<9} {'k':>3} {'BLOCK_M':>7} {'BLOCK_F':>7} {'warps':>5} {'half dot':>8} {'ms':>8} {'err':>9} {'unfused ms':>10}")
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        x0 = torch.randn(N, T, F, device=dev, dtype=dtype, generator=gen)
+        for rank in (16, 64):
+            L = torch.randn(F, rank, device=dev, generator=gen) / F**0.5
+            R = torch.randn(rank, F, device=dev, generator=gen) / F**0.5
+            mu = torch.randn(F, device=dev, generator=gen)
+            want = ref.project(x0.clone(), L, R, mu).double()
+            Lh, Rh, muh = L.to(dtype), R.to(dtype), mu.to(dtype)
+            x = x0.clone()
+            t_u = tm(lambda: x.sub_(((x - muh) @ Rh.T) @ Lh.T), reps)
+            halves = (False, True) if dtype != torch.float32 else (False,)
+            for bm, bf, nw in ((16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 8), (64, 128, 8)):
+                for half in halves:
+                    tk.PROJECT_CONFIG.update(BLOCK_M=bm, BLOCK_F=bf, num_warps=nw, HALF_DOT=half)
+                    try:
+                        got = tk.project(x0.clone(), L, R, mu).double()
+                        err = ((got - want).abs().max() / want.abs().max()).item()
+                        t = tm(lambda: tk.project(x, L, R, mu), reps)
+                        print(f"{str(dtype)[6:]:<9} {rank:>3} {bm:>7} {bf:>7} {nw:>5} {str(half):>8} {t * 1e3:8.3f} "
+                              f"{err:9.2e} {t_u * 1e3:10.3f}", flush=True)
+                    except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported
+                        print(f"{str(dtype)[6:]:<9} {rank:>3} {bm:>7} {bf:>7} {nw:>5} {str(half):>8} failed: "
+                              f"{type(e).__name__}: {str(e)[:120]}", flush=True)
+                    finally:
+                        tk.PROJECT_CONFIG.clear()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default=None, help="comma list of " + ",".join(SIZES))
     ap.add_argument("--dtype", default=None, help="float16 (CUDA default), bfloat16, float32 (CPU default)")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    ap.add_argument("--project-sweep", action="store_true", help="CUDA: time the projection kernel's configurations")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -189,6 +228,10 @@ def main(argv=None):
     sizes = (args.sizes or ("small,medium,large" if cuda else "small,medium")).split(",")
     reps = args.reps or (50 if cuda else 5)
     tm = timer(dev)
+    if args.project_sweep:
+        if not cuda:
+            raise SystemExit("--project-sweep times the Triton kernel on a GPU; no CUDA device here")
+        return project_sweep(dev, tm, args.reps or 20)
     probe = torch.empty(1, device=dev, dtype=dtype)
     be = K.backend(probe)
     if cuda:

@@ -16,6 +16,7 @@ as in IOI-style patching) and "random" (every token differs; no cell can be skip
 Prints each time (median of --repeats runs), the ratios, and checks that the sweeps agree to 1e-4.
 
     .venv/bin/python benchmarks/patching.py [--repeats 3] [--peer-repeats 1] [--pairs minimal,random]
+    python benchmarks/patching.py --device cuda --skip tl [--tokens 64]     # on a GPU (fp32, TF32 off)
 """
 from __future__ import annotations
 
@@ -41,12 +42,12 @@ def build_model():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_head=12, vocab_size=VOCAB, n_positions=64)
+    cfg = GPT2Config(n_layer=N_LAYERS, n_embd=D_MODEL, n_head=12, vocab_size=VOCAB, n_positions=max(64, N_TOKENS))
     return GPT2LMHeadModel(cfg).eval()
 
 
 def prompts(kind: str):
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(1)  # N_TOKENS may be changed by --tokens
     clean = torch.randint(0, VOCAB, (1, N_TOKENS), generator=g)
     if kind == "minimal":
         corrupted = clean.clone()
@@ -68,9 +69,12 @@ def logit_diff(logits):
 
 def timed(fn, repeats: int):
     times, out = [], None
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for _ in range(repeats):
+        sync()
         t0 = time.perf_counter()
         out = fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times, out
 
@@ -118,18 +122,25 @@ def interp_sweep(lm, clean, corrupted):
 
 
 def main(argv=None) -> int:
+    global N_TOKENS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="runs of interp's sweep (median reported)")
     ap.add_argument("--peer-repeats", type=int, default=1, help="runs of each peer's sweep (median reported)")
     ap.add_argument("--pairs", default="minimal,random", help="prompt pairs: minimal, random or both")
     ap.add_argument("--skip", default="", help="comma list of peers to skip: tl, nnsight")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--tokens", type=int, default=N_TOKENS, help=f"prompt length (default {N_TOKENS})")
     args = ap.parse_args(argv)
+    N_TOKENS = args.tokens
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # fp32 on both sides, so the sweeps agree to 1e-4
 
     import interp
 
-    hf = build_model()
+    hf = build_model().to(device)
     lm = interp.attach(hf)
     skip = set(filter(None, args.skip.split(",")))
     bridge = nn_model = None
@@ -141,16 +152,18 @@ def main(argv=None) -> int:
         from nnsight import NNsight
 
         nn_model = NNsight(copy.deepcopy(hf))
+    where = (torch.cuda.get_device_name(device) if device.type == "cuda"
+             else f"CPU, threads {torch.get_num_threads()}")
     print(f"GPT-2-small shape, random weights: {N_LAYERS} layers, d_model {D_MODEL}, {N_TOKENS} tokens, "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+          f"torch {torch.__version__}, {where}")
     rows = []
     for pair in args.pairs.split(","):
-        clean, corrupted = prompts(pair)
+        clean, corrupted = (p.to(device) for p in prompts(pair))
         # interp runs are interleaved with the peers' (before, between, after), so a change in machine
         # load during the long peer runs affects both sides; ratios use interp's runs around each peer
         sweep = interp_sweep(lm, clean, corrupted)
         t_i, all_i, res = timed(sweep, args.repeats)
-        ours = res.values
+        ours = res.values.cpu()
         line = {"pair": pair, "interp_runs": list(all_i), "stats": res.attrs["grid"]}
         st = line["stats"]
         print(f"\n[{pair} pair] interp: {t_i:.2f} s (runs {', '.join(f'{x:.2f}' for x in all_i)}; "
@@ -163,7 +176,7 @@ def main(argv=None) -> int:
             after, _, _ = timed(sweep, args.repeats)
             line["interp_runs"].append(after)
             near = statistics.median([t_i, after])
-            theirs = theirs.reshape(ours.shape).float()
+            theirs = theirs.reshape(ours.shape).float().cpu()
             err = float((theirs - ours).abs().max())
             line[name], line[name + "_runs"], line[name + "_err"] = t, all_t, err
             if err > 1e-4:
