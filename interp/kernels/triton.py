@@ -55,6 +55,14 @@ def _index_row(idx_ptr, k, si0, si1, D0, D1, D2, S0, S1, S2, m, M3: tl.constexpr
 
 
 @triton.jit
+def _entry_value(ptr, j, scalar, TENSOR: tl.constexpr):
+    """Entry j's alpha / std: from the fp32 tensor at ptr, or the one scalar for every entry."""
+    if TENSOR:
+        return tl.load(ptr + j)
+    return scalar
+
+
+@triton.jit
 def _mark_kernel(idx_ptr, key_ptr, last_ptr, first_ptr, K, code, si0, si1, D0, D1, D2,
                  M3: tl.constexpr, KEYS: tl.constexpr, FIRST: tl.constexpr, BLOCK: tl.constexpr):
     """last[key] <- max over entries of (code | k); with FIRST also first[key] <- the smallest k."""
@@ -97,10 +105,7 @@ def _row_patch_kernel(
             soff = f * ss1
         s = tl.load(src_ptr + s0 + soff, mask=mask)
         if ALPHA > 0:  # 1: one alpha for every entry, 2: one per entry
-            if ALPHA == 2:
-                a = tl.load(alpha_ptr + k)
-            else:
-                a = alpha
+            a = _entry_value(alpha_ptr, k, alpha, ALPHA == 2)
             d = tl.load(dst_ptr + d0 + doff, mask=mask)
             out = (1 - a) * d.to(tl.float32) + a * s.to(tl.float32)
             tl.store(dst_ptr + d0 + doff, out.to(dst_ptr.dtype.element_ty), mask=mask)
@@ -126,10 +131,7 @@ def _add_scaled_kernel(
         for j in range(k, kl + 1):
             _, kj, okj = _index_row(idx_ptr, j, si0, si1, D0, D1, 1, S0, S1, 0, j >= 0, False, KEYS, key_ptr)
             if okj & (kj == key):
-                if ALPHA_T:
-                    a = tl.load(alpha_ptr + j)
-                else:
-                    a = alpha
+                a = _entry_value(alpha_ptr, j, alpha, ALPHA_T)
                 v = tl.load(v_ptr + j * sv0 + f * sv1, mask=mask, other=0.0).to(tl.float32)
                 if RELATIVE or RENORM:
                     nx = tl.sqrt_rn(tl.sum(xf * xf, axis=0))
@@ -164,10 +166,7 @@ def _noise_kernel(
         for j in range(k, kl + 1):
             _, kj, okj = _index_row(idx_ptr, j, si0, si1, D0, D1, 1, S0, S1, 0, j >= 0, False, KEYS, key_ptr)
             if okj & (kj == key):
-                if STD_T:
-                    s = tl.load(std_ptr + j)
-                else:
-                    s = std
+                s = _entry_value(std_ptr, j, std, STD_T)
                 z = tl.randn(tl.load(seed_ptr + j), f)
                 xf = tl.where(s != 0, xf + s * z, xf)
         tl.store(ptrs, xf.to(x_ptr.dtype.element_ty), mask=mask)
