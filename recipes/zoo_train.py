@@ -460,6 +460,10 @@ def train_physics(args):
             traj = torch.stack([u, nxt], dim=1)
         else:
             traj, kappa, vel = P.sample_rollouts(args.seed * 1_000_003 + step, bs, unroll)
+            n_blob = int(round(args.blob_fraction * bs))
+            if n_blob:  # part of the batch from fresh single blobs (see --blob-fraction)
+                bt, bk, bv = P.sample_blob_rollouts(args.seed * 1_000_003 + step + 7_777_777, n_blob, unroll)
+                traj, kappa, vel = torch.cat([traj[n_blob:], bt]), torch.cat([kappa[n_blob:], bk]), torch.cat([vel[n_blob:], bv])
         pred, loss = traj[:, 0], 0.0
         for k in range(1, unroll + 1):
             pred = model(pred, kappa, vel)
@@ -479,7 +483,8 @@ def train_physics(args):
     err = P.one_step_error(model)
     kfit = P.kappa_fit_report(model)
     worst = max(v["rel_err"] for v in kfit.values())
-    metrics = {"name": "physics", **err, "kappa_fit_rollout_steps": 20, "train_rollout_steps": unroll, "kappa_fit_max_rel_err": worst,
+    metrics = {"name": "physics", **err, "kappa_fit_rollout_steps": 20, "train_rollout_steps": unroll,
+               "train_blob_fraction": args.blob_fraction, "kappa_fit_max_rel_err": worst,
                "kappa_fit": kfit, "train_steps": steps, "batch_size": bs, "final_loss": running,
                "train_wall_s": round(train_time, 1), "machine": _machine(), "seed": args.seed,
                "command": "python -m recipes.zoo_train " + " ".join(args.argv), "smoke": bool(args.smoke)}
@@ -526,6 +531,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-only", action="store_true", help="score the model already saved in --out")
     p.add_argument("--rollout-steps", type=int, default=1,
                    help="physics: unroll the surrogate this many steps in the training loss (default 1 = one-step)")
+    p.add_argument("--blob-fraction", type=float, default=0.0,
+                   help="physics with --rollout-steps: this fraction of each batch starts from one fresh narrow "
+                        "blob (the states a rollout's diffusivity is measured on) instead of a random field")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 

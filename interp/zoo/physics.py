@@ -96,6 +96,19 @@ def sample_rollouts(seed: int, batch: int, steps: int, n: int = N_GRID):
     return f(traj), f(kappa), f(vel)
 
 
+def sample_blob_rollouts(seed: int, batch: int, steps: int, n: int = N_GRID):
+    """Like sample_rollouts, from one fresh Gaussian blob each (random centre, width 0.03-0.06, amplitude
+    0.5-1.2): the narrow single-blob states from which a rollout's diffusivity is read (kappa_fit_report)."""
+    rng = np.random.default_rng(seed)
+    kappa = np.asarray(KAPPAS)[rng.integers(0, len(KAPPAS), batch)]
+    vel = np.asarray(VELOCITIES)[rng.integers(0, len(VELOCITIES), batch)]
+    u0 = np.stack([gaussian_blob(rng.uniform(0, 1), rng.uniform(0.03, 0.06), rng.uniform(0.5, 1.2), n)
+                   for _ in range(batch)])
+    traj = np.stack([exact_evolve(u0, k * DT, kappa, vel) for k in range(steps + 1)], axis=1)
+    f = lambda a: torch.tensor(a, dtype=torch.float32)
+    return f(traj), f(kappa), f(vel)
+
+
 # ----------------------------------------------------------------------------- model
 class Attention(nn.Module):
     def __init__(self, d: int, heads: int):
