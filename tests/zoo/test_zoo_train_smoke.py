@@ -32,6 +32,19 @@ def test_resume_continues_from_saved_state(tmp_path):
     assert m["train_steps"] == 6
 
 
+def test_physics_rollout_training_with_fresh_blobs(tmp_path):
+    """--rollout-steps with --blob-fraction: half of each batch starts from one fresh blob; recorded."""
+    from interp.zoo import physics as P
+
+    traj, kappa, vel = P.sample_blob_rollouts(5, 4, 3)
+    assert traj.shape == (4, 4, P.N_GRID) and kappa.shape == vel.shape == (4,)
+    peaks = traj[:, 0].amax(-1)
+    assert ((peaks > 0.45) & (peaks < 1.25)).all()  # one blob of amplitude 0.5-1.2 at t = 0
+    m = zoo_train.main(["physics", "--smoke", "--out", str(tmp_path / "b"), "--quiet", "--steps", "2",
+                        "--rollout-steps", "3", "--blob-fraction", "0.5"])
+    assert m["train_rollout_steps"] == 3 and m["train_blob_fraction"] == 0.5
+
+
 def test_register_mounts_zoo_train_subcommand():
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
