@@ -184,8 +184,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, nargs="+", default=None, help="locoedit: cross-attention layer indices (forward order)")
     p.add_argument("--window", type=int, default=2, help="locoedit: window size for the edit sweep")
     p.add_argument("--leace-site", choices=("cross_attention", "text_encoder"), default=None)
-    p.add_argument("--leace-contrast", choices=("all", "aligned"), default="all",
-                   help="leace: concept tokens against all other tokens, or against other prompts' tokens at the same positions")
+    p.add_argument("--leace-contrast", choices=("all", "aligned", "offsets"), default="offsets",
+                   help="leace: the concept's tokens against the other prompts' tokens at each position from the concept "
+                        "word on, positions' own means taken out (offsets, default); against all other tokens (all); "
+                        "against the other prompts' tokens at the same positions, pooled (aligned)")
     p.add_argument("--preserve-time", action="store_true", help="time: also use the preservation list")
     p.add_argument("--hirm-steps", type=int, default=200)
     p.add_argument("--out", default=None, help="checkpoint folder (a sub-folder per method when several)")

@@ -291,8 +291,35 @@ def _restore_mean(unet: nn.Module, name: str, lin: nn.Linear, er, tensors: dict)
     return True
 
 
+#: leace_edit(contrast="offsets"): positions after the concept word erased one by one; the rest together
+OFFSET_POSITIONS = 8
+
+
+def _within_position_eraser(x: torch.Tensor, z: torch.Tensor, tol: float):
+    """LEACE of z (0/1 per item and position) within position groups: x [items, T, d] and z [items, T] are
+    centred per group (positions 0..OFFSET_POSITIONS-1 each, the rest together), and z becomes one column
+    per group, so the eraser removes each group's concept-vs-rest mean difference (whitened by the
+    within-group covariance) and nothing that separates the groups; its mean is the data's global mean."""
+    from dataclasses import replace
+
+    T = x.shape[1]
+    group = torch.clamp(torch.arange(T), max=OFFSET_POSITIONS)
+    n_groups = int(group.max()) + 1
+    x = x.double()
+    xc = torch.empty_like(x)
+    zc = torch.zeros(*z.shape, n_groups, dtype=torch.float64)
+    for g in range(n_groups):
+        cols = group == g
+        xg, zg = x[:, cols], z[:, cols].double()
+        xc[:, cols] = xg - xg.reshape(-1, xg.shape[-1]).mean(0)
+        zc[:, cols, g] = zg - zg.mean()
+    er = LeaceFitter(x.shape[-1], n_groups, tol=tol).update(xc.reshape(-1, x.shape[-1]),
+                                                            zc.reshape(-1, n_groups)).eraser
+    return replace(er, mu=x.reshape(-1, x.shape[-1]).mean(0))
+
+
 def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=None, preserve_negative: bool = True,
-               tol: float = 1e-6, exact_mean: bool = True, contrast: str = "all") -> Edit:
+               tol: float = 1e-6, exact_mean: bool = True, contrast: str = "offsets") -> Edit:
     """Fit a LEACE eraser of "concept present" (source positions from the concept token on) against the
     preserve prompts' positions, then fold it into weights.
 
@@ -300,11 +327,19 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
     bias-free; with exact_mean the lost mean term is restored through to_out.0's bias (see _restore_mean),
     so the edited attention equals a Project op on its text inputs; without it only the mean is lost. site="text_encoder": fitted on text-encoder
     layer 0's out_proj output and folded after it (bias kept, exact).
-    contrast="all": the concept's tokens against every other token (prefixes and the empty prompt too);
-    "aligned": against the other prompts' tokens at the same positions (from the concept position on).
+    contrast="offsets" (default; the only one that erased "red" from shapes-diffusion's images, docs/FINDINGS.md)
+    is described last. contrast="all": the concept's tokens against every other token (prefixes and the empty
+    prompt too);
+    "aligned": against the other prompts' tokens at the same positions (from the concept position on);
+    "offsets": as aligned, but the concept is erased separately at each position from the concept word on
+    (each of the next 8 positions, then the rest, padding included): the concept's tokens against the other
+    prompts' tokens *at the same position*, with the positions' own means taken out first, so what the
+    positions differ in (which word stands there) is not erased, only what the concept changes there.
+    After the fold, at every one of these positions the concept prompts' mean equals the other prompts'
+    mean (rank <= 9); the global mean is kept.
     """
-    if contrast not in ("all", "aligned"):
-        raise ValueError(f"contrast must be 'all' or 'aligned', not {contrast!r}")
+    if contrast not in ("all", "aligned", "offsets"):
+        raise ValueError(f"contrast must be 'all', 'aligned' or 'offsets', not {contrast!r}")
     if site not in ("cross_attention", "text_encoder"):
         raise ValueError(f"site must be 'cross_attention' or 'text_encoder', not {site!r}")
     starts = _starts(pipe.tokenizer, concept)
@@ -321,10 +356,12 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
     def fit(x: torch.Tensor):
         x = x[keep]
         z = labels(x)
-        if contrast == "aligned":
+        if contrast in ("aligned", "offsets"):
             rows = [i for i, p in enumerate(prompts[j] for j in keep) if p != ""]
             p0 = min(starts)
             x, z = x[rows, p0:], z[rows, p0:]
+        if contrast == "offsets":
+            return _within_position_eraser(x, z, tol)
         return LeaceFitter(x.shape[-1], 1, tol=tol).update(x.reshape(-1, x.shape[-1]), z.reshape(-1)).eraser
 
     tensors, mean_kept, ranks, erasers = {}, [], [], {}

@@ -135,7 +135,7 @@ def test_text_encoder_methods_move_concept_states(pipe, concept, method, kw):
 
 
 def test_leace_folded_into_cross_attention_removes_the_concept_linearly(pipe, concept):
-    edit = erase(pipe, concept, "leace")
+    edit = erase(pipe, concept, "leace", contrast="all")
     assert edit.info["mean_preserved"] is True  # to_v's lost mean term moved into to_out.0's bias
     edited = edit.applied(pipe)
     layer = cross_attention_layers(pipe.unet)[0]
@@ -280,3 +280,42 @@ def test_leace_aligned_contrast_also_equalises_concept_means(pipe, concept):
     assert (y[zz].mean(0) - y[~zz].mean(0)).norm() < 1e-6 * y.std(0).norm()
     with pytest.raises(ValueError, match="contrast"):
         erase(pipe, concept, "leace", contrast="some")
+
+
+def test_leace_offsets_contrast_erases_the_concept_position_by_position(pipe, concept):
+    """The default contrast: at each position from the concept word on (each of the next 8, then the rest
+    pooled), the concept prompts' mean equals the other prompts' mean after the eraser, while what tells
+    the positions apart (which word stands there) is kept; the global mean is kept too."""
+    from interventions.erasure.methods import OFFSET_POSITIONS
+
+    edit = erase(pipe, concept, "leace")
+    assert edit.info["contrast"] == "offsets" and edit.info["mean_preserved"] is True
+    assert 1 < max(edit.info["eraser_rank"]) <= OFFSET_POSITIONS + 1
+    layer = cross_attention_layers(pipe.unet)[0]
+    x = unet_cross_inputs(pipe, [*concept.sources, *concept.preserve], [layer], ["to_k"])[f"{layer}.to_k"]
+    starts = _starts(pipe.tokenizer, concept)
+    p0 = min(starts)
+    er = edit.erasers[f"module:{layer}.to_k:input"]
+    x = x[:, p0:].double()
+    y = er(x)
+    n = len(concept.sources)
+    z = torch.zeros(x.shape[:2], dtype=torch.bool)
+    for i, p in enumerate(starts):
+        z[i, p - p0:] = True
+    groups = [[t] for t in range(OFFSET_POSITIONS)] + [list(range(OFFSET_POSITIONS, x.shape[1]))]
+    between_before, between_after = [], []
+    for cols in groups:
+        yc, zc, xc = y[:, cols], z[:, cols], x[:, cols]
+        if zc.any() and (~zc).any():
+            gap = (yc[zc].mean(0) - yc[~zc].mean(0)).norm() / y.reshape(-1, y.shape[-1]).std(0).norm()
+            assert gap < 1e-6, (cols[:2], gap)
+            before = (xc[zc].mean(0) - xc[~zc].mean(0)).norm() / x.reshape(-1, x.shape[-1]).std(0).norm()
+            assert before > 1e-3  # there was something to erase at this position
+        between_before.append(xc[n:].reshape(-1, x.shape[-1]).mean(0))
+        between_after.append(yc[n:].reshape(-1, x.shape[-1]).mean(0))
+    # the positions still differ from each other as much as before (the words there are not erased)
+    d0 = torch.stack(between_before).diff(dim=0).norm(dim=-1)
+    d1 = torch.stack(between_after).diff(dim=0).norm(dim=-1)
+    assert (d1 / d0).min() > 0.8, (d1 / d0)
+    flat_x, flat_y = x.reshape(-1, x.shape[-1]), y.reshape(-1, x.shape[-1])
+    assert (flat_y.mean(0) - flat_x.mean(0)).norm() < 1e-6 * flat_x.std(0).norm()
