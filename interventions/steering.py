@@ -269,11 +269,10 @@ def _reduce(x: torch.Tensor, reduce: str | int, lengths: torch.Tensor | None) ->
         return x.flatten(2).mean(-1)
     if x.dim() < 3:
         return x
-    if lengths is None:
-        lengths = torch.full((x.shape[0],), x.shape[1], dtype=torch.long)
+    lengths = (torch.full((x.shape[0],), x.shape[1], dtype=torch.long) if lengths is None else lengths).to(x.device)
     if reduce == "last":
-        return x[torch.arange(x.shape[0]), lengths - 1]
-    mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).to(x.dtype)
+        return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
+    mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).to(x.dtype)
     return (x * mask[:, :, None]).sum(1) / lengths[:, None].to(x.dtype)
 
 

@@ -41,9 +41,9 @@ def hirm(pipe, concept: Concept, steps: int = 200, lr: float = 1e-3, alpha: floa
         goal = _rows(guide0, starts).float()
     else:
         g = torch.Generator().manual_seed(seed)
-        u = torch.randn(h0.shape[-1], generator=g)
+        u = torch.randn(h0.shape[-1], generator=g).to(h0.device)
         rows = _rows(src0, starts)
-        goal = (u / u.norm() * rows.norm(dim=-1).mean()).expand_as(rows).float().to(h0.device)
+        goal = (u / u.norm() * rows.norm(dim=-1).mean()).expand_as(rows).float()
     retain_goal = pres0.float()
     opt = torch.optim.Adam(blk.parameters(), lr=lr)
     torch.manual_seed(seed)
@@ -52,7 +52,7 @@ def hirm(pipe, concept: Concept, steps: int = 200, lr: float = 1e-3, alpha: floa
     for _ in tqdm(range(steps), desc="hirm", disable=not progress, leave=False):
         h_f = lm.run(forget_ids, grad=True).logits
         loss_f = ((_rows(h_f, starts) - goal) ** 2).sum(-1).mean()
-        loss_r = torch.zeros(())
+        loss_r = torch.zeros((), device=h0.device)
         if n_pres:
             h_r = lm.run(retain_ids, grad=True).logits
             loss_r = ((h_r - retain_goal) ** 2).sum(-1).mean()

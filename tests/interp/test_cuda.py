@@ -170,3 +170,19 @@ def test_mediation_matches_cpu(pair_of_models):
     res = {lm: mediation(lm, clean, corrupted, meds, METRIC, progress=False) for lm in (cpu, gpu)}
     assert res[gpu].values.device.type == "cpu"
     _close(res[gpu].values, res[cpu].values, "mediation TE/NIE/NDE")
+
+
+@pytest.mark.parametrize("reduce", ["last", "mean", "keep"])
+def test_steering_vectors_and_their_injection_match_cpu(pair_of_models, reduce):
+    from interventions import steering as S
+
+    cpu, gpu = pair_of_models
+    g = torch.Generator().manual_seed(9)
+    pos, neg = torch.randint(0, V, (6, T), generator=g), torch.randint(0, V, (6, T), generator=g)
+    vec = {lm: S.extract(lm, pos, neg, "blocks.1.resid_pre", reduce=reduce, batch_size=4) for lm in (cpu, gpu)}
+    assert vec[gpu].vector.shape == vec[cpu].vector.shape
+    _close(vec[gpu].vector, vec[cpu].vector, f"steering vector ({reduce})")
+    tokens = _tokens()[0]
+    alpha, norm = (0.7, "relative") if reduce != "keep" else (0.3, None)
+    out = {lm: lm.run(tokens, ops=[vec[cpu].op(alpha, norm=norm)]).logits for lm in (cpu, gpu)}
+    _close(out[gpu], out[cpu], f"steered run ({reduce})")
