@@ -5,7 +5,8 @@ The same tracing job both ways, on the same tiny pipeline and the same seeds:
   - restore every cell: text-encoder layer x token hidden states and denoiser components x step windows
     (all steps + each single step, both CFG branches),
   - metric: the denoiser-output distance to the clean run (mean over steps of ||eps - eps_clean|| / ||eps_clean||).
-interp: `record` the clean run, then one `sample_grid` (all rows in one sampling loop per chunk).
+interp: `record` the clean run, then one `sample_grid` (all rows in one sampling loop per chunk; rows grouped
+by their first edited step, the steps before it replayed from the base run: step-prefix reuse).
 Per-cell: the plain pipeline called once per cell with bare torch hooks that patch the module outputs
 (a step counter from `callback_on_step_end`), which is what one writes by hand (or what nnsight's
 DiffusionModel does: one traced pipeline call per intervention). The two sides' values must agree.
@@ -14,6 +15,7 @@ work done; wall-clock on a shared machine mostly measures the other jobs) and in
 
     .venv/bin/python benchmarks/diffusion_trace.py --repeats 3
     .venv/bin/python benchmarks/diffusion_trace.py --size shapes --repeats 3   # shapes-diffusion-sized UNet
+    .venv/bin/python benchmarks/diffusion_trace.py --no-step-reuse ...         # interp without step-prefix reuse
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ def build(size: str):
     return pipe
 
 
-def interp_trace(pipe, spec, comps, windows, text_sites, tokens):
+def interp_trace(pipe, spec, comps, windows, text_sites, tokens, reuse_steps=True):
     import interp
     from interp import Patch, at
     from interp.diffusion import pred_distance, record, restore, sample_grid
@@ -53,7 +55,7 @@ def interp_trace(pipe, spec, comps, windows, text_sites, tokens):
     rows = [[Patch(s, rec.get(s, None, "cond"), where=at(pos=t, branch="cond"))] for s in text_sites for t in tokens]
     rows += [restore(c, rec, steps=w) for c in comps for w in windows]
     metric = pred_distance(rec.output)
-    g = sample_grid(lm, spec, rows, metric, shared=corruption(lm, "red"), progress=False)
+    g = sample_grid(lm, spec, rows, metric, shared=corruption(lm, "red"), progress=False, reuse_steps=reuse_steps)
     return g.values.mean(1), rec
 
 
@@ -158,6 +160,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-step-reuse", action="store_true",
+                    help="interp without step-prefix reuse (every row computes every step)")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -181,7 +185,7 @@ def main() -> None:
     t_interp, t_cell, w_interp, w_cell = [], [], [], []
     for r in range(args.repeats):
         t, w = time.process_time(), time.perf_counter()
-        a, _ = interp_trace(pipe, spec, comps, windows, text_sites, tokens)
+        a, _ = interp_trace(pipe, spec, comps, windows, text_sites, tokens, reuse_steps=not args.no_step_reuse)
         t_interp.append(time.process_time() - t)
         w_interp.append(time.perf_counter() - w)
         t, w = time.process_time(), time.perf_counter()

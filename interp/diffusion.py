@@ -25,7 +25,7 @@ import torch
 from .adapters.pipeline import PipelineAdapter, SampleOutput, Sampling
 from .adapters.unet import BATCHED
 from .attach import Instrumented, attach
-from .engine import GridOutput, RunOutput
+from .engine import GridOutput, RunOutput, _step_list
 from .errors import InterpError, PositionError
 from .ops import Ablate, Op, Patch, at
 from .results import Result
@@ -167,20 +167,61 @@ def item_bytes(model, spec: Sampling) -> int:
     return cache[key]
 
 
+def first_step(ops: Sequence[Op], n_steps: int) -> int:
+    """The first denoising step at which any of `ops` can act: 0 for an op without a step selection (or on a
+    component that runs before the loop), n_steps for no ops (the row is the base run)."""
+    first = n_steps
+    for op in ops:
+        s = op.where.steps
+        if s is None:
+            return 0
+        first = min(first, s[0] if isinstance(s, tuple) and len(s) == 2 else min(_step_list(s), default=n_steps))
+    return max(0, first)
+
+
 def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]], metric: Callable[[SampleOutput], torch.Tensor],
                 *, shared: Sequence[Op] = (), memory_budget: int = 1 << 30, chunk_rows: int | None = None,
-                progress: bool = True, desc: str = "interp diffusion grid") -> GridOutput:
+                progress: bool = True, desc: str = "interp diffusion grid", reuse_steps: bool = True) -> GridOutput:
     """Many variants of one sampling request in one sampling loop per chunk: row r's ops edit only its
     own images; `shared` ops apply to every row and to the base run. Chunks fit `memory_budget`.
-    metric(SampleOutput) -> one value per image. Returns values [n_rows, n_images, ...] and the base."""
+    metric(SampleOutput) -> one value per image. Returns values [n_rows, n_images, ...] and the base.
+
+    Step-prefix reuse (reuse_steps=True): a row whose ops act only from step s on follows the base run
+    exactly before s, so chunks hold rows of one first step, and in a chunk starting at s the denoiser
+    calls of steps < s return the base run's predictions instead of being computed (the diffusion
+    analogue of the engine's layer-prefix reuse). The values equal a run without it up to float rounding
+    (the base predictions come from a batch of one row, the computed ones from a chunk of rows). Off
+    when a shared op selects steps (it would not fire in the replayed steps)."""
     lm = _pipeline(model)
     spec = spec if isinstance(spec, Sampling) else Sampling(spec)
     if chunk_rows is None:
         b = len(spec.prompts())
         cfg = 2
         chunk_rows = max(1, int(memory_budget // max(1, item_bytes(lm, spec) * cfg * b)))
-    return lm.run_grid(spec, rows, metric, shared=shared, chunk_rows=chunk_rows, progress=progress, desc=desc,
-                       reuse_prefix=False)
+    kw = dict(shared=shared, chunk_rows=chunk_rows, reuse_prefix=False)
+    n_steps = lm.adapter.n_steps(spec)
+    firsts = [first_step(list(r), n_steps) for r in rows]
+    # a shared op limited to some steps would not fire in a group whose replayed steps hold them
+    if not reuse_steps or not any(firsts) or any(op.where.steps is not None for op in shared):
+        grid = lm.run_grid(spec, rows, metric, progress=progress, desc=desc, **kw)
+        grid.stats["denoiser_steps_run"] = 1.0
+        return grid
+    ad = lm.adapter
+    state: dict = {}
+
+    def before_chunk(chunk: list[int]) -> None:  # a chunk holds rows of one first step (row_groups)
+        s = firsts[chunk[0]]
+        ad.replay = (s, state["base"]) if s > 0 else None
+
+    try:
+        grid = lm.run_grid(spec, rows, metric, progress=progress, desc=desc, row_groups=firsts,
+                           on_base=lambda out: state.setdefault("base", out), before_chunk=before_chunk, **kw)
+    finally:
+        ad.replay = None
+    stats = dict(grid.stats, step_prefix_reuse=True,
+                 rows_by_first_step={s: firsts.count(s) for s in sorted(set(firsts))},
+                 denoiser_steps_run=sum(n_steps - s for s in firsts) / max(1, len(rows) * n_steps))
+    return GridOutput(grid.values, grid.base, grid.tokens, stats)
 
 
 # ---------------------------------------------------------------------------------------------

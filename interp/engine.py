@@ -420,6 +420,13 @@ class Engine:
     def bind(self, ops: Sequence[Op], prepared: Prepared, start: int, n_rows: int) -> list[Bound]:
         table = self.adapter.site_table()
         out = []
+        for op in ops:
+            items = op.where.items
+            bad = [i for i in ([items] if isinstance(items, int) else (items or ())) if not 0 <= int(i) < prepared.batch]
+            if bad:
+                raise PositionError(f"items={items!r} for an op at {op.site!r}: {bad} out of range, this input has "
+                                    f"{prepared.batch} item(s) (0..{prepared.batch - 1}); items index the batch "
+                                    "of the input (the prompts, or one sampling request's images)")
         for j in range(n_rows):
             for op in ops:
                 site = table.get(op.site)
@@ -487,9 +494,13 @@ class Engine:
     def run_grid(self, inputs, rows: Sequence[Sequence[Op]], metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  *, shared: Sequence[Op] = (), last_only: bool = True, chunk_rows: int | None = None,
                  memory_budget: int = 1 << 30, reuse_prefix: bool = True, progress: bool = True,
-                 desc: str = "interp grid", ctx: RunContext | None = None, chunk_hook=None) -> GridOutput:
+                 desc: str = "interp grid", ctx: RunContext | None = None, chunk_hook=None, on_base=None,
+                 before_chunk=None, row_groups: Sequence[int] | None = None) -> GridOutput:
         # chunk_hook (interp.distributed): .before(rows) -> True to run that chunk here, a [n, batch, ...] tensor
         # of its values from elsewhere, or None to leave it (zeros); .after(rows, values) sees each computed chunk.
+        # on_base(output): called with the base run's output; before_chunk(rows): called before a chunk of rows
+        # runs here; row_groups: one key per row, rows with different keys never share a chunk
+        # (interp.diffusion.sample_grid uses the three for its step-prefix reuse).
         ad = self.adapter
         prepared = ad.prepare(inputs)
         b = prepared.batch
@@ -518,6 +529,8 @@ class Engine:
         with torch.no_grad(), attached(ad.root, entries):
             base_out = ad.forward(prepared, last_only=last_only)
         self.check_fired(base_bound)
+        if on_base is not None:
+            on_base(base_out)
         base_logits = ad.main_output(base_out)
         base_val = metric(base_logits)
         if can_replay and self._replay_ok is None:
@@ -545,7 +558,8 @@ class Engine:
             if r in packable:
                 packed.setdefault(s, []).append(r)
             else:
-                groups.setdefault(s if (replay and 1 <= s < len(blocks)) else 0, []).append(r)  # edits after the blocks: full runs
+                key = s if (replay and 1 <= s < len(blocks)) else 0  # edits after the blocks: full runs
+                groups.setdefault(key if row_groups is None else (row_groups[r], key), []).append(r)
         forwards = 0.0
         L = max(1, len(blocks))
         bar = tqdm(total=len(rows), desc=desc, disable=not progress, leave=False)
@@ -559,12 +573,15 @@ class Engine:
             bar.update(len(chunk))
             return True
         try:
-            for start, members in sorted(groups.items()):
+            for gkey, members in sorted(groups.items()):
+                start = gkey if row_groups is None else gkey[1]
                 for c in range(0, len(members), n_chunk):
                     chunk = members[c:c + n_chunk]
                     n = len(chunk)
                     if elsewhere(chunk):
                         continue
+                    if before_chunk is not None:
+                        before_chunk(chunk)
                     bound = []
                     for j, r in enumerate(chunk):
                         bound += self.bind(rows[r], prepared, j * b, 1)

@@ -237,6 +237,7 @@ class PipelineAdapter(Adapter):
         self._table = None
         self._state: _CallState | None = None
         self.record_inputs = False
+        self.replay: tuple[int, SampleOutput] | None = None  # (first step computed, base run): see _replaying_denoiser
 
     # -- sites ---------------------------------------------------------------------------------
     def site_table(self) -> SiteTable:
@@ -340,9 +341,14 @@ class PipelineAdapter(Adapter):
         ctx.n_steps, ctx.step, ctx.branches = kw["num_inference_steps"], None, None
         bar = getattr(self.pipe, "_progress_bar_config", None)
         self.pipe.set_progress_bar_config(disable=True)
+        den = getattr(self.pipe, self.denoiser)
+        if self.replay is not None:
+            den.forward = self._replaying_denoiser(den, ctx, n)
         try:
             out = self.pipe(**kw)
         finally:
+            if self.replay is not None:
+                del den.forward  # the instance attribute shadowed the class's forward
             ctx.step, ctx.branches = None, None
             if bar is None:
                 del self.pipe._progress_bar_config
@@ -354,6 +360,32 @@ class PipelineAdapter(Adapter):
         if st.inputs is not None:
             result.inputs = st.inputs
         return result
+
+    def _replaying_denoiser(self, den: nn.Module, ctx, n: int):
+        """den.forward for a run whose images all follow a recorded base run up to step `first` (step-prefix
+        reuse, set by interp.diffusion.sample_grid): a denoiser call before that step returns the base run's
+        prediction for each image (image i of this run is image i % N of the base's N) instead of computing
+        it, so the scheduler steps the same latents as the base run. The call still passes through the
+        module's hooks, so steps, branches and recorded predictions are as in a computed run. Calls that ask
+        for an output object (return_dict=True) are computed."""
+        first, base = self.replay
+        orig = den.forward
+        preds = {"cond": base.pred, "uncond": base.pred_uncond}
+
+        def forward(*args, **kwargs):
+            step, branches = ctx.step, ctx.branches
+            if step is None or step >= first or kwargs.get("return_dict", True) is not False or branches is None:
+                return orig(*args, **kwargs)
+            x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            out = None
+            for b, rows in branches.items():
+                src = preds[b][step]
+                if out is None:
+                    out = src.new_empty((x.shape[0], *src.shape[1:]))
+                out[rows] = src[torch.arange(len(rows)) % src.shape[0]].to(out.device)
+            return (out,)
+
+        return forward
 
     @staticmethod
     def _predictions(st: _CallState, n: int):

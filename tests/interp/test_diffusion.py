@@ -129,6 +129,42 @@ def test_grid_rows_share_noise_and_match_single_runs_under_any_budget(sd, spec, 
     assert float(big.base[0]) > 0.01  # the corruption moved the predictions
 
 
+def test_step_prefix_reuse_skips_the_base_steps_and_keeps_the_values(sd, spec, clean):
+    """Rows acting only from step s on follow the base run before s: sample_grid groups them by s and replays
+    the base run's predictions for those steps. Same values as computing every step; the UNet sees exactly
+    the images of the steps that are computed."""
+    from interp.diffusion import item_bytes
+
+    corrupt = Noise("text_encoder.embed", std=2.0, seed=7, where=at(pos=Tokens("red"), branch="cond"))
+    rows = [[]] + [restore(site, clean, steps=w) for site in ("unet.mid", "unet.up.1", "unet.down.0", "unet.down.1")
+                   for w in (None, (1, 3), 2)]
+    rows.append(restore("unet.mid", clean, steps=[2, 1], branch="cond"))
+    metric = pred_distance(clean.output)
+    item_bytes(sd, spec)  # the memory probe (one 1-step run, cached) is not part of the count
+    images = []
+    unet = sd.adapter.pipe.unet
+    h = unet.conv_in.register_forward_hook(lambda m, i, o: images.append(i[0].shape[0]))
+    try:
+        fast = sample_grid(sd, spec, rows, metric, shared=[corrupt], progress=False)
+        n_fast, images[:] = sum(images), []
+        slow = sample_grid(sd, spec, rows, metric, shared=[corrupt], progress=False, reuse_steps=False)
+        n_slow = sum(images)
+    finally:
+        h.remove()
+    assert "forward" not in vars(unet)  # the replaying forward is removed after the run
+    torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fast.base, slow.base, atol=1e-6, rtol=1e-5)
+    by_step = {0: 4, 1: 5, 2: 4, 3: 1}  # first edited step -> rows (the empty row follows the base throughout)
+    assert fast.stats["rows_by_first_step"] == by_step
+    # 3 steps x 2 CFG rows per image: the base run, then every row from its first step on
+    assert n_slow == 6 * (1 + len(rows))
+    assert n_fast == 6 + sum(2 * (3 - s) * n for s, n in by_step.items()), (n_fast, n_slow)
+    assert fast.stats["denoiser_steps_run"] == sum((3 - s) * n for s, n in by_step.items()) / (3 * len(rows))
+    assert n_fast < 0.7 * n_slow
+    small = sample_grid(sd, spec, rows, metric, shared=[corrupt], progress=False, chunk_rows=3)  # chunks of 3 rows
+    torch.testing.assert_close(small.values, slow.values, atol=1e-5, rtol=1e-4)
+
+
 def test_token_influence_matches_a_direct_denoiser_call(sd, spec):
     r = token_influence(sd, spec, positions=[0, 3])
     assert r.axes == ("step", "token") and r.coords["token"] == ["0:<|startoftext|>", "3:red"]

@@ -46,6 +46,18 @@ def test_positions_out_of_range(gpt2):
         lm.run(PROMPT, ops=[Add("blocks.1.resid_pre", torch.ones(64), where=at(heads=[0]))])
 
 
+def test_items_out_of_range(gpt2):
+    lm = interp.attach(gpt2)
+    with pytest.raises(PositionError, match=r"items=\[0, 3\].*\[3\] out of range, this input has 2 item"):
+        lm.run(["The Eiffel Tower is in", "The Colosseum is in"], ops=[Add("blocks.0.resid_pre", torch.ones(64),
+                                                                           where=at(items=[0, 3]))])
+    assert interp.hook_count(gpt2) == 0
+    out = lm.run(["The Eiffel Tower is in", "The Colosseum is in"],
+                 ops=[Add("blocks.0.resid_pre", torch.ones(64), where=at(items=1))])
+    base = lm.run(["The Eiffel Tower is in", "The Colosseum is in"])
+    assert torch.equal(out.logits[0], base.logits[0]) and not torch.equal(out.logits[1], base.logits[1])
+
+
 def test_prompts_of_different_token_lengths(gpt2):
     lm = interp.attach(gpt2)
     with pytest.raises(PromptLengthError, match=r"different token lengths.*11.*7"):
