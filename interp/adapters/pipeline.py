@@ -342,13 +342,19 @@ class PipelineAdapter(Adapter):
         bar = getattr(self.pipe, "_progress_bar_config", None)
         self.pipe.set_progress_bar_config(disable=True)
         den = getattr(self.pipe, self.denoiser)
+        # an instance-level forward may already be there (accelerate's offload hooks put theirs there): the
+        # replaying forward calls it for the computed steps and it is put back afterwards
+        own = vars(den).get("forward")
         if self.replay is not None:
             den.forward = self._replaying_denoiser(den, ctx, n)
         try:
             out = self.pipe(**kw)
         finally:
             if self.replay is not None:
-                del den.forward  # the instance attribute shadowed the class's forward
+                if own is None:
+                    del den.forward  # the instance attribute shadowed the class's forward
+                else:
+                    den.forward = own
             ctx.step, ctx.branches = None, None
             if bar is None:
                 del self.pipe._progress_bar_config

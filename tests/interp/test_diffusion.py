@@ -165,6 +165,29 @@ def test_step_prefix_reuse_skips_the_base_steps_and_keeps_the_values(sd, spec, c
     torch.testing.assert_close(small.values, slow.values, atol=1e-5, rtol=1e-4)
 
 
+def test_step_prefix_reuse_keeps_an_instance_level_forward(sd, spec, clean):
+    """A denoiser whose forward is already replaced on the instance (accelerate's offload hooks do that):
+    the replay calls it for the computed steps and puts it back afterwards."""
+    from interp.diffusion import item_bytes
+
+    item_bytes(sd, spec)
+    unet = sd.adapter.pipe.unet
+    calls = []
+    cls_forward = type(unet).forward
+
+    def wrapper(*a, **k):
+        calls.append(1)
+        return cls_forward(unet, *a, **k)
+
+    unet.forward = wrapper
+    try:
+        sample_grid(sd, spec, [restore("unet.mid", clean, steps=2)], pred_distance(clean.output), progress=False)
+        assert vars(unet)["forward"] is wrapper
+        assert len(calls) == 3 + 1  # the base run's 3 steps, then the row's step 2 only
+    finally:
+        del unet.forward
+
+
 def test_token_influence_matches_a_direct_denoiser_call(sd, spec):
     r = token_influence(sd, spec, positions=[0, 3])
     assert r.axes == ("step", "token") and r.coords["token"] == ["0:<|startoftext|>", "3:red"]
