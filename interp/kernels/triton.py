@@ -316,7 +316,8 @@ def _marks_for(device, size) -> _Marks:
     key = (str(device), stream)
     m = _MARKS.get(key)
     if m is None or m.buf.shape[1] < size:
-        m = _MARKS[key] = _Marks(device, max(size, 1024, 2 * (m.buf.shape[1] if m else 0)))
+        grown = min(2 * m.buf.shape[1], MAX_MARK_KEYS) if m else 0  # grow geometrically, up to the cap
+        m = _MARKS[key] = _Marks(device, max(size, 1024, grown))
     return m
 
 
