@@ -200,7 +200,8 @@ def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]], metri
         chunk_rows = max(1, int(memory_budget // max(1, item_bytes(lm, spec) * cfg * b)))
     kw = dict(shared=shared, chunk_rows=chunk_rows, reuse_prefix=False)
     n_steps = lm.adapter.n_steps(spec)
-    firsts = [first_step(list(r), n_steps) for r in rows]
+    # at most the last step is replayed away: a chunk computes at least one step, where shared ops fire
+    firsts = [min(first_step(list(r), n_steps), n_steps - 1) for r in rows]
     # a shared op limited to some steps would not fire in a group whose replayed steps hold them
     if not reuse_steps or not any(firsts) or any(op.where.steps is not None for op in shared):
         grid = lm.run_grid(spec, rows, metric, progress=progress, desc=desc, **kw)

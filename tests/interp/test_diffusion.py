@@ -154,7 +154,7 @@ def test_step_prefix_reuse_skips_the_base_steps_and_keeps_the_values(sd, spec, c
     assert "forward" not in vars(unet)  # the replaying forward is removed after the run
     torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(fast.base, slow.base, atol=1e-6, rtol=1e-5)
-    by_step = {0: 4, 1: 5, 2: 4, 3: 1}  # first edited step -> rows (the empty row follows the base throughout)
+    by_step = {0: 4, 1: 5, 2: 5}  # first edited step -> rows (the empty row computes the last step only)
     assert fast.stats["rows_by_first_step"] == by_step
     # 3 steps x 2 CFG rows per image: the base run, then every row from its first step on
     assert n_slow == 6 * (1 + len(rows))
@@ -163,6 +163,18 @@ def test_step_prefix_reuse_skips_the_base_steps_and_keeps_the_values(sd, spec, c
     assert n_fast < 0.7 * n_slow
     small = sample_grid(sd, spec, rows, metric, shared=[corrupt], progress=False, chunk_rows=3)  # chunks of 3 rows
     torch.testing.assert_close(small.values, slow.values, atol=1e-5, rtol=1e-4)
+
+
+def test_step_prefix_reuse_with_a_shared_denoiser_op_and_empty_rows(sd, spec, clean):
+    """A shared op inside the denoiser must still fire in every chunk: a chunk of rows without ops computes
+    the last step (instead of replaying all of them), and the values equal a run without the reuse."""
+    shared = [Noise("unet.mid", std=0.5, seed=2)]
+    rows = [[], [], restore("unet.up.1", clean, steps=2)]
+    metric = pred_distance(clean.output)
+    fast = sample_grid(sd, spec, rows, metric, shared=shared, progress=False, chunk_rows=2)
+    slow = sample_grid(sd, spec, rows, metric, shared=shared, progress=False, reuse_steps=False)
+    torch.testing.assert_close(fast.values, slow.values, atol=1e-5, rtol=1e-4)
+    assert fast.stats["rows_by_first_step"] == {2: 3}
 
 
 def test_step_prefix_reuse_keeps_an_instance_level_forward(sd, spec, clean):
