@@ -189,13 +189,6 @@ def _per_entry(name: str, a, K: int, ref: torch.Tensor) -> float | torch.Tensor:
     return a.to(cd)
 
 
-def _full(a, K: int, ref: torch.Tensor) -> torch.Tensor:
-    """A per-entry value as the tensor [K] the reference takes."""
-    if isinstance(a, torch.Tensor):
-        return a
-    return torch.full((K,), float(a), dtype=_ref.compute_dtype(ref.dtype), device=ref.device)
-
-
 # --------------------------------------------------------------------------------------------
 # ops
 # --------------------------------------------------------------------------------------------
@@ -244,7 +237,7 @@ def row_patch(dst, src, dst_idx, src_idx, alpha=None, *, check=True):
         return dst
     if backend(dst) == "triton":
         return _triton(dst).row_patch(dst, src, dst_idx, src_idx, alpha)
-    return _ref.row_patch(dst, src, dst_idx, src_idx, None if alpha is None else _full(alpha, K, dst))
+    return _ref.row_patch(dst, src, dst_idx, src_idx, None if alpha is None else _ref.entries(alpha, K, dst))
 
 
 def head_patch(dst, src, dst_idx, src_idx, alpha=None, *, check=True):
@@ -260,7 +253,7 @@ def head_patch(dst, src, dst_idx, src_idx, alpha=None, *, check=True):
         return dst
     if backend(dst) == "triton":
         return _triton(dst).row_patch(dst, src, dst_idx, src_idx, alpha)
-    return _ref.head_patch(dst, src, dst_idx, src_idx, None if alpha is None else _full(alpha, K, dst))
+    return _ref.head_patch(dst, src, dst_idx, src_idx, None if alpha is None else _ref.entries(alpha, K, dst))
 
 
 def _validate_rows(x, idx, name="x"):
@@ -297,7 +290,7 @@ def add_scaled(x, v, idx, alpha, norm=None, renorm=False, *, check=True):
         return x
     if backend(x) == "triton":
         return _triton(x).add_scaled(x, v, idx, alpha, norm, renorm)
-    return _ref.add_scaled(x, v, idx, _full(alpha, K, x), norm, renorm)
+    return _ref.add_scaled(x, v, idx, _ref.entries(alpha, K, x), norm, renorm)
 
 
 def project(x, L, R, mu=None, idx=None, *, check=True):
@@ -365,4 +358,4 @@ def noise(x, idx, std, seeds, *, check=True):
         return x
     if backend(x) == "triton":
         return _triton(x).noise(x, idx, std, seeds)
-    return _ref.noise(x, idx, _full(std, K, x), seeds)
+    return _ref.noise(x, idx, _ref.entries(std, K, x), seeds)

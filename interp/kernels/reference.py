@@ -29,6 +29,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def entries(a, K: int, ref: torch.Tensor) -> torch.Tensor:
+    """A per-entry value (a python float for every entry, or a tensor [K]) as the tensor [K] these functions take."""
+    if isinstance(a, torch.Tensor):
+        return a
+    return torch.full((K,), float(a), dtype=compute_dtype(ref.dtype), device=ref.device)
+
+
 def position_keys(idx: torch.Tensor, shape) -> torch.Tensor:
     """Linear key of each index row over the logical ``shape`` (the first idx.shape[1] dims)."""
     key = torch.zeros(idx.shape[0], dtype=torch.int64, device=idx.device)

@@ -355,13 +355,6 @@ def _mark(idx: torch.Tensor, sizes, first: bool):
     return marks, code, keys, geo
 
 
-def _entries(a, K: int, ref: torch.Tensor) -> torch.Tensor:
-    """A per-entry value as the fp32 tensor [K] the reference takes."""
-    if isinstance(a, torch.Tensor):
-        return a
-    return torch.full((K,), float(a), dtype=_ref.compute_dtype(ref.dtype), device=ref.device)
-
-
 def _scalar_or_tensor(a, dummy):
     """A per-entry value: (tensor pointer, scalar, is-tensor) for the kernels."""
     if isinstance(a, torch.Tensor):
@@ -386,7 +379,7 @@ def row_patch(dst, src, dst_idx, src_idx, alpha=None):
         src_fstrides = src.stride()[m:]
     dims = _coalesce(dst.shape[m:], dst.stride()[m:], src_fstrides)
     if len(dims) > 2:  # feature layout too irregular for the kernel: the reference (same semantics)
-        return _ref.row_patch(dst, orig_src, dst_idx, src_idx, None if alpha is None else _entries(alpha, K, dst))
+        return _ref.row_patch(dst, orig_src, dst_idx, src_idx, None if alpha is None else _ref.entries(alpha, K, dst))
     if len(dims) == 0:
         F, F2, sd1, sd2, ss1, ss2, two_d = 1, 1, 0, 0, 0, 0, False
     elif len(dims) == 1:
@@ -421,7 +414,7 @@ def add_scaled(x, v, idx, alpha, norm=None, renorm=False):
     K = idx.shape[0]
     F = x.shape[2]
     if F > MAX_ROW_BLOCK:
-        return _ref.add_scaled(x, v, idx, _entries(alpha, K, x), norm, renorm)
+        return _ref.add_scaled(x, v, idx, _ref.entries(alpha, K, x), norm, renorm)
     if v.dtype != x.dtype and v.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         v = v.to(torch.float32)
     marks, code, keys, (si0, si1, D0, D1, _) = _mark(idx, x.shape, first=True)
