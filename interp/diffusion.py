@@ -175,7 +175,7 @@ def first_step(ops: Sequence[Op], n_steps: int) -> int:
         s = op.where.steps
         if s is None:
             return 0
-        first = min(first, s[0] if isinstance(s, tuple) and len(s) == 2 else min(_step_list(s), default=n_steps))
+        first = min(first, *_step_list(s))  # a (start, stop) window gives [start, stop - 1]
     return max(0, first)
 
 
@@ -219,10 +219,9 @@ def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]], metri
                            on_base=lambda out: state.setdefault("base", out), before_chunk=before_chunk, **kw)
     finally:
         ad.replay = None
-    stats = dict(grid.stats, step_prefix_reuse=True,
-                 rows_by_first_step={s: firsts.count(s) for s in sorted(set(firsts))},
-                 denoiser_steps_run=sum(n_steps - s for s in firsts) / max(1, len(rows) * n_steps))
-    return GridOutput(grid.values, grid.base, grid.tokens, stats)
+    grid.stats.update(step_prefix_reuse=True, rows_by_first_step={s: firsts.count(s) for s in sorted(set(firsts))},
+                      denoiser_steps_run=sum(n_steps - s for s in firsts) / max(1, len(rows) * n_steps))
+    return grid
 
 
 # ---------------------------------------------------------------------------------------------
