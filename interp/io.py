@@ -1,0 +1,322 @@
+"""Files written and read safely: atomic writes, JSON values, one content fingerprint, safetensors checks,
+an exclusive writer lock and the clean-up of temporary folders left by killed writers.
+
+Every writer in interp goes through `atomic_write`: the bytes go to a hidden temporary file beside the
+destination, which is renamed into place only when complete, so a reader never sees a partial file. Files
+get the permissions an ordinary `open()` would give (0666 minus the umask), not mkstemp's 0600.
+Nothing here unpickles: safetensors and JSON only.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+
+from interp.errors import InterpError
+
+
+class CorruptFileError(InterpError, ValueError):
+    """A file on disk is truncated, damaged or does not match its recorded hash."""
+
+
+class LockedError(InterpError, RuntimeError):
+    """Another process is writing the same destination."""
+
+
+# ---------------------------------------------------------------------------------------------
+# permissions and atomic writes
+# ---------------------------------------------------------------------------------------------
+
+def umask() -> int:
+    """The process umask (read from /proc where possible, so no other thread sees it change)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, 'w')` gives a new file: 0o666 minus the umask (0o644 typically)."""
+    return 0o666 & ~umask()
+
+
+def atomic_write(dest: str | os.PathLike, write: Callable[[str], Any]) -> Path:
+    """Call write(tmp_path) on a hidden temporary file beside `dest`, then rename it onto `dest`.
+
+    A failure (or an interrupt) removes the temporary file and leaves any previous `dest` as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return dest
+
+
+def atomic_write_bytes(dest: str | os.PathLike, data: bytes) -> Path:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return atomic_write(dest, write)
+
+
+def atomic_write_text(dest: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(dest, text.encode())
+
+
+def atomic_write_json(dest: str | os.PathLike, obj: Any, indent: int | None = 1) -> Path:
+    """`obj` as JSON (through `jsonable`; non-finite floats become the strings 'nan' / 'inf')."""
+    return atomic_write_text(dest, json.dumps(jsonable(obj), indent=indent, allow_nan=False))
+
+
+def atomic_write_safetensors(dest: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
+                             metadata: Mapping[str, str] | None = None) -> Path:
+    from safetensors.torch import save_file
+
+    flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    return atomic_write(dest, lambda tmp: save_file(flat, tmp, metadata=dict(metadata) if metadata else None))
+
+
+def jsonable(x: Any) -> Any:
+    """Nested dicts / lists / tensors -> plain JSON values; non-finite floats as strings, others as str()."""
+    if isinstance(x, dict):
+        return {str(k): jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return jsonable(x.tolist())
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, (str, int, float, bool)) or x is None:
+        return x
+    if hasattr(x, "item") and callable(x.item):  # numpy scalars
+        return jsonable(x.item())
+    return str(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# content fingerprints and hashes
+# ---------------------------------------------------------------------------------------------
+
+def _feed(h: Any, x: Any) -> None:
+    if isinstance(x, torch.Tensor):
+        h.update(str((tuple(x.shape), str(x.dtype))).encode())
+        h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if x.numel() else b"")
+    elif isinstance(x, (list, tuple)):
+        h.update(b"[")
+        for y in x:
+            _feed(h, y)
+        h.update(b"]")
+    elif isinstance(x, dict):
+        for k in sorted(x, key=str):
+            _feed(h, str(k))
+            _feed(h, x[k])
+    else:
+        h.update(repr(x).encode())
+
+
+def fingerprint(*parts: Any, length: int = 64) -> str:
+    """sha256 (hex, first `length` digits) of tensors (shape, dtype and bytes), nested lists / dicts and reprs."""
+    h = hashlib.sha256()
+    for p in parts:
+        _feed(h, p)
+    return h.hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# checks of files before they are loaded
+# ---------------------------------------------------------------------------------------------
+
+def check_safetensors(path: str | os.PathLike) -> None:
+    """Raise CorruptFileError naming `path` if it is not a complete safetensors file.
+
+    Reads only the header: its length, its JSON, and that every tensor's byte range lies inside the file
+    and that the data section is exactly as long as the header says (a truncated file fails here).
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise CorruptFileError(f"{path} is truncated ({size} bytes): not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CorruptFileError(f"{path} is truncated or damaged: its header claims {n} bytes, the file has {size}")
+        try:
+            header = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{path} has a damaged header ({e}): restore the file") from e
+    ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    need = 8 + n + max(ends, default=0)
+    if size != need:
+        what = "truncated" if size < need else "longer than its header says"
+        raise CorruptFileError(f"{path} is {what}: {size} bytes, its header describes {need}; restore the file")
+
+
+def check_files(folder: str | os.PathLike, hashes: Mapping[str, str], what: str = "") -> None:
+    """Every file of `hashes` (relative path -> sha256) present in `folder` with those bytes, else
+    CorruptFileError naming the files; safetensors files are first checked for truncation (named)."""
+    folder = Path(folder)
+    missing = [rel for rel in hashes if not (folder / rel).is_file()]
+    if missing:
+        raise CorruptFileError(f"{what or folder}: {len(missing)} file(s) missing: {missing[:5]}")
+    for rel in hashes:
+        if rel.endswith(".safetensors"):
+            check_safetensors(folder / rel)
+    bad = [rel for rel, h in hashes.items() if file_sha256(folder / rel) != h]
+    if bad:
+        raise CorruptFileError(f"{what or folder}: {len(bad)} file(s) no longer match their recorded sha256 "
+                               f"(overwritten or damaged bytes): {bad[:5]}; restore them or re-create the folder")
+
+
+def check_safetensors_in(folder: str | os.PathLike) -> None:
+    """check_safetensors on every .safetensors file under `folder`."""
+    for f in sorted(Path(folder).rglob("*.safetensors")):
+        check_safetensors(f)
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per destination, and stale temporary folders
+# ---------------------------------------------------------------------------------------------
+
+def _host() -> str:
+    return socket.gethostname().replace("-", "_").replace(".", "_")[:32] or "host"
+
+
+def temp_name(dest: Path, kind: str = "tmp") -> Path:
+    """Hidden sibling of `dest` that names its writer: .<name>.<kind>-<host>-<pid>-<random>."""
+    return dest.parent / f".{dest.name}.{kind}-{_host()}-{os.getpid()}-{os.urandom(4).hex()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(dest: str | os.PathLike, max_age_s: float = 7 * 86400) -> list[Path]:
+    """Remove the temporary siblings of `dest` left by writers that died; returns what was removed.
+
+    A temporary folder is stale when its writer ran on this host and that pid is gone, or (any host) when it
+    is older than `max_age_s`. A running writer's folder is kept. If `dest` itself is missing and a stale
+    `.old-` backup of it exists (a writer was killed between its two renames), the backup is put back.
+    """
+    dest = Path(dest)
+    removed: list[Path] = []
+    if not dest.parent.is_dir():
+        return removed
+    prefix, host = f".{dest.name}.", _host()
+    for p in sorted(dest.parent.iterdir()):
+        if not p.name.startswith(prefix):
+            continue
+        kind, _, rest = p.name[len(prefix):].partition("-")
+        parts = rest.rsplit("-", 2)
+        if kind not in ("tmp", "old") or len(parts) != 3 or not parts[1].isdigit():
+            continue
+        same_host_dead = parts[0] == host and not _pid_alive(int(parts[1]))
+        too_old = time.time() - p.lstat().st_mtime > max_age_s
+        if not (same_host_dead or too_old):
+            continue
+        if kind == "old" and not dest.exists():
+            os.replace(p, dest)
+            continue
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+@contextmanager
+def writer_lock(dest: str | os.PathLike) -> Iterator[Path]:
+    """Hold the exclusive writer lock of `dest` (a `.<name>.lock` file beside it, flock'ed).
+
+    A second process asking for the same lock gets LockedError at once, naming the holder. The kernel drops
+    the lock when its holder dies, so a killed writer never blocks the next one.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    lock = dest.parent / f".{dest.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise LockedError(f"{dest} is being written by {holder}: wait for it to finish or choose "
+                                  "another output folder") from None
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(lock))
+        except FileNotFoundError:
+            same = False
+        if same:  # the file we locked is still the lock file (not one its last holder just unlinked)
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+        yield lock
+    finally:
+        try:
+            os.unlink(lock)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def disk_full_hint(e: BaseException, where: str | os.PathLike) -> str:
+    """' (the disk holding X is full: N MB free)' when `e` is ENOSPC / EDQUOT, else ''."""
+    chain = [e, e.__cause__, e.__context__]
+    if not any(isinstance(c, OSError) and c.errno in (errno.ENOSPC, errno.EDQUOT) for c in chain if c) and \
+            "No space left" not in str(e):
+        return ""
+    try:
+        free = shutil.disk_usage(Path(where)).free / 1e6
+        return f" (the disk holding {where} is full: {free:.1f} MB free; free space or choose another folder)"
+    except OSError:
+        return f" (the disk holding {where} is full; free space or choose another folder)"
+
+
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_safetensors",
+           "jsonable", "fingerprint", "file_sha256", "file_mode", "check_safetensors", "check_files",
+           "check_safetensors_in", "clean_stale", "writer_lock", "temp_name", "disk_full_hint", "CorruptFileError",
+           "LockedError"]
