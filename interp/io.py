@@ -121,6 +121,63 @@ def jsonable(x: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
+# nested state (training state, optimizer state) as one safetensors file: tensors + a JSON skeleton
+# ---------------------------------------------------------------------------------------------
+
+STATE_FORMAT = "interp.state/1"
+
+
+def _split_state(x: Any, tensors: dict[str, torch.Tensor], key: str) -> Any:
+    if isinstance(x, torch.Tensor):
+        tensors[key] = x.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(x, dict):
+        return {"__dict__": [[k, _split_state(v, tensors, f"{key}/{k}")] for k, v in x.items()]}
+    if isinstance(x, (list, tuple)):
+        items = [_split_state(v, tensors, f"{key}/{i}") for i, v in enumerate(x)]
+        return {"__tuple__": items} if isinstance(x, tuple) else items
+    if x is None or isinstance(x, (bool, int, float, str)):
+        return x
+    raise TypeError(f"cannot store a {type(x).__name__} in a state file (tensors, dicts, lists, numbers, strings)")
+
+
+def _join_state(x: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(x, list):
+        return [_join_state(v, tensors) for v in x]
+    if isinstance(x, dict):
+        if "__tensor__" in x:
+            return tensors[x["__tensor__"]].clone()
+        if "__tuple__" in x:
+            return tuple(_join_state(v, tensors) for v in x["__tuple__"])
+        return {(k if isinstance(k, (str, int)) else str(k)): _join_state(v, tensors) for k, v in x["__dict__"]}
+    return x
+
+
+def save_state(dest: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """Write nested `state` (dicts with str / int keys, lists, tuples, tensors, numbers, strings; e.g. model,
+    optimizer and RNG states) as one safetensors file whose metadata holds the JSON skeleton. Atomic."""
+    tensors: dict[str, torch.Tensor] = {}
+    skeleton = _split_state(dict(state), tensors, "s")
+    if not tensors:  # safetensors needs at least one entry to carry metadata
+        tensors["s/__empty__"] = torch.zeros(0)
+    return atomic_write_safetensors(dest, tensors, {"format": STATE_FORMAT, "state": json.dumps(skeleton)})
+
+
+def load_state(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a file written by `save_state` (no unpickling: safetensors tensors + JSON)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    check_safetensors(path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("format") != STATE_FORMAT:
+            raise CorruptFileError(f"{path} is not an interp state file (format {meta.get('format')!r})")
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _join_state(json.loads(meta["state"]), tensors)
+
+
+# ---------------------------------------------------------------------------------------------
 # content fingerprints and hashes
 # ---------------------------------------------------------------------------------------------
 
@@ -207,6 +264,16 @@ def check_safetensors_in(folder: str | os.PathLike) -> None:
     """check_safetensors on every .safetensors file under `folder`."""
     for f in sorted(Path(folder).rglob("*.safetensors")):
         check_safetensors(f)
+
+
+def check_finite_parameters(modules: Mapping[str, torch.nn.Module], where: str | os.PathLike) -> None:
+    """CorruptFileError naming the first loaded parameter with NaN / inf values (damaged weight bytes)."""
+    for prefix, m in modules.items():
+        for name, p in m.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+                full = f"{prefix}.{name}" if prefix else name
+                raise CorruptFileError(f"{where}: parameter {full!r} holds NaN or inf after loading: the weight file "
+                                       "is damaged (or was saved from a diverged model); restore it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,5 +385,5 @@ def disk_full_hint(e: BaseException, where: str | os.PathLike) -> str:
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_safetensors",
            "jsonable", "fingerprint", "file_sha256", "file_mode", "check_safetensors", "check_files",
-           "check_safetensors_in", "clean_stale", "writer_lock", "temp_name", "disk_full_hint", "CorruptFileError",
+           "check_safetensors_in", "check_finite_parameters", "save_state", "load_state", "clean_stale", "writer_lock", "temp_name", "disk_full_hint", "CorruptFileError",
            "LockedError"]

@@ -258,12 +258,8 @@ def verify_folder(folder: str | os.PathLike) -> Path:
 
 def check_finite(obj: Any, where: str | os.PathLike) -> None:
     """CorruptFileError naming the first parameter of a loaded model / pipeline with NaN or inf values."""
-    mods = [m for m in obj.components.values() if isinstance(m, nn.Module)] if is_pipeline(obj) else [obj]
-    for m in mods:
-        for name, p in m.named_parameters():
-            if p.is_floating_point() and not bool(torch.isfinite(p).all()):
-                raise io.CorruptFileError(f"{where}: parameter {name!r} holds NaN or inf after loading: the weight "
-                                          "file is damaged (or was saved from a diverged model); restore it")
+    mods = {c: m for c, m in obj.components.items() if isinstance(m, nn.Module)} if is_pipeline(obj) else {"": obj}
+    io.check_finite_parameters(mods, where)
 
 
 def load_checkpoint(folder: str | os.PathLike, cls: Any = None, **kw: Any) -> Any:

@@ -16,7 +16,7 @@ COLOURS = ["red", "yellow", "green", "cyan", "blue", "magenta"]
 
 @pytest.fixture(scope="module")
 def pipe():
-    from recipes.zoo_train import build_diffusion_pipeline
+    from interp.zoo.architectures import build_diffusion_pipeline
 
     p = build_diffusion_pipeline(0, width=8)
     p.set_progress_bar_config(disable=True)
@@ -188,7 +188,7 @@ def test_choose_window_picks_the_best_scoring_window(pipe, concept):
 
 
 def test_context_edit_on_sd3(concept):
-    from recipes.zoo_train import build_flow_pipeline
+    from interp.zoo.architectures import build_flow_pipeline
 
     p = build_flow_pipeline(0, heads=2, layers=2)
     small = Concept.from_prompts("red", [*concept.sources[:4], *concept.preserve[:8]], ["yellow", "blue"])
@@ -219,7 +219,7 @@ class FluxLikePipeline:
         from diffusers import FluxTransformer2DModel
         from transformers import CLIPTextConfig, CLIPTextModel
 
-        from recipes.zoo_train import build_tokenizer
+        from interp.zoo.architectures import build_tokenizer
 
         torch.manual_seed(0)
         self.tokenizer_2 = build_tokenizer()
