@@ -58,6 +58,19 @@ def file_mode() -> int:
     return 0o666 & ~umask()
 
 
+def honour_umask(folder: str | os.PathLike) -> None:
+    """Give every file under `folder` the mode a plain open() would (some writers, e.g. transformers'
+    save_pretrained, leave 0600 temporary-file modes behind), and every folder 0777 minus the umask."""
+    fmode, dmode = file_mode(), 0o777 & ~umask()
+    for root, dirs, files in os.walk(folder):
+        for d in dirs:
+            os.chmod(os.path.join(root, d), dmode)
+        for f in files:
+            p = os.path.join(root, f)
+            if not os.path.islink(p):
+                os.chmod(p, fmode)
+
+
 def atomic_write(dest: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """Call write(tmp_path) on a hidden temporary file beside `dest`, then rename it onto `dest`.
 
@@ -383,7 +396,7 @@ def disk_full_hint(e: BaseException, where: str | os.PathLike) -> str:
         return f" (the disk holding {where} is full; free space or choose another folder)"
 
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_safetensors",
+__all__ = ["honour_umask", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_safetensors",
            "jsonable", "fingerprint", "file_sha256", "file_mode", "check_safetensors", "check_files",
            "check_safetensors_in", "check_finite_parameters", "save_state", "load_state", "clean_stale", "writer_lock", "temp_name", "disk_full_hint", "CorruptFileError",
            "LockedError"]

@@ -165,6 +165,7 @@ def _write_locked(model, dest: Path, edit, src: Path | None, src_hash: str | Non
     try:
         tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True)
+        io.honour_umask(tmp)
         files = {p.relative_to(tmp).as_posix(): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         from interp import __version__
 

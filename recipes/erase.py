@@ -47,6 +47,26 @@ def _load(spec: str):
     return pipe, (path if path.exists() else None)
 
 
+def _source_path(spec: str) -> Path | None:
+    """The folder a model spec names (a zoo model's weights folder), or None (a hub name)."""
+    from interp.zoo.catalog import ENTRIES, weights_path
+
+    if spec in ENTRIES:
+        return weights_path(spec)
+    path = Path(spec).expanduser()
+    return path if path.exists() else None
+
+
+def _check_methods(args, methods, source) -> None:
+    unknown = [m for m in methods if m not in UNET_METHODS + TRANSFORMER_METHODS]
+    if unknown:
+        raise SystemExit(f"interp erase: unknown method(s) {unknown}; choose from {list(UNET_METHODS + TRANSFORMER_METHODS)} or all")
+    if args.in_place and len(methods) != 1:
+        raise SystemExit("interp erase: --in-place writes one checkpoint: pass exactly one --method")
+    if args.in_place and source is None:
+        raise SystemExit("interp erase: --in-place needs a model loaded from a folder")
+
+
 def _check_settings(args) -> None:
     """One-line errors for settings that could only give NaN results or lose data (exit code 2)."""
     from interventions.erasure import ErasureInputError
@@ -66,9 +86,14 @@ def _check_settings(args) -> None:
 
 def _destinations(args, methods, source) -> dict:
     """method -> checked destination folder (before any fitting, so a refused --out costs nothing)."""
-    from interventions.checkpoint import check_destination
+    from interventions.checkpoint import CheckpointWriteError, check_destination
 
     if args.in_place:
+        from interp.zoo.catalog import WEIGHTS_DIR
+
+        if WEIGHTS_DIR.resolve() in Path(source).resolve().parents:
+            raise CheckpointWriteError(f"interp erase: --in-place would replace the shipped zoo weights {source}: "
+                                       "copy the folder and erase the copy in place, or write to --out")
         return {methods[0]: check_destination(source, source, in_place=True)}
     if not args.out:
         return {}
@@ -114,17 +139,15 @@ def run(args) -> dict:
 
     _check_settings(args)
     torch.set_num_threads(args.threads)
+    early = _source_path(args.model)
+    if args.method != ["all"]:  # refuse a bad destination before loading or fitting anything
+        _check_methods(args, args.method, early)
+        _destinations(args, args.method, early)
     pipe, source = _load(args.model)
     concept, is_shapes = _concept(args, pipe)
     kind = TRANSFORMER_METHODS if hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None else UNET_METHODS
     methods = list(kind) if args.method == ["all"] else args.method
-    unknown = [m for m in methods if m not in UNET_METHODS + TRANSFORMER_METHODS]
-    if unknown:
-        raise SystemExit(f"interp erase: unknown method(s) {unknown}; choose from {list(UNET_METHODS + TRANSFORMER_METHODS)} or all")
-    if args.in_place and len(methods) != 1:
-        raise SystemExit("interp erase: --in-place writes one checkpoint: pass exactly one --method")
-    if args.in_place and source is None:
-        raise SystemExit("interp erase: --in-place needs a model loaded from a folder")
+    _check_methods(args, methods, source)
     dests = _destinations(args, methods, source)
     report: dict = {"model": args.model, "concept": concept.describe(), "methods": {}, "settings": vars(args).copy()}
     report["settings"].pop("func", None)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from interp.io import atomic_write_json, load_state, save_state
+from interp.io import atomic_write_json, honour_umask, load_state, save_state
 
 NAMES = ("shapes-diffusion", "shapes-flow", "physics")
 
@@ -219,6 +219,7 @@ def _image_common(args, pipe, trainable: dict, loss_fn, name: str, defaults: dic
     for m in trainable.values():
         m.eval()
     save_pipeline(pipe, out)
+    honour_umask(out)
     write_files_manifest(out)
     metrics = {"name": name, "train_steps": steps, "batch_size": bs, "final_loss": running,
                "train_wall_s": round(train_time, 1), "machine": _machine(), "seed": args.seed,
@@ -372,6 +373,7 @@ def train_physics(args):
     train_time = time.time() - t0
     model.eval()
     model.save_pretrained(out)
+    honour_umask(out)
     write_files_manifest(out)
     err = P.one_step_error(model)
     kfit = P.kappa_fit_report(model)
