@@ -17,7 +17,6 @@ import os
 import shutil
 import socket
 import struct
-import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -78,8 +77,9 @@ def atomic_write(dest: str | os.PathLike, write: Callable[[str], Any]) -> Path:
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
+    clean_stale(dest)  # temporaries of writers of `dest` that were killed
+    tmp = str(temp_name(dest))
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
     try:
         write(tmp)
         os.chmod(tmp, file_mode())

@@ -105,3 +105,65 @@ def test_non_finite_features_or_labels_are_refused(bad):
         LeaceFitter(48, 1).update(sink_stream(100)[0], zf)
     with pytest.raises(ErasureInputError, match="tol"):
         LeaceFitter(48, 1, tol=bad)
+
+
+def _in_sample_logistic_loss(x, z, iters: int = 300) -> float:
+    """The smallest mean logistic loss any linear probe reaches on (x, z) itself (whitened features, LBFGS)."""
+    mu = x.mean(0)
+    evals, V = torch.linalg.eigh(torch.cov(x.T))
+    keep = evals > 1e-10 * evals.max()
+    a = (x - mu) @ (V[:, keep] / evals[keep].sqrt())
+    w = torch.zeros(a.shape[1], dtype=torch.float64, requires_grad=True)
+    c = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, c], max_iter=iters, line_search_fn="strong_wolfe")
+    y = z.double()
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(a @ w + c, y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        return float(torch.nn.functional.binary_cross_entropy_with_logits(a @ w + c, y))
+
+
+@pytest.mark.slow
+def test_smollm2_all_token_fit_at_a_late_residual_stream_removes_the_concept():
+    """SmolLM2 blocks.20.resid_post, every token of every prompt (the first token is an attention sink with a
+    huge norm): after erasure no linear probe beats the constant predictor in sample (the guarantee), while
+    before the concept (which of two topics the prompt is about) is linearly readable."""
+    from interp.errors import OfflineModelError
+    from interp.zoo import load
+
+    import interp
+
+    try:
+        model = load("smollm2")
+    except OfflineModelError as e:
+        pytest.skip(str(e))
+    lm = interp.attach(model)
+    animals = ["The cat sat on the warm mat", "A dog ran across the field", "The horse ate fresh hay",
+               "Birds sang in the old tree", "The cow grazed near the barn", "A fox hid in the bushes",
+               "The sheep followed the shepherd", "Two rabbits dug a small hole", "The owl hunted at night",
+               "A goat climbed the steep rock", "The duck swam across the pond", "A wolf howled at the moon"]
+    machines = ["The car drove down the highway", "A train left the busy station", "The plane landed at noon",
+                "Trucks carried steel to the port", "The bus stopped at the corner", "A bike leaned on the wall",
+                "The ship sailed into the harbor", "Two engines roared at the track", "The tractor plowed the land",
+                "A rocket launched into orbit", "The van parked near the shop", "A crane lifted the heavy beam"]
+    xs, zs = [], []
+    with torch.no_grad():
+        for label, prompts in ((0, animals), (1, machines)):
+            for p in prompts:
+                act = lm.run(p, capture=["blocks.20.resid_post"]).cache["blocks.20.resid_post"][0].double()
+                xs.append(act)
+                zs.append(torch.full((act.shape[0],), label))
+    x, z = torch.cat(xs), torch.cat(zs)
+    top = torch.linalg.eigvalsh(torch.cov(x.T))
+    assert float(top[-1]) > 1e3 * float(top[-2])  # one dominant direction: the first token's sink
+    h = float(torch.distributions.Bernoulli(probs=z.double().mean()).entropy())
+    before = _in_sample_logistic_loss(x, z)
+    er = LeaceEraser.fit(x, z)
+    after = _in_sample_logistic_loss(er(x), z)
+    assert before < 0.5 * h  # readable before
+    assert after > h - 1e-3, (before, after, h)  # the constant predictor's loss: nothing left to read
