@@ -207,7 +207,9 @@ class LeaceFitter:
             raise ErasureGuaranteeError(
                 f"LEACE{self._at()}: after erasure the cross-covariance with the concept is {after:.3g} "
                 f"({after / max(before, 1e-300):.2g} of the {before:.3g} before; allowed {tol:g}): the eraser "
-                "does not remove the concept; check the features for near-duplicate or degenerate directions")
+                "does not remove the concept; " + (f"tol={self.tol:g} treats directions that carry it as null: "
+                                                   "leave tol=None (numerical rank)" if self.tol is not None else
+                                                   "check the features for degenerate directions"))
 
 
 # ---------------------------------------------------------------------------------------------
