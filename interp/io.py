@@ -396,7 +396,7 @@ def disk_full_hint(e: BaseException, where: str | os.PathLike) -> str:
         return f" (the disk holding {where} is full; free space or choose another folder)"
 
 
-__all__ = ["honour_umask", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json", "atomic_write_safetensors",
-           "jsonable", "fingerprint", "file_sha256", "file_mode", "check_safetensors", "check_files",
-           "check_safetensors_in", "check_finite_parameters", "save_state", "load_state", "clean_stale", "writer_lock", "temp_name", "disk_full_hint", "CorruptFileError",
-           "LockedError"]
+__all__ = ["honour_umask", "atomic_write", "atomic_write_bytes", "atomic_write_text", "atomic_write_json",
+           "atomic_write_safetensors", "jsonable", "fingerprint", "file_sha256", "file_mode", "check_safetensors",
+           "check_files", "check_safetensors_in", "check_finite_parameters", "save_state", "load_state",
+           "clean_stale", "writer_lock", "temp_name", "disk_full_hint", "CorruptFileError", "LockedError"]

@@ -129,10 +129,11 @@ def check_destination(dest: str | os.PathLike, source: str | os.PathLike | None 
                                    "would replace the source; choose a folder that does not contain it")
     if dest.exists() and not in_place:
         if not overwrite:
-            raise CheckpointWriteError(f"{dest} already exists: choose a new folder or pass overwrite=True (--overwrite)")
+            raise CheckpointWriteError(f"{dest} already exists: choose a new folder or pass overwrite=True "
+                                       "(--overwrite)")
         if not dest.is_dir() or not (dest / MANIFEST).is_file():
-            raise CheckpointWriteError(f"refusing to overwrite {dest}: it is not a checkpoint interp wrote (no {MANIFEST}); "
-                                       "overwrite only replaces interp's own output folders: choose a new folder")
+            raise CheckpointWriteError(f"refusing to overwrite {dest}: it is not a checkpoint interp wrote (no "
+                                       f"{MANIFEST}); overwrite only replaces interp's own output: choose a new folder")
     return dest
 
 

@@ -82,7 +82,8 @@ def same_model(a: dict, b: dict) -> str | None:
     """None when identities a and b name one model, else why not (a short phrase)."""
     if a.get("arch") != b.get("arch"):
         return f"another architecture or config (fingerprint {a.get('arch')} vs {b.get('arch')})"
-    x, y = (torch.tensor(a.get("sample", []), dtype=torch.float64), torch.tensor(b.get("sample", []), dtype=torch.float64))
+    x = torch.tensor(a.get("sample", []), dtype=torch.float64)
+    y = torch.tensor(b.get("sample", []), dtype=torch.float64)
     if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-2, atol=1e-2 * float(x.abs().max().clamp_min(1e-12))):
         return "the same architecture with other weights"
     return None
@@ -200,7 +201,8 @@ class SteeringVector:
                                   "write one with SteeringVector.save")
             vec = f.get_tensor("vector")
         if "width" in meta and int(meta["width"]) != vec.shape[-1]:
-            raise _io.CorruptFileError(f"{path}: the vector has width {vec.shape[-1]}, its metadata says {meta['width']}")
+            raise _io.CorruptFileError(f"{path}: the vector has width {vec.shape[-1]}, its metadata says "
+                                       f"{meta['width']}")
         return cls(vec, meta["site"], meta["method"], meta["model"], meta["data_hash"], meta["spatial"] or None,
                    json.loads(meta.get("meta", "{}")), json.loads(meta.get("identity", "{}")))
 

@@ -36,7 +36,8 @@ def _load(spec: str):
         return zoo.load(spec), weights_path(spec)
     path = Path(spec).expanduser()
     if not path.exists() and (spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")):
-        raise NotACheckpointError(f"interp erase: no model folder at {path}: check the path (zoo names: {list(ENTRIES)})")
+        raise NotACheckpointError(f"interp erase: no model folder at {path}: check the path "
+                                  f"(zoo names: {list(ENTRIES)})")
     if path.exists():
         verify_folder(path)
     from recipes.models import load
@@ -60,7 +61,8 @@ def _source_path(spec: str) -> Path | None:
 def _check_methods(args, methods, source) -> None:
     unknown = [m for m in methods if m not in UNET_METHODS + TRANSFORMER_METHODS]
     if unknown:
-        raise SystemExit(f"interp erase: unknown method(s) {unknown}; choose from {list(UNET_METHODS + TRANSFORMER_METHODS)} or all")
+        raise SystemExit(f"interp erase: unknown method(s) {unknown}; choose from "
+                         f"{list(UNET_METHODS + TRANSFORMER_METHODS)} or all")
     if args.in_place and len(methods) != 1:
         raise SystemExit("interp erase: --in-place writes one checkpoint: pass exactly one --method")
     if args.in_place and source is None:

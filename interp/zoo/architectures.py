@@ -18,7 +18,8 @@ MAX_TOKENS = 16  # caption length in tokens (longest caption: 11 with BOS/EOS)
 
 
 def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + \
+        list(range(ord("\xae"), ord("\xff") + 1))
     cs = bs[:]
     n = 0
     for b in range(256):

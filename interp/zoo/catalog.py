@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from interp.errors import InterpError
-from interp.io import check_files, check_finite_parameters, check_safetensors_in
+from interp.io import atomic_write_text, check_files, check_finite_parameters, check_safetensors_in
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 FILES_MANIFEST = "sha256.json"  # {"files": {relative path: sha256}} of a saved zoo model, checked before loading
@@ -74,7 +74,7 @@ def _save_as_stock(pipe, save_directory, **kwargs) -> None:
     cfg = json.loads(index.read_text())
     if cfg.get("_class_name") != stock.__name__:
         cfg["_class_name"] = stock.__name__
-        index.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(index, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _flow_pipeline_class():

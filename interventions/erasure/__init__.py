@@ -30,7 +30,8 @@ def erase(pipe, concept: Concept, method: str, **kw) -> Edit:
     return fns[method](pipe, concept, **kw)
 
 
-__all__ = ["ErasureGuaranteeError", "ErasureInputError", "LeaceEraser", "LeaceFitter", "fit_at_site", "fold_eraser", "fold_weights", "ridge_solve", "ridge_objective",
+__all__ = ["ErasureGuaranteeError", "ErasureInputError",
+           "LeaceEraser", "LeaceFitter", "fit_at_site", "fold_eraser", "fold_weights", "ridge_solve", "ridge_objective",
            "Concept", "Edit", "capture", "edit_start", "tokenize_like_pipeline", "erase", "METHODS", "DEFAULT_LAM",
            "uce", "time_edit", "locoedit", "choose_window", "quickfix", "context_edit", "leace_edit", "hirm",
            "cross_attention_edit", "cross_attention_layers", "select_layers"]
