@@ -327,6 +327,10 @@ def clean_stale(dest: str | os.PathLike, max_age_s: float = 7 * 86400) -> list[P
     for p in sorted(dest.parent.iterdir()):
         if not p.name.startswith(prefix):
             continue
+        if p.name == f"{prefix}lock":
+            if _unlink_if_unlocked(p):
+                removed.append(p)
+            continue
         kind, _, rest = p.name[len(prefix):].partition("-")
         parts = rest.rsplit("-", 2)
         if kind not in ("tmp", "old") or len(parts) != 3 or not parts[1].isdigit():
@@ -341,6 +345,26 @@ def clean_stale(dest: str | os.PathLike, max_age_s: float = 7 * 86400) -> list[P
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
         removed.append(p)
     return removed
+
+
+def _unlink_if_unlocked(lock: Path) -> bool:
+    """Remove a lock file no process holds (left by a writer killed before it could remove it)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return False
+    try:  # a writer that opened it meanwhile sees the unlink (samestat) and makes a new one
+        lock.unlink()
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        os.close(fd)
 
 
 @contextmanager

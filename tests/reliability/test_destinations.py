@@ -110,9 +110,15 @@ def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(pipe, sour
     old = tmp_path / ".out.tmp-elsewhere-1-11111111"
     old.mkdir()
     os.utime(old, (0, 0))  # older than a week: removed whatever host wrote it
+    (tmp_path / ".out.lock").write_text("pid 1")  # a lock file left by a killed writer (nobody holds it)
     write_checkpoint(pipe, dest, source=source)
-    assert not dead.exists() and not old.exists()
+    assert not dead.exists() and not old.exists() and not (tmp_path / ".out.lock").exists()
     assert live.exists() and other_host.exists()  # a running writer / another host's writer: kept
+    with io.writer_lock(dest):  # a held lock is never removed, and a second writer is refused at once
+        assert io.clean_stale(dest) == [] and (tmp_path / ".out.lock").exists()
+        with pytest.raises(CheckpointWriteError, match=f"being written by pid {os.getpid()}"):
+            write_checkpoint(pipe, tmp_path / "out", source=source, overwrite=True)
+    assert not (tmp_path / ".out.lock").exists()
 
 
 def test_a_writer_killed_between_its_two_renames_gets_the_old_output_back(pipe, source, tmp_path):
