@@ -36,7 +36,7 @@ def _load(spec: str):
         return zoo.load(spec), weights_path(spec)
     path = Path(spec).expanduser()
     if not path.exists() and (spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")):
-        raise NotACheckpointError(f"interp erase: no model folder at {path}: check the path "
+        raise NotACheckpointError(f"no model folder at {path}: check the path "
                                   f"(zoo names: {list(ENTRIES)})")
     if path.exists():
         verify_folder(path)
@@ -74,16 +74,16 @@ def _check_settings(args) -> None:
     from interventions.erasure import ErasureInputError
 
     if args.lam is not None and not (math.isfinite(args.lam) and args.lam >= 0):
-        raise ErasureInputError(f"interp erase: --lam must be a finite number >= 0, got {args.lam}")
+        raise ErasureInputError(f"--lam must be a finite number >= 0, got {args.lam}")
     for name in ("hirm_steps", "window", "n_per_prompt", "eval_prompts", "threads"):
         value = getattr(args, name)
         if value < (0 if name == "eval_prompts" else 1):
-            raise ErasureInputError(f"interp erase: --{name.replace('_', '-')} must be "
+            raise ErasureInputError(f"--{name.replace('_', '-')} must be "
                                     f"{'>= 0' if name == 'eval_prompts' else '>= 1'}, got {value}")
     if args.steps is not None and args.steps < 1:
-        raise ErasureInputError(f"interp erase: --steps must be >= 1, got {args.steps}")
+        raise ErasureInputError(f"--steps must be >= 1, got {args.steps}")
     if args.in_place and args.out:
-        raise ErasureInputError("interp erase: --in-place replaces the source itself; do not also pass --out")
+        raise ErasureInputError("--in-place replaces the source itself; do not also pass --out")
 
 
 def _destinations(args, methods, source) -> dict:
@@ -94,7 +94,7 @@ def _destinations(args, methods, source) -> dict:
         from interp.zoo.catalog import WEIGHTS_DIR
 
         if WEIGHTS_DIR.resolve() in Path(source).resolve().parents:
-            raise CheckpointWriteError(f"interp erase: --in-place would replace the shipped zoo weights {source}: "
+            raise CheckpointWriteError(f"--in-place would replace the shipped zoo weights {source}: "
                                        "copy the folder and erase the copy in place, or write to --out")
         return {methods[0]: check_destination(source, source, in_place=True)}
     if not args.out:

@@ -445,15 +445,15 @@ def _check_out(args) -> None:
     out, shipped = Path(args.out).resolve(), WEIGHTS_DIR.resolve()
     inside = out == shipped or shipped in out.parents
     if inside and not getattr(args, "overwrite_shipped", False):
-        raise InterpError(f"interp zoo-train: --out {args.out} is inside the shipped weights ({shipped}); training "
+        raise InterpError(f"--out {args.out} is inside the shipped weights ({shipped}); training "
                           "there replaces them: choose another folder, or pass --overwrite-shipped")
     for name in ("steps", "batch_size", "save_every"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "save_every" else 1):
-            raise InterpError(f"interp zoo-train: --{name.replace('_', '-')} must be >= "
+            raise InterpError(f"--{name.replace('_', '-')} must be >= "
                               f"{0 if name == 'save_every' else 1}, got {value}")
     if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
-        raise InterpError(f"interp zoo-train: --lr must be a finite number > 0, got {args.lr}")
+        raise InterpError(f"--lr must be a finite number > 0, got {args.lr}")
 
 
 def run(args) -> dict:
@@ -474,12 +474,18 @@ def run(args) -> dict:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``zoo-train`` subcommand (``func=run``) to an argparse subparsers object."""
+    """Add the ``zoo-train`` subcommand (``func=cli``, which calls ``run``) to an argparse subparsers object."""
     p = subparsers.add_parser("zoo-train", help="train a zoo model (shapes-diffusion, shapes-flow, physics)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=cli)
     return p
+
+
+def cli(args) -> int:
+    """The subcommand's entry point: train (or evaluate), print the metrics, exit code 0."""
+    run(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> dict:

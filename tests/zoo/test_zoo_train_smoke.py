@@ -141,4 +141,4 @@ def test_register_mounts_zoo_train_subcommand():
     sub = parser.add_subparsers()
     zoo_train.register(sub)
     args = parser.parse_args(["zoo-train", "physics", "--smoke", "--out", "x"])
-    assert args.func is zoo_train.run and args.name == "physics" and args.smoke
+    assert args.func is zoo_train.cli and args.name == "physics" and args.smoke
