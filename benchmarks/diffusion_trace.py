@@ -37,7 +37,7 @@ def build(size: str):
         from test_diffusion_helpers import tiny_sd
 
         return tiny_sd()
-    from recipes.zoo_train import build_diffusion_pipeline  # shapes-diffusion's architecture, random weights
+    from interp.zoo.architectures import build_diffusion_pipeline  # shapes-diffusion's architecture, random weights
 
     pipe = build_diffusion_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)

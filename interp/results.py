@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+
+from interp import io as _io
 
 FORMAT = "interp.result/1"
 
@@ -88,7 +89,7 @@ class Result:
                 "dtype": str(self.values.dtype), "shape": list(self.values.shape)}
         js, st = base.with_suffix(".json"), base.with_suffix(".safetensors")
         atomic_write(st, lambda p: save_file({"values": self.values.contiguous()}, str(p)))
-        atomic_write(js, lambda p: Path(p).write_text(json.dumps(meta, indent=1)))
+        _io.atomic_write_text(js, json.dumps(meta, indent=1))
         return js
 
     @classmethod
@@ -176,14 +177,7 @@ def image_grid(images: torch.Tensor, path: str | os.PathLike, labels: Sequence[s
 
 def atomic_write(dest: Path, write) -> None:
     """Call write(tmp_path) on a temporary file beside `dest`, then rename it into place (never a partial `dest`)."""
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    _io.atomic_write(dest, write)
 
 
 def jsonable(x):

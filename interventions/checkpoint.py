@@ -21,8 +21,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from interp import io
 from interp.errors import InterpError
-from interp.results import jsonable
 
 MANIFEST = "interp_edit.json"
 FORMAT = "interp.edit/1"
@@ -47,11 +47,7 @@ def folder_hash(path: str | os.PathLike, skip: tuple[str, ...] = ()) -> str:
 
 
 def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return io.file_sha256(path)
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -108,6 +104,39 @@ def _state_key(name: str, tensors: dict) -> str | None:
     return hits[0] if len(hits) == 1 else None
 
 
+def check_destination(dest: str | os.PathLike, source: str | os.PathLike | None = None, *, in_place: bool = False,
+                      overwrite: bool = False) -> Path:
+    """The resolved destination, or CheckpointWriteError if writing there could lose data.
+
+    Refused: a destination that is the source (unless in_place), lies inside it, or contains it (symlinks
+    resolved); an existing destination without overwrite; with overwrite, anything but a folder that
+    interp wrote itself (its interp_edit.json present).
+    """
+    src = Path(source).resolve() if source is not None else None
+    dest = src if in_place and src is not None else Path(dest).resolve()
+    if in_place and src is None:
+        raise CheckpointWriteError("in_place=True needs source= (the folder to replace)")
+    if src is not None and not src.exists():
+        raise CheckpointWriteError(f"source folder {src} does not exist")
+    if src is not None and dest == src and not in_place:
+        raise CheckpointWriteError(f"refusing to write over the source checkpoint {src}: choose another output folder, "
+                                   "or pass in_place=True (--in-place) to replace it and keep a backup")
+    if src is not None and src in dest.parents:
+        raise CheckpointWriteError(f"the output folder {dest} lies inside the source checkpoint {src}: "
+                                   "choose a folder outside it")
+    if src is not None and dest in src.parents:
+        raise CheckpointWriteError(f"the output folder {dest} contains the source checkpoint {src}: writing there "
+                                   "would replace the source; choose a folder that does not contain it")
+    if dest.exists() and not in_place:
+        if not overwrite:
+            raise CheckpointWriteError(f"{dest} already exists: choose a new folder or pass overwrite=True "
+                                       "(--overwrite)")
+        if not dest.is_dir() or not (dest / MANIFEST).is_file():
+            raise CheckpointWriteError(f"refusing to overwrite {dest}: it is not a checkpoint interp wrote (no "
+                                       f"{MANIFEST}); overwrite only replaces interp's own output: choose a new folder")
+    return dest
+
+
 def write_checkpoint(model: Any, dest: str | os.PathLike, edit=None, *, source: str | os.PathLike | None = None,
                      in_place: bool = False, overwrite: bool = False, extra: dict | None = None,
                      verify: Callable[[Any], Any] | None = None) -> Path:
@@ -117,38 +146,35 @@ def write_checkpoint(model: Any, dest: str | os.PathLike, edit=None, *, source: 
     its manifest recorded). source: the folder the model was loaded from (hashed into the manifest, and
     never written to unless in_place=True, in which case dest is the source and a backup
     `<source>.bak-<time>` is kept). verify(reloaded) may raise to reject the written checkpoint.
+    One writer per destination: a second process writing the same dest at the same time gets an error.
     """
+    dest = check_destination(dest, source, in_place=in_place, overwrite=overwrite)
     src = Path(source).resolve() if source is not None else None
-    if in_place:
-        if src is None:
-            raise CheckpointWriteError("in_place=True needs source= (the folder to replace)")
-        dest = src
-    dest = Path(dest).resolve()
-    if src is not None and not src.exists():
-        raise CheckpointWriteError(f"source folder {src} does not exist")
-    if src is not None and dest == src and not in_place:
-        raise CheckpointWriteError(f"refusing to write over the source checkpoint {src}: choose another output folder, "
-                                   "or pass in_place=True (--in-place) to replace it and keep a backup")
-    if src is not None and (src in dest.parents):
-        raise CheckpointWriteError(f"the output folder {dest} lies inside the source checkpoint {src}: choose a folder outside it")
-    if dest.exists() and not in_place and not overwrite:
-        raise CheckpointWriteError(f"{dest} already exists: choose a new folder or pass overwrite=True")
-    src_hash = folder_hash(src, skip=()) if src is not None else None
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.parent / f".{dest.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    src_hash = folder_hash(src) if src is not None else None
+    try:
+        with io.writer_lock(dest):
+            io.clean_stale(dest)
+            return _write_locked(model, dest, edit, src, src_hash, in_place, overwrite, extra, verify)
+    except io.LockedError as e:
+        raise CheckpointWriteError(f"{e}; nothing was written") from None
+
+
+def _write_locked(model, dest: Path, edit, src: Path | None, src_hash: str | None, in_place: bool, overwrite: bool,
+                  extra: dict | None, verify) -> Path:
+    tmp = io.temp_name(dest)
     stage = "writing"
     try:
         tmp.mkdir()
         model.save_pretrained(str(tmp), safe_serialization=True)
+        io.honour_umask(tmp)
         files = {p.relative_to(tmp).as_posix(): file_hash(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+        from interp import __version__
+
         manifest = {"format": FORMAT, **(edit.manifest() if edit is not None else {}), **(extra or {}),
                     "source": str(src) if src is not None else None, "source_hash": src_hash,
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "files": files}
-        from interp import __version__
-
-        manifest["interp_version"] = __version__
-        (tmp / MANIFEST).write_text(json.dumps(jsonable(manifest), indent=1))
+                    "interp_version": __version__, "files": files}
+        io.atomic_write_json(tmp / MANIFEST, manifest)
         stage = "verifying"
         reloaded = reload(model, tmp)
         _compare(model, reloaded, getattr(edit, "tensors", None))
@@ -156,31 +182,37 @@ def write_checkpoint(model: Any, dest: str | os.PathLike, edit=None, *, source: 
             raise CheckpointWriteError("the verify function rejected the reloaded checkpoint")
         del reloaded
         stage = "moving into place"
-        _move_into_place(tmp, dest, in_place, overwrite)
+        if not in_place:  # again, under the lock: another writer may have finished meanwhile
+            check_destination(dest, src, overwrite=overwrite)
+        _move_into_place(tmp, dest, in_place)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointWriteError(_failure_message(e, stage, dest, src, src_hash)) from e
     return dest
 
 
-def _move_into_place(tmp: Path, dest: Path, in_place: bool, overwrite: bool) -> None:
+def _move_into_place(tmp: Path, dest: Path, in_place: bool) -> None:
     if not dest.exists():
-        os.replace(tmp, dest)
+        os.rename(tmp, dest)  # fails (ENOTEMPTY / EEXIST) rather than replace a folder that appeared meanwhile
         return
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    backup = dest.parent / f"{dest.name}.bak-{stamp}-{uuid.uuid4().hex[:4]}"
+    if in_place:  # the source: a visible backup that is kept
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        backup = dest.parent / f"{dest.name}.bak-{stamp}-{uuid.uuid4().hex[:4]}"
+    else:  # a previous interp output: a hidden backup (put back by clean_stale if this process dies now)
+        backup = io.temp_name(dest, "old")
     os.replace(dest, backup)
     try:
         os.replace(tmp, dest)
     except BaseException:
         os.replace(backup, dest)  # put the original back before reporting
         raise
-    if not in_place:  # overwrite of a previous output (not the source): no backup wanted
+    if not in_place:
         shutil.rmtree(backup, ignore_errors=True)
 
 
 def _failure_message(e: BaseException, stage: str, dest: Path, src: Path | None, src_hash: str | None) -> str:
-    msg = f"writing the checkpoint to {dest} failed while {stage} ({type(e).__name__}: {e}); the temporary folder was removed"
+    msg = (f"writing the checkpoint to {dest} failed while {stage} ({type(e).__name__}: {e})"
+           f"{io.disk_full_hint(e, dest.parent)}; the temporary folder was removed")
     if src is None:
         return msg + "; no source folder was involved."
     now = folder_hash(src) if src.exists() else None
@@ -190,11 +222,15 @@ def _failure_message(e: BaseException, stage: str, dest: Path, src: Path | None,
                   f"(was {src_hash[:16]}..., now {str(now)[:16]}...): restore it from a backup beside it.")
 
 
+class NotACheckpointError(InterpError, FileNotFoundError):
+    """A folder that should hold a checkpoint is missing or was not written by interp."""
+
+
 def read_manifest(folder: str | os.PathLike) -> dict:
     """The interp_edit.json of a written checkpoint."""
     f = Path(folder) / MANIFEST
     if not f.exists():
-        raise FileNotFoundError(f"{folder} has no {MANIFEST}: it was not written by interventions.checkpoint")
+        raise NotACheckpointError(f"{folder} has no {MANIFEST}: it was not written by interventions.checkpoint")
     return json.loads(f.read_text())
 
 
@@ -202,7 +238,47 @@ def verify_files(folder: str | os.PathLike) -> list[str]:
     """Files whose sha256 no longer matches the manifest (empty when the checkpoint is intact)."""
     folder = Path(folder)
     man = read_manifest(folder)
-    return [rel for rel, h in man["files"].items() if not (folder / rel).exists() or file_hash(folder / rel) != h]
+    return [rel for rel, h in man["files"].items() if not (folder / rel).is_file() or file_hash(folder / rel) != h]
+
+
+def verify_folder(folder: str | os.PathLike) -> Path:
+    """Check a model folder before loading it: present (a missing folder is named as such, not as a network
+    failure), every safetensors file complete (a truncated one is named), and, if interp wrote it, every file
+    matching the sha256 in its manifest. Raises CorruptFileError / NotACheckpointError; returns the folder."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise NotACheckpointError(f"no model folder at {folder}" + (" (it is a file)" if folder.exists() else "")
+                                  + ": check the path")
+    io.check_safetensors_in(folder)
+    if (folder / MANIFEST).is_file():
+        bad = verify_files(folder)
+        if bad:
+            raise io.CorruptFileError(f"{folder}: {len(bad)} file(s) no longer match the sha256 in its {MANIFEST} "
+                                      f"(overwritten, damaged or missing): {bad[:5]}; restore them or write it again")
+    return folder
+
+
+def check_finite(obj: Any, where: str | os.PathLike) -> None:
+    """CorruptFileError naming the first parameter of a loaded model / pipeline with NaN or inf values."""
+    mods = {c: m for c, m in obj.components.items() if isinstance(m, nn.Module)} if is_pipeline(obj) else {"": obj}
+    io.check_finite_parameters(mods, where)
+
+
+def load_checkpoint(folder: str | os.PathLike, cls: Any = None, **kw: Any) -> Any:
+    """Load a checkpoint folder after `verify_folder`, offline, and check its parameters are finite.
+
+    cls: the class to load with (default: diffusers.DiffusionPipeline for a folder with model_index.json,
+    else transformers.AutoModelForCausalLM). Keywords go to `from_pretrained`.
+    """
+    folder = verify_folder(folder)
+    if cls is None:
+        if (folder / "model_index.json").is_file():
+            from diffusers import DiffusionPipeline as cls
+        else:
+            from transformers import AutoModelForCausalLM as cls
+    obj = cls.from_pretrained(str(folder), local_files_only=True, **kw)
+    check_finite(obj, folder)
+    return obj
 
 
 _PLAIN_SCRIPT = r"""
@@ -253,7 +329,7 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
                            capture_output=True, text=True, timeout=timeout)
         if r.returncode != 0:
             raise CheckpointWriteError(f"plain diffusers could not load or run {folder}: {r.stderr[-1500:]}")
-        plain = np.load(out)
+        plain = np.load(out, allow_pickle=False)
     pipe.set_progress_bar_config(disable=True)
     with torch.no_grad():
         ours = pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
@@ -263,4 +339,6 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
             "reproduces": diff < 1e-3}
 
 
-__all__ = ["write_checkpoint", "plain_diffusers_check", "read_manifest", "verify_files", "folder_hash", "CheckpointWriteError", "MANIFEST", "reload"]
+__all__ = ["write_checkpoint", "check_destination", "load_checkpoint", "verify_folder", "check_finite",
+           "plain_diffusers_check", "read_manifest", "verify_files", "folder_hash", "CheckpointWriteError",
+           "NotACheckpointError", "MANIFEST", "reload"]

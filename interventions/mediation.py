@@ -47,6 +47,12 @@ def _mediator(m) -> Mediator:
     raise TypeError(f"a mediator is a site name, a (site, pos[, heads]) tuple or a Mediator, not {m!r}")
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """A metric's values in at least float32 (float64 stays float64: no precision is dropped)."""
+    t = torch.as_tensor(t)
+    return t if t.is_floating_point() and t.dtype.itemsize >= 4 else t.float()
+
+
 def mediation(lm: interp.Instrumented, clean, corrupted, mediators: Sequence[Any],
               metric: Callable[[torch.Tensor], torch.Tensor], *, progress: bool = True, **grid_kw) -> Result:
     """TE, NIE and NDE per mediator: Result with axes (mediator, effect); values are means over
@@ -60,8 +66,8 @@ def mediation(lm: interp.Instrumented, clean, corrupted, mediators: Sequence[Any
     with torch.no_grad():
         c = lm.run(clean, capture=sites, last_only=True)
         k = lm.run(corrupted, capture=sites, last_only=True)
-    m_c = metric(c.logits).float()
-    m_k = metric(k.logits).float()
+    m_c = _wide(metric(c.logits))
+    m_k = _wide(metric(k.logits))
 
     def rows(source):
         return [[Patch(m.site, source.cache[m.site], where=at(pos=m.pos, heads=m.heads))] for m in meds]
@@ -69,8 +75,8 @@ def mediation(lm: interp.Instrumented, clean, corrupted, mediators: Sequence[Any
     nde = lm.run_grid(corrupted, rows(c), metric, progress=progress, desc="mediation NDE", **grid_kw)
     base = m_c.mean()
     te = (m_k.mean() - base).expand(len(meds))
-    vals = torch.stack([te, nie.values.float().reshape(len(meds), -1).mean(1) - base,
-                        nde.values.float().reshape(len(meds), -1).mean(1) - base], 1)
+    nie_v, nde_v = (_wide(g.values).to(base.dtype).reshape(len(meds), -1).mean(1) for g in (nie, nde))
+    vals = torch.stack([te, nie_v - base, nde_v - base], 1)
     return Result(vals, ("mediator", "effect"), {"mediator": [m.label for m in meds], "effect": list(EFFECTS)},
                   {"metric_clean": float(base), "metric_corrupted": float(m_k.mean()),
                    "metric": "effect on the metric", "method": "mediation (Vig et al. 2020)"})

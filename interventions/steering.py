@@ -13,7 +13,6 @@ a random direction and a norm-matched control (the same extraction on shuffled l
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field, replace
@@ -25,11 +24,69 @@ from tqdm.auto import tqdm
 
 import interp
 from interp import Add, Result, at
+from interp import io as _io
 from interp.errors import InterpError, SiteShapeError
 
 METHODS = ("mean_diff", "caa", "pca")
 REDUCE = ("last", "mean", "keep")
 FORMAT = "interp.steering/1"
+_VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_diffusers_version",
+             "_attn_implementation_autoset", "_attn_implementation", "name_or_path")
+_SAMPLE = 64  # parameter values per sampled tensor in a model's identity
+
+
+class ModelMismatchError(InterpError, ValueError):
+    """A steering vector recorded on one model is applied to another."""
+
+
+# ---------------------------------------------------------------------------------------------
+# which model a vector belongs to
+# ---------------------------------------------------------------------------------------------
+
+def _modules(model: Any) -> list[tuple[str, torch.nn.Module]]:
+    if isinstance(model, torch.nn.Module):
+        return [("", model)]
+    comps = getattr(model, "components", None) or {}
+    return [(k, m) for k, m in sorted(comps.items()) if isinstance(m, torch.nn.Module)]
+
+
+def _config(m: torch.nn.Module) -> Any:
+    cfg = getattr(m, "config", None)
+    d = cfg.to_dict() if hasattr(cfg, "to_dict") else (dict(cfg) if isinstance(cfg, dict) else None)
+    return {k: v for k, v in d.items() if k not in _VOLATILE} if d is not None else None
+
+
+def model_identity(model: Any) -> dict:
+    """What identifies a model for its steering vectors: `arch`, a fingerprint of its class, config and
+    parameter names / shapes (dtype and device excluded), and `sample`, a few of its weights (64 evenly
+    spaced values of its first and last two parameter tensors), which tell two models of one architecture
+    apart (another seed, a fine-tune) and survive a change of dtype to within its rounding."""
+    mods = _modules(model)
+    if not mods:
+        return {}
+    layout, params = [], []
+    for prefix, m in mods:
+        named = [(n, p) for n, p in m.named_parameters() if p.is_floating_point() and p.numel()]
+        layout.append((prefix, type(m).__name__, _config(m), [(n, tuple(p.shape)) for n, p in named]))
+        params += [p for _, p in named]
+    picked = params[:2] + params[-2:] if len(params) > 4 else params
+    sample = []
+    for p in picked:
+        flat = p.detach().reshape(-1)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).long().to(flat.device)
+        sample += flat[idx].double().cpu().tolist()
+    return {"arch": _io.fingerprint(layout, length=16), "sample": sample}
+
+
+def same_model(a: dict, b: dict) -> str | None:
+    """None when identities a and b name one model, else why not (a short phrase)."""
+    if a.get("arch") != b.get("arch"):
+        return f"another architecture or config (fingerprint {a.get('arch')} vs {b.get('arch')})"
+    x = torch.tensor(a.get("sample", []), dtype=torch.float64)
+    y = torch.tensor(b.get("sample", []), dtype=torch.float64)
+    if x.shape != y.shape or not torch.allclose(x, y, rtol=1e-2, atol=1e-2 * float(x.abs().max().clamp_min(1e-12))):
+        return "the same architecture with other weights"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +108,7 @@ class SteeringVector:
     data_hash: str = ""
     spatial: str | None = None
     meta: dict = field(default_factory=dict)
+    identity: dict = field(default_factory=dict)  # model_identity() of the model it was recorded on ({}: unknown)
 
     def __post_init__(self):
         if not isinstance(self.vector, torch.Tensor) or self.vector.numel() == 0:
@@ -64,16 +122,28 @@ class SteeringVector:
     def norm(self) -> float:
         return float(self.vector.float().norm())
 
+    def check(self, lm: interp.Instrumented, force: bool = False) -> None:
+        """ModelMismatchError unless this vector was recorded on `lm`'s model (same architecture, config and
+        weights) or force=True. A vector without an identity (made from bare tensors) is not checked."""
+        if force or not self.identity:
+            return
+        why = same_model(self.identity, model_identity(lm.model))
+        if why is not None:
+            raise ModelMismatchError(f"the steering vector for {self.site!r} was recorded on {self.model or 'a model'} "
+                                     f"and this is {why}: extract it on this model, or pass force=True")
+
     def op(self, alpha: float = 1.0, *, norm: str | None = "relative", pos: Any = None, steps=None,
            items=None) -> Add:
-        """The engine op that injects this vector: Add(site, vector, alpha, norm, where=...)."""
+        """The engine op that injects this vector: Add(site, vector, alpha, norm, where=...). The op itself
+        does not know the model: `apply`, `generate` and `lm_target_prob` check it with `check`."""
+        _finite_alpha(alpha)
         if self.spatial is not None and pos is not None:
             raise ValueError(f"a spatial={self.spatial!r} vector is added at every location; pos={pos!r} cannot be used")
         return Add(self.site, self.vector, alpha=float(alpha), norm=norm, spatial=self.spatial,
                    where=at(pos=pos, steps=steps, items=items))
 
     def apply(self, lm: interp.Instrumented, alpha: float = 1.0, *, norm: str | None = "relative", pos: Any = None,
-              steps=None, items=None, steps_from: str | None = None, check: bool = True):
+              steps=None, items=None, steps_from: str | None = None, check: bool = True, force: bool = False):
         """Context manager: the vector is added on every forward call of `lm`'s model inside the block.
 
         pos: None (all positions), "generated" (tokens after the prompt), ints / slices / Tokens.
@@ -81,7 +151,9 @@ class SteeringVector:
         (default: the denoiser of an attached diffusers pipeline, else the model itself), so
         `with sv.apply(attach(pipe), 0.5, steps=(2, 6)): pipe(...)` steers steps 2-5 of a plain
         pipeline call (classifier-free guidance batched into one denoiser call per step).
+        force=True applies a vector recorded on another model (see `check`).
         """
+        self.check(lm, force)
         if steps is not None and steps_from is None:
             steps_from = getattr(lm.adapter, "denoiser", "")
         return lm.applied([self.op(alpha, norm=norm, pos=pos, steps=steps, items=items)], steps_from=steps_from,
@@ -106,15 +178,12 @@ class SteeringVector:
     # -- disk ----------------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """One .safetensors file; provenance in its metadata (strings only, as safetensors wants)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-        path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "site": self.site, "method": self.method, "model": self.model,
-                "data_hash": self.data_hash, "spatial": self.spatial or "", "meta": json.dumps(_jsonable(self.meta))}
-        save_file({"vector": self.vector.detach().cpu().contiguous()}, str(path), metadata=meta)
-        return path
+                "data_hash": self.data_hash, "spatial": self.spatial or "", "meta": json.dumps(_io.jsonable(self.meta)),
+                "identity": json.dumps(self.identity), "width": str(self.vector.shape[-1])}
+        return _io.atomic_write_safetensors(path, {"vector": self.vector}, meta)
 
     @classmethod
     def load(cls, path: str | Path) -> "SteeringVector":
@@ -122,14 +191,20 @@ class SteeringVector:
 
         path = Path(path)
         path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
+        if not path.is_file():
+            raise InterpError(f"no steering vector file at {path}")
+        _io.check_safetensors(path)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             if meta.get("format") != FORMAT:
                 raise InterpError(f"{path} is not an interp steering vector (format {meta.get('format')!r}); "
                                   "write one with SteeringVector.save")
             vec = f.get_tensor("vector")
+        if "width" in meta and int(meta["width"]) != vec.shape[-1]:
+            raise _io.CorruptFileError(f"{path}: the vector has width {vec.shape[-1]}, its metadata says "
+                                       f"{meta['width']}")
         return cls(vec, meta["site"], meta["method"], meta["model"], meta["data_hash"], meta["spatial"] or None,
-                   json.loads(meta.get("meta", "{}")))
+                   json.loads(meta.get("meta", "{}")), json.loads(meta.get("identity", "{}")))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,27 +272,17 @@ def shuffled_direction(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean
 
 def data_hash(*parts: Any) -> str:
     """sha256 (16 hex) of prompts / tensors / nested lists that define a steering data set."""
-    h = hashlib.sha256()
+    return _io.fingerprint(*parts, length=16)
 
-    def feed(x):
-        if isinstance(x, torch.Tensor):
-            h.update(str((tuple(x.shape), str(x.dtype))).encode())
-            h.update(x.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes() if x.numel() else b"")
-        elif isinstance(x, (list, tuple)):
-            h.update(b"[")
-            for y in x:
-                feed(y)
-            h.update(b"]")
-        elif isinstance(x, dict):
-            for k in sorted(x):
-                feed(str(k))
-                feed(x[k])
-        else:
-            h.update(repr(x).encode())
 
-    for p in parts:
-        feed(p)
-    return h.hexdigest()[:16]
+def _finite_alpha(alpha: Any) -> float:
+    try:
+        a = float(alpha)
+    except (TypeError, ValueError):
+        raise InterpError(f"alpha must be a number, got {alpha!r}") from None
+    if not math.isfinite(a):
+        raise InterpError(f"alpha must be finite, got {alpha!r}: NaN / inf would make every activation NaN")
+    return a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,8 +399,8 @@ def extract(lm: interp.Instrumented, positive: Any, negative: Any, site: str, *,
     n, _ = _collect(lm, negative, site, reduce, batch_size, False, **run_kw)
     spatial = "keep" if reduce == "keep" else ("average" if raw_dim >= 4 else None)
     hashed = (positive, negative) if _is_text(positive) and _is_text(negative) else (p, n)
-    sv = from_activations(p, n, site, method=method, znorm=znorm, spatial=spatial, model=model,
-                          meta={"reduce": reduce}, hash_of=hashed)
+    sv = replace(from_activations(p, n, site, method=method, znorm=znorm, spatial=spatial, model=model,
+                                  meta={"reduce": reduce}, hash_of=hashed), identity=model_identity(lm.model))
     return (sv, p, n) if return_activations else sv
 
 
@@ -414,7 +479,7 @@ def dose_response(vectors: dict[str, SteeringVector], alphas: Sequence[float], m
 
 def lm_target_prob(lm: interp.Instrumented, vectors: dict[str, SteeringVector], prompts: Sequence[str],
                    targets: Sequence[str], alphas: Sequence[float], *, pos: Any = slice(1, None),
-                   norm: str | None = "relative", progress: bool = True) -> Result:
+                   norm: str | None = "relative", progress: bool = True, force: bool = False) -> Result:
     """Probability mass of the `targets` words as the next token after each prompt, per (vector, alpha),
     averaged over prompts. One run_grid per prompt: rows = vectors x alphas, sharing the prefix below the site.
 
@@ -423,6 +488,8 @@ def lm_target_prob(lm: interp.Instrumented, vectors: dict[str, SteeringVector], 
     """
     from interp.metrics import token_id
 
+    for v in vectors.values():
+        v.check(lm, force)
     ids = torch.tensor([token_id(lm.tokenizer, w) for w in targets])
     names = list(vectors)
     rows = [[vectors[n].op(a, norm=norm, pos=pos)] for n in names for a in alphas]
@@ -441,13 +508,14 @@ def lm_target_prob(lm: interp.Instrumented, vectors: dict[str, SteeringVector], 
 
 
 def generate(lm: interp.Instrumented, prompt: str, vector: SteeringVector | None = None, alpha: float = 0.0, *,
-             pos: Any = "generated", max_new_tokens: int = 20, norm: str | None = "relative", **gen_kw) -> dict:
+             pos: Any = "generated", max_new_tokens: int = 20, norm: str | None = "relative", force: bool = False,
+             **gen_kw) -> dict:
     """Greedy HF `generate` with the vector applied (or none): {'text', 'ids', 'scores'}."""
     model, tok = lm.model, lm.tokenizer
     enc = tok(prompt, return_tensors="pt").to(next(model.parameters()).device)
     kw = dict(max_new_tokens=max_new_tokens, do_sample=False, output_scores=True, return_dict_in_generate=True,
               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **gen_kw)
-    with (vector.apply(lm, alpha, norm=norm, pos=pos) if vector is not None else contextlib.nullcontext()):
+    with (vector.apply(lm, alpha, norm=norm, pos=pos, force=force) if vector is not None else contextlib.nullcontext()):
         out = model.generate(**enc, **kw)
     new = out.sequences[0, enc["input_ids"].shape[1]:]
     return {"text": tok.decode(new, skip_special_tokens=True), "ids": out.sequences[0],
@@ -484,20 +552,6 @@ def plot_dose_response(res: Result, path: str | Path, title: str = "", quantity:
     return path
 
 
-def _jsonable(x):
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, float) and not math.isfinite(x):
-        return str(x)
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
-
-
 __all__ = ["SteeringVector", "direction", "shuffled_direction", "znormalize", "data_hash", "collect",
            "from_activations", "extract", "controls", "monotonicity", "dose_response", "lm_target_prob",
-           "generate", "plot_dose_response"]
+           "generate", "plot_dose_response", "model_identity", "same_model", "ModelMismatchError"]

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 
 import interp
 from interp.engine import resolve_positions
+from interp.io import atomic_write_text
 
 FORMAT = "interp.activations/1"
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
@@ -120,7 +120,7 @@ class ActivationDataset:
                              "the same inputs and path to resume it")
         feats = {}
         for i, site in enumerate(meta["sites"]):
-            arr = np.load(path / f"site_{i}.npy", mmap_mode="r" if mmap else None)
+            arr = np.load(path / f"site_{i}.npy", mmap_mode="r" if mmap else None, allow_pickle=False)
             feats[site] = torch.from_numpy(np.asarray(arr)) if not mmap else _MemmapView(arr)
         return cls(feats, meta["labels"], meta["coords"], meta["axis"], meta.get("extra", {}), path)
 
@@ -161,7 +161,7 @@ class _DiskWriter:
                              f"({meta.get('n')} examples, fingerprint {meta.get('fingerprint', '')[:12]}); "
                              "choose a new path or delete that folder")
         for i, site in enumerate(meta["sites"]):
-            self.arrays[site] = np.load(self.path / f"site_{i}.npy", mmap_mode="r+")
+            self.arrays[site] = np.load(self.path / f"site_{i}.npy", mmap_mode="r+", allow_pickle=False)
         return json.loads((self.path / "progress.json").read_text())["done"]
 
     def start(self, shapes: dict[str, tuple], labels, coords, axis, extra) -> None:
@@ -190,10 +190,7 @@ class _DiskWriter:
 
 
 def _atomic_text(dest: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, dest)
+    atomic_write_text(dest, text)  # removes its temporary file on any error
 
 
 # ---------------------------------------------------------------------------------------------

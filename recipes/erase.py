@@ -14,6 +14,7 @@ zoo's scorers (shapes models) and writes erasure_report.json + erasure_grid.png.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -24,16 +25,82 @@ TRANSFORMER_METHODS = ("context",)
 
 
 def _load(spec: str):
-    """(pipeline, source folder) for a zoo name or a folder."""
+    """(pipeline, source folder) for a zoo name or a folder; a folder is checked before it is loaded
+    (complete safetensors files, its manifest's hashes if interp wrote it, finite parameters)."""
+    from interventions.checkpoint import NotACheckpointError, check_finite, verify_folder
     from interp.zoo.catalog import ENTRIES, weights_path
 
     if spec in ENTRIES:
         from interp import zoo
 
         return zoo.load(spec), weights_path(spec)
+    path = Path(spec).expanduser()
+    if not path.exists() and (spec.startswith(("/", "./", "../", "~")) or spec in (".", "..")):
+        raise NotACheckpointError(f"no model folder at {path}: check the path "
+                                  f"(zoo names: {list(ENTRIES)})")
+    if path.exists():
+        verify_folder(path)
     from recipes.models import load
 
-    return load(spec), (Path(spec) if Path(spec).exists() else None)
+    pipe = load(str(path) if path.exists() else spec)
+    if path.exists():
+        check_finite(pipe, path)
+    return pipe, (path if path.exists() else None)
+
+
+def _source_path(spec: str) -> Path | None:
+    """The folder a model spec names (a zoo model's weights folder), or None (a hub name)."""
+    from interp.zoo.catalog import ENTRIES, weights_path
+
+    if spec in ENTRIES:
+        return weights_path(spec)
+    path = Path(spec).expanduser()
+    return path if path.exists() else None
+
+
+def _check_methods(args, methods, source) -> None:
+    unknown = [m for m in methods if m not in UNET_METHODS + TRANSFORMER_METHODS]
+    if unknown:
+        raise SystemExit(f"interp erase: unknown method(s) {unknown}; choose from "
+                         f"{list(UNET_METHODS + TRANSFORMER_METHODS)} or all")
+    if args.in_place and len(methods) != 1:
+        raise SystemExit("interp erase: --in-place writes one checkpoint: pass exactly one --method")
+    if args.in_place and source is None:
+        raise SystemExit("interp erase: --in-place needs a model loaded from a folder")
+
+
+def _check_settings(args) -> None:
+    """One-line errors for settings that could only give NaN results or lose data (exit code 2)."""
+    from interventions.erasure import ErasureInputError
+
+    if args.lam is not None and not (math.isfinite(args.lam) and args.lam >= 0):
+        raise ErasureInputError(f"--lam must be a finite number >= 0, got {args.lam}")
+    for name in ("hirm_steps", "window", "n_per_prompt", "eval_prompts", "threads"):
+        value = getattr(args, name)
+        if value < (0 if name == "eval_prompts" else 1):
+            raise ErasureInputError(f"--{name.replace('_', '-')} must be "
+                                    f"{'>= 0' if name == 'eval_prompts' else '>= 1'}, got {value}")
+    if args.steps is not None and args.steps < 1:
+        raise ErasureInputError(f"--steps must be >= 1, got {args.steps}")
+    if args.in_place and args.out:
+        raise ErasureInputError("--in-place replaces the source itself; do not also pass --out")
+
+
+def _destinations(args, methods, source) -> dict:
+    """method -> checked destination folder (before any fitting, so a refused --out costs nothing)."""
+    from interventions.checkpoint import CheckpointWriteError, check_destination
+
+    if args.in_place:
+        from interp.zoo.catalog import WEIGHTS_DIR
+
+        if WEIGHTS_DIR.resolve() in Path(source).resolve().parents:
+            raise CheckpointWriteError(f"--in-place would replace the shipped zoo weights {source}: "
+                                       "copy the folder and erase the copy in place, or write to --out")
+        return {methods[0]: check_destination(source, source, in_place=True)}
+    if not args.out:
+        return {}
+    dests = {m: Path(args.out) if len(methods) == 1 else Path(args.out) / m for m in methods}
+    return {m: check_destination(d, source, overwrite=args.overwrite) for m, d in dests.items()}
 
 
 def _concept(args, pipe):
@@ -72,18 +139,18 @@ def run(args) -> dict:
     from interventions.erasure import choose_window, erase
     from interventions.erasure import report as R
 
+    _check_settings(args)
     torch.set_num_threads(args.threads)
+    early = _source_path(args.model)
+    if args.method != ["all"]:  # refuse a bad destination before loading or fitting anything
+        _check_methods(args, args.method, early)
+        _destinations(args, args.method, early)
     pipe, source = _load(args.model)
     concept, is_shapes = _concept(args, pipe)
     kind = TRANSFORMER_METHODS if hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None else UNET_METHODS
     methods = list(kind) if args.method == ["all"] else args.method
-    unknown = [m for m in methods if m not in UNET_METHODS + TRANSFORMER_METHODS]
-    if unknown:
-        raise SystemExit(f"interp erase: unknown method(s) {unknown}; choose from {list(UNET_METHODS + TRANSFORMER_METHODS)} or all")
-    if args.in_place and len(methods) != 1:
-        raise SystemExit("interp erase: --in-place writes one checkpoint: pass exactly one --method")
-    if args.in_place and source is None:
-        raise SystemExit("interp erase: --in-place needs a model loaded from a folder")
+    _check_methods(args, methods, source)
+    dests = _destinations(args, methods, source)
     report: dict = {"model": args.model, "concept": concept.describe(), "methods": {}, "settings": vars(args).copy()}
     report["settings"].pop("func", None)
     evaluate = args.report is not None and is_shapes and args.eval_prompts > 0
@@ -130,10 +197,9 @@ def run(args) -> dict:
             raise SystemExit(f"interp erase: {method}: {e}") from e
         edited = edit.applied(pipe)
         entry = {"edit": edit.manifest(), "fit_s": round(time.time() - t0, 2)}
-        if args.out:
-            dest = Path(args.out) if len(methods) == 1 else Path(args.out) / method
-            written = write_checkpoint(edited, source if args.in_place else dest, edit, source=source,
-                                       in_place=args.in_place, overwrite=args.overwrite)
+        if method in dests:
+            written = write_checkpoint(edited, dests[method], edit, source=source, in_place=args.in_place,
+                                       overwrite=args.overwrite)
             entry["checkpoint"] = str(written)
             print(f"{method}: wrote {written}")
             if args.check_plain:

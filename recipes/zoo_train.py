@@ -1,18 +1,20 @@
 """Training recipes for the project-trained zoo models (docs/ZOO.md).
 
-    python -m recipes.zoo_train shapes-diffusion --out interp/zoo/weights/shapes-diffusion
-    python -m recipes.zoo_train shapes-flow      --out interp/zoo/weights/shapes-flow
-    python -m recipes.zoo_train physics          --out interp/zoo/weights/physics
+    python -m recipes.zoo_train shapes-diffusion --out interp/zoo/weights/shapes-diffusion --overwrite-shipped
+    python -m recipes.zoo_train shapes-flow      --out interp/zoo/weights/shapes-flow --overwrite-shipped
+    python -m recipes.zoo_train physics          --out interp/zoo/weights/physics --overwrite-shipped
     python -m recipes.zoo_train physics --smoke --out /tmp/p      # a few seconds
 
-Seeded (``--seed``), resumable (``--resume`` continues from ``<out>/train_state.pt``, written every
-``--save-every`` steps), a tqdm progress bar, and the final metrics are printed and written to
-``<out>/metrics.json``. ``register(subparsers)`` mounts all this as ``interp zoo-train``.
+Seeded (``--seed``), resumable (``--resume`` continues from ``<out>/train_state.safetensors``, tensors +
+JSON written atomically every ``--save-every`` steps; nothing is unpickled), a tqdm progress bar, and the
+final metrics are printed and written to ``<out>/metrics.json``. The default ``--out`` is a new folder
+``interp-out/zoo-train/<name>``; writing into the shipped ``interp/zoo/weights/`` needs ``--overwrite-shipped``.
+The architectures are in ``interp/zoo/architectures.py``. ``register(subparsers)`` mounts all this as
+``interp zoo-train``.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -25,155 +27,15 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from interp.io import atomic_write_json, honour_umask, load_state, save_state
+
 NAMES = ("shapes-diffusion", "shapes-flow", "physics")
-MAX_TOKENS = 16  # caption length in tokens (longest caption: 11 with BOS/EOS)
 
 
-# ============================================================================ tokenizer / VAE
-def _bytes_to_unicode() -> dict[int, str]:
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(range(ord("\xae"), ord("\xff") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, [chr(c) for c in cs]))
-
-
-def build_tokenizer(max_length: int = MAX_TOKENS):
-    """A real CLIP BPE tokenizer built in memory: byte-level base + merges making every caption
-    word one token. Any other text still tokenizes (byte fallback)."""
-    from transformers import CLIPTokenizer
-
-    from interp.zoo.shapes import caption_words
-
-    base = list(_bytes_to_unicode().values())
-    vocab: dict[str, int] = {}
-    for t in base:
-        vocab.setdefault(t, len(vocab))
-    for t in base:
-        vocab.setdefault(t + "</w>", len(vocab))
-    merges: list[tuple[str, str]] = []
-
-    def bpe(word: str) -> list[str]:
-        parts = list(word[:-1]) + [word[-1] + "</w>"]
-        ranks = {m: i for i, m in enumerate(merges)}
-        while len(parts) > 1:
-            r, i = min((ranks.get(p, math.inf), i) for i, p in enumerate(zip(parts, parts[1:])))
-            if r == math.inf:
-                break
-            parts = parts[:i] + [parts[i] + parts[i + 1]] + parts[i + 2:]
-        return parts
-
-    for w in caption_words():
-        while len(p := bpe(w)) > 1:  # append lowest-priority merges until the word is one token
-            merges.append((p[0], p[1]))
-            vocab.setdefault(p[0] + p[1], len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
-
-
-def identity_vae(channels: int = 16):
-    """An ``AutoencoderKL`` whose encoder mean and decoder are the identity (error ~1e-6).
-
-    One block, no downsampling (vae_scale_factor 1), latent = 3 channels = the pixels in
-    [-1, 1]. conv_in writes +x, -x and large constant channels (+-B); every resnet's conv2 is
-    zero (identity); the final GroupNorm then divides by a constant (the +-B channels dominate
-    the group variance, and +x/-x cancel in the mean), its affine restores the scale around a
-    large offset where SiLU is linear, and conv_out takes (a - b)/2. Log-variance is -30.
-    """
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",), block_out_channels=(channels,), layers_per_block=1,
-                        latent_channels=3, norm_num_groups=1, sample_size=32, scaling_factor=1.0, shift_factor=0.0,
-                        use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)
-    big, offset = 1000.0, 20.0
-    n_const = channels - 6
-    sigma0 = (n_const * big * big / channels) ** 0.5
-    with torch.no_grad():
-        for coder, logvar in ((vae.encoder, True), (vae.decoder, False)):
-            for p in coder.parameters():
-                p.zero_()
-            for m in coder.modules():
-                if isinstance(m, torch.nn.GroupNorm):
-                    m.weight.fill_(1.0)
-            ci = coder.conv_in
-            for c in range(3):
-                ci.weight[c, c, 1, 1] = 1.0
-                ci.weight[3 + c, c, 1, 1] = -1.0
-            ci.bias[6:6 + n_const // 2] = big
-            ci.bias[6 + n_const // 2:] = -big
-            g = coder.conv_norm_out
-            g.weight.zero_()
-            g.bias.zero_()
-            g.weight[:6] = sigma0
-            g.bias[:6] = offset
-            co = coder.conv_out
-            for c in range(3):
-                co.weight[c, c, 1, 1] = 0.5
-                co.weight[c, 3 + c, 1, 1] = -0.5
-            if logvar:
-                co.bias[3:] = -30.0
-    vae.requires_grad_(False)
-    return vae.eval()
-
-
-# ============================================================================ model builders
-def _clip_config(tok, hidden: int, layers: int, heads: int, projection: int | None = None):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden,
-                          num_hidden_layers=layers, num_attention_heads=heads, max_position_embeddings=MAX_TOKENS,
-                          projection_dim=projection or hidden, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-
-
-def build_diffusion_pipeline(seed: int = 0, width: int = 16):
-    from diffusers import DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel
-
-    from interp.zoo.catalog import diffusion_pipeline_class
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer()
-    text_encoder = CLIPTextModel(_clip_config(tok, 64, 3, 4))
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=3, out_channels=3, layers_per_block=1,
-        block_out_channels=(width, 2 * width, 4 * width),
-        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
-    sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                          prediction_type="sample", clip_sample=False, thresholding=True,
-                          dynamic_thresholding_ratio=0.995, sample_max_value=1.0, set_alpha_to_one=True, steps_offset=1,
-                          timestep_spacing="leading")
-    return diffusion_pipeline_class()(vae=identity_vae(), text_encoder=text_encoder, tokenizer=tok, unet=unet,
-                                   scheduler=sched, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-
-def build_flow_pipeline(seed: int = 0, heads: int = 4, layers: int = 4):
-    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection
-
-    from interp.zoo.catalog import flow_pipeline_class
-
-    torch.manual_seed(seed)
-    tok = build_tokenizer()
-    te1 = CLIPTextModelWithProjection(_clip_config(tok, 64, 3, 4, projection=32))
-    te2 = CLIPTextModelWithProjection(_clip_config(tok, 32, 2, 2, projection=32))
-    transformer = SD3Transformer2DModel(
-        sample_size=32, patch_size=2, in_channels=3, out_channels=3, num_layers=layers, attention_head_dim=16,
-        num_attention_heads=heads, joint_attention_dim=96, caption_projection_dim=16 * heads,
-        pooled_projection_dim=64, pos_embed_max_size=16)
-    sched = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    return flow_pipeline_class()(transformer=transformer, scheduler=sched, vae=identity_vae(), text_encoder=te1,
-                                 tokenizer=tok, text_encoder_2=te2, tokenizer_2=copy.deepcopy(tok),
-                                 text_encoder_3=None, tokenizer_3=None)
+# ============================================================================ architectures
+# (in interp/zoo/architectures.py; imported here for the trainers and for code that imported them from here)
+from interp.zoo.architectures import (MAX_TOKENS, build_diffusion_pipeline, build_flow_pipeline,  # noqa: E402,F401
+                                      build_tokenizer, identity_vae)
 
 
 # ============================================================================ helpers
@@ -225,13 +87,21 @@ class ShapesData:
         return self.x[idx], caps
 
 
+STATE_FILE = "train_state.safetensors"  # tensors + a JSON skeleton (interp.io.save_state): nothing is unpickled
+
+
 def _save_state(path: Path, step: int, modules, opt, ema, data):
-    torch.save({"step": step, "modules": {k: m.state_dict() for k, m in modules.items()}, "opt": opt.state_dict(),
-                "ema": ema.shadow, "data_rng": data.rng.bit_generator.state, "torch_rng": torch.get_rng_state()}, path)
+    from interp.io import save_state
+
+    save_state(path, {"step": step, "modules": {k: m.state_dict() for k, m in modules.items()},
+                      "opt": opt.state_dict(), "ema": ema.shadow, "data_rng": data.rng.bit_generator.state,
+                      "torch_rng": torch.get_rng_state()})
 
 
 def _load_state(path: Path, modules, opt, ema, data) -> int:
-    st = torch.load(path, weights_only=False)
+    from interp.io import load_state
+
+    st = load_state(path)
     for k, m in modules.items():
         m.load_state_dict(st["modules"][k])
     opt.load_state_dict(st["opt"])
@@ -239,6 +109,27 @@ def _load_state(path: Path, modules, opt, ema, data) -> int:
     data.rng.bit_generator.state = st["data_rng"]
     torch.set_rng_state(st["torch_rng"])
     return st["step"]
+
+
+def _state_path(out: Path, resume: bool) -> Path:
+    """The resumable state file in `out`; a legacy pickle-based train_state.pt is refused, never loaded."""
+    legacy = out / "train_state.pt"
+    if resume and legacy.exists() and not (out / STATE_FILE).exists():
+        from interp.errors import InterpError
+
+        raise InterpError(f"{legacy} is an old pickle-based training state, which interp no longer loads (unpickling "
+                          "can run code from the file): delete it and train from the start (or --init from weights)")
+    return out / STATE_FILE
+
+
+def write_files_manifest(out: Path) -> Path:
+    """sha256 of every weight / config file of a saved zoo model (what the zoo loader checks before loading)."""
+    from interp.io import atomic_write_json, file_sha256
+    from interp.zoo.catalog import FILES_MANIFEST, MANIFEST_SKIP
+
+    files = {p.relative_to(out).as_posix(): file_sha256(p) for p in sorted(out.rglob("*"))
+             if p.is_file() and p.name not in MANIFEST_SKIP and not p.name.startswith(".")}
+    return atomic_write_json(out / FILES_MANIFEST, {"format": "interp.files/1", "files": files})
 
 
 def save_pipeline(pipe, out: Path) -> None:
@@ -294,7 +185,7 @@ def _image_common(args, pipe, trainable: dict, loss_fn, name: str, defaults: dic
     params = [p for m in trainable.values() for p in m.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr or defaults["lr"], weight_decay=0.0)
     ema = EMA(trainable, defaults["ema"])
-    state_path = out / "train_state.pt"
+    state_path = _state_path(out, args.resume)
     start = 0
     if args.resume and state_path.exists():
         start = _load_state(state_path, trainable, opt, ema, data)
@@ -328,10 +219,12 @@ def _image_common(args, pipe, trainable: dict, loss_fn, name: str, defaults: dic
     for m in trainable.values():
         m.eval()
     save_pipeline(pipe, out)
+    honour_umask(out)
+    write_files_manifest(out)
     metrics = {"name": name, "train_steps": steps, "batch_size": bs, "final_loss": running,
                "train_wall_s": round(train_time, 1), "machine": _machine(), "seed": args.seed,
                "command": "python -m recipes.zoo_train " + " ".join(args.argv), "smoke": bool(args.smoke)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(out / "metrics.json", metrics, indent=2)
     if state_path.exists() and not args.keep_state:
         state_path.unlink()
     if args.no_eval:
@@ -370,7 +263,7 @@ def evaluate_saved(args, pipe=None) -> dict:
     metrics["eval"] = ("smoke" if args.smoke else
                        f"{ev['n_per_caption']} samples x {ev['n_captions']} held-out captions "
                        f"(of {len(held)}), pipeline defaults ({_call_defaults(pipe)}), seed {args.seed + 99}")
-    f.write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(f, metrics, indent=2)
     return metrics
 
 
@@ -437,10 +330,10 @@ def train_physics(args):
         model.load_state_dict(P.PhysicsSurrogate.from_pretrained(args.init).state_dict())
     unroll = max(1, args.rollout_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    state_path = out / "train_state.pt"
+    state_path = _state_path(out, args.resume)
     start = 0
     if args.resume and state_path.exists():
-        st = torch.load(state_path, weights_only=False)
+        st = load_state(state_path)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         start = st["step"]
@@ -476,10 +369,12 @@ def train_physics(args):
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.5f}")
         if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
-            torch.save({"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()}, state_path)
+            save_state(state_path, {"step": step + 1, "model": model.state_dict(), "opt": opt.state_dict()})
     train_time = time.time() - t0
     model.eval()
     model.save_pretrained(out)
+    honour_umask(out)
+    write_files_manifest(out)
     err = P.one_step_error(model)
     kfit = P.kappa_fit_report(model)
     worst = max(v["rel_err"] for v in kfit.values())
@@ -488,7 +383,7 @@ def train_physics(args):
                "kappa_fit": kfit, "train_steps": steps, "batch_size": bs, "final_loss": running,
                "train_wall_s": round(train_time, 1), "machine": _machine(), "seed": args.seed,
                "command": "python -m recipes.zoo_train " + " ".join(args.argv), "smoke": bool(args.smoke)}
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(out / "metrics.json", metrics, indent=2)
     if state_path.exists() and not args.keep_state:
         state_path.unlink()
     return metrics
@@ -504,7 +399,7 @@ def evaluate_physics(args) -> dict:
     metrics = json.loads(f.read_text()) if f.exists() else {"name": "physics"}
     kfit = P.kappa_fit_report(model)
     metrics.update(P.one_step_error(model), kappa_fit=kfit, kappa_fit_max_rel_err=max(v["rel_err"] for v in kfit.values()))
-    f.write_text(json.dumps(metrics, indent=2))
+    atomic_write_json(f, metrics, indent=2)
     return metrics
 
 
@@ -514,16 +409,18 @@ TRAINERS = {"shapes-diffusion": train_shapes_diffusion, "shapes-flow": train_sha
 # ============================================================================ CLI
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", choices=NAMES, help="which zoo model to train")
-    p.add_argument("--out", default=None, help="output folder (default interp/zoo/weights/<name>)")
+    p.add_argument("--out", default=None, help="output folder (default interp-out/zoo-train/<name>, a new folder)")
+    p.add_argument("--overwrite-shipped", action="store_true",
+                   help="allow --out to be the shipped weights folder interp/zoo/weights/<name> (replaces them)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny model, a few steps: seconds (for tests)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/train_state.pt")
+    p.add_argument("--resume", action="store_true", help=f"continue from <out>/{STATE_FILE}")
     p.add_argument("--init", default=None, help="initialise the weights from a saved pipeline folder")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--save-every", type=int, default=500)
-    p.add_argument("--keep-state", action="store_true", help="keep train_state.pt after finishing")
+    p.add_argument("--keep-state", action="store_true", help=f"keep {STATE_FILE} after finishing")
     p.add_argument("--max-minutes", type=float, default=None, help="stop early (and save state) after this long")
     p.add_argument("--eval-samples", type=int, default=32, help="samples per held-out caption")
     p.add_argument("--eval-captions", type=int, default=8, help="how many held-out captions to score (of 8)")
@@ -538,12 +435,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _check_out(args) -> None:
+    """A default --out under interp-out/; the shipped weights are replaced only with --overwrite-shipped."""
+    from interp.errors import InterpError
+    from interp.zoo.catalog import WEIGHTS_DIR
+
+    if args.out is None:
+        args.out = str(Path("interp-out") / "zoo-train" / args.name)
+    out, shipped = Path(args.out).resolve(), WEIGHTS_DIR.resolve()
+    inside = out == shipped or shipped in out.parents
+    if inside and not getattr(args, "overwrite_shipped", False):
+        raise InterpError(f"--out {args.out} is inside the shipped weights ({shipped}); training "
+                          "there replaces them: choose another folder, or pass --overwrite-shipped")
+    for name in ("steps", "batch_size", "save_every"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "save_every" else 1):
+            raise InterpError(f"--{name.replace('_', '-')} must be >= "
+                              f"{0 if name == 'save_every' else 1}, got {value}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise InterpError(f"--lr must be a finite number > 0, got {args.lr}")
+
+
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
-    if args.out is None:
-        from interp.zoo.catalog import weights_path
-
-        args.out = str(weights_path(args.name))
+    _check_out(args)
     if not hasattr(args, "argv"):
         args.argv = [args.name, "--out", args.out, "--seed", str(args.seed)] + (["--smoke"] if args.smoke else [])
     if args.eval_only:
@@ -559,12 +474,18 @@ def run(args) -> dict:
 
 
 def register(subparsers) -> argparse.ArgumentParser:
-    """Add the ``zoo-train`` subcommand (``func=run``) to an argparse subparsers object."""
+    """Add the ``zoo-train`` subcommand (``func=cli``, which calls ``run``) to an argparse subparsers object."""
     p = subparsers.add_parser("zoo-train", help="train a zoo model (shapes-diffusion, shapes-flow, physics)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    p.set_defaults(func=run)
+    p.set_defaults(func=cli)
     return p
+
+
+def cli(args) -> int:
+    """The subcommand's entry point: train (or evaluate), print the metrics, exit code 0."""
+    run(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> dict:

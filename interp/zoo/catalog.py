@@ -1,7 +1,9 @@
 """The project-trained zoo models: where their weights live, their metrics, and loading.
 
 Weights live in ``interp/zoo/weights/<name>/`` beside a ``metrics.json`` written by
-``recipes/zoo_train.py``. Everything loads offline from those folders.
+``interp zoo-train`` (recipes/zoo_train.py) and a ``sha256.json`` of their files. Everything loads offline from
+those folders, after checking the files (complete safetensors, recorded hashes) and that every loaded
+parameter is finite.
 """
 from __future__ import annotations
 
@@ -11,7 +13,16 @@ from typing import Any
 
 import torch
 
+from interp.errors import InterpError
+from interp.io import atomic_write_text, check_files, check_finite_parameters, check_safetensors_in
+
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+FILES_MANIFEST = "sha256.json"  # {"files": {relative path: sha256}} of a saved zoo model, checked before loading
+MANIFEST_SKIP = (FILES_MANIFEST, "metrics.json", "train_state.safetensors", "train_state.pt")
+
+
+class ZooFolderError(InterpError, FileNotFoundError):
+    """A zoo model's weights folder is missing (not a network problem: everything loads offline)."""
 
 ENTRIES: dict[str, dict[str, str]] = {
     "shapes-diffusion": {
@@ -63,7 +74,7 @@ def _save_as_stock(pipe, save_directory, **kwargs) -> None:
     cfg = json.loads(index.read_text())
     if cfg.get("_class_name") != stock.__name__:
         cfg["_class_name"] = stock.__name__
-        index.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(index, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def _flow_pipeline_class():
@@ -166,13 +177,13 @@ def load_trained(name: str, device: str = "cpu", path: str | Path | None = None,
     if name not in ENTRIES:
         raise KeyError(f"unknown trained zoo model {name!r}; choose one of {list(ENTRIES)}")
     path = Path(path) if path is not None else weights_path(name)
-    if not path.exists():
-        raise FileNotFoundError(f"no weights for {name!r} at {path}; train them with "
-                                f"`python -m recipes.zoo_train {name} --out {path}`")
+    verify_weights(name, path)
     if name == "physics":
         from .physics import PhysicsSurrogate
 
-        return PhysicsSurrogate.from_pretrained(path, device=device)
+        model = PhysicsSurrogate.from_pretrained(path, device=device)
+        check_finite_parameters({"": model}, path)
+        return model
     if name == "shapes-diffusion":
         pipe = _quiet_load(diffusion_pipeline_class().from_pretrained, str(path), safety_checker=None,
                            requires_safety_checker=False, local_files_only=True, **kw)
@@ -181,4 +192,17 @@ def load_trained(name: str, device: str = "cpu", path: str | Path | None = None,
         kw.setdefault("tokenizer_3", None)
         pipe = _quiet_load(flow_pipeline_class().from_pretrained, str(path), local_files_only=True, **kw)
     pipe.set_progress_bar_config(disable=True)
+    check_finite_parameters({k: m for k, m in pipe.components.items() if isinstance(m, torch.nn.Module)}, path)
     return pipe.to(device)
+
+
+def verify_weights(name: str, path: Path) -> None:
+    """Before loading: the folder exists (named as missing, not as a network failure), every safetensors file is
+    complete (a truncated one is named) and, where the folder has a sha256.json, every file has its bytes."""
+    if not path.is_dir():
+        raise ZooFolderError(f"no weights folder for {name!r} at {path} (everything loads offline; nothing was "
+                             f"downloaded): train them with `interp zoo-train {name} --out {path}`")
+    check_safetensors_in(path)
+    man = path / FILES_MANIFEST
+    if man.is_file():
+        check_files(path, json.loads(man.read_text())["files"], what=f"zoo model {name!r} at {path}")

@@ -12,7 +12,6 @@ Its blocks are ``blocks.{i}`` (each ``attn`` then ``mlp``, pre-norm residual), s
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
@@ -207,21 +206,25 @@ class PhysicsSurrogate(nn.Module):
 
     # -- persistence (safetensors + config.json)
     def save_pretrained(self, path) -> None:
-        from safetensors.torch import save_file
+        from interp.io import atomic_write_safetensors, atomic_write_text
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, str(path / "model.safetensors"))
-        (path / "config.json").write_text(json.dumps({"_class_name": "PhysicsSurrogate", **self.config}, indent=2))
+        atomic_write_safetensors(path / "model.safetensors", self.state_dict())
+        config = {"_class_name": "PhysicsSurrogate", **self.config}
+        atomic_write_text(path / "config.json", json.dumps(config, indent=2))
 
     @classmethod
     def from_pretrained(cls, path, device="cpu") -> "PhysicsSurrogate":
         from safetensors.torch import load_file
 
+        from interp.io import check_safetensors
+
         path = Path(path)
         cfg = json.loads((path / "config.json").read_text())
         cfg.pop("_class_name", None)
         model = cls(**cfg)
+        check_safetensors(path / "model.safetensors")  # a truncated file is named
         model.load_state_dict(load_file(str(path / "model.safetensors")))
         return model.to(device).eval()
 

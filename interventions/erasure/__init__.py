@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from .core import Concept, Edit, capture, edit_start, tokenize_like_pipeline
 from .hirm import hirm
-from .leace import LeaceEraser, LeaceFitter, fit_at_site, fold_eraser, fold_weights
+from .leace import (ErasureGuaranteeError, ErasureInputError, LeaceEraser, LeaceFitter, fit_at_site, fold_eraser,
+                    fold_weights)
 from .methods import (DEFAULT_LAM, METHODS, choose_window, context_edit, cross_attention_edit,
                       cross_attention_layers, leace_edit, locoedit, quickfix, select_layers, time_edit, uce)
 from .ridge import ridge_objective, ridge_solve
@@ -29,7 +30,8 @@ def erase(pipe, concept: Concept, method: str, **kw) -> Edit:
     return fns[method](pipe, concept, **kw)
 
 
-__all__ = ["LeaceEraser", "LeaceFitter", "fit_at_site", "fold_eraser", "fold_weights", "ridge_solve", "ridge_objective",
+__all__ = ["ErasureGuaranteeError", "ErasureInputError",
+           "LeaceEraser", "LeaceFitter", "fit_at_site", "fold_eraser", "fold_weights", "ridge_solve", "ridge_objective",
            "Concept", "Edit", "capture", "edit_start", "tokenize_like_pipeline", "erase", "METHODS", "DEFAULT_LAM",
            "uce", "time_edit", "locoedit", "choose_window", "quickfix", "context_edit", "leace_edit", "hirm",
            "cross_attention_edit", "cross_attention_layers", "select_layers"]

@@ -45,8 +45,7 @@ def hirm(pipe, concept: Concept, steps: int = 200, lr: float = 1e-3, alpha: floa
         rows = _rows(src0, starts)
         goal = (u / u.norm() * rows.norm(dim=-1).mean()).expand_as(rows).float()
     retain_goal = pres0.float()
-    opt = torch.optim.Adam(blk.parameters(), lr=lr)
-    torch.manual_seed(seed)
+    opt = torch.optim.Adam(blk.parameters(), lr=lr)  # the loop draws no random numbers (eval mode, no dropout)
     history = []
     te.train(False)
     for _ in tqdm(range(steps), desc="hirm", disable=not progress, leave=False):

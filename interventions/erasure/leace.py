@@ -4,9 +4,16 @@ r(x) = x - W+ P W (x - mu) with W = Sigma_xx^(-1/2) and P the projection onto co
 L = W+ U and R = U^T W (U: left singular vectors of W Sigma_xz above a tolerance), applied as
 x' = x - ((x - mu) R^T) L^T — the form interp's `Project` op and kernels take. After erasure no linear
 classifier of z beats a constant predictor (class-conditional means of x' are equal).
+
+Eigen-directions of Sigma_xx count as null only below the numerical-rank cutoff d * eps(float64) * lambda_max
+(the cutoff of torch.linalg.pinv and of the reference implementation): a larger relative cutoff would, on a
+residual stream with one dominant direction (an attention sink: lambda_max ~ 1e7), call most directions null
+and leave the concept in them. Every fit checks the guarantee itself: the cross-covariance of the erased
+features with z must vanish (relative to its size before), else ErasureGuaranteeError naming the site.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -14,6 +21,24 @@ import torch
 from torch import nn
 
 from interp import Project, Where
+from interp.errors import InterpError
+
+GUARANTEE_TOL = 1e-6  # largest |Cov(x', z)| allowed after erasure, relative to |Cov(x, z)| before
+
+
+class ErasureGuaranteeError(InterpError, RuntimeError):
+    """A fitted eraser does not remove the linear cross-covariance with the concept."""
+
+
+class ErasureInputError(InterpError, ValueError):
+    """Features, labels or settings of an erasure fit that cannot give a valid eraser (NaN, inf, wrong shape)."""
+
+
+def _cutoff(values: torch.Tensor, size: int, tol: float | None) -> torch.Tensor:
+    """Values above the numerical-rank cutoff (size * eps * max), or above tol * max when tol is given."""
+    top = values.max().clamp_min(0) if values.numel() else values.new_zeros(())
+    rel = size * torch.finfo(values.dtype).eps if tol is None else tol
+    return values > rel * top
 
 
 def _labels(z: torch.Tensor, n_classes: int | None) -> torch.Tensor:
@@ -87,20 +112,29 @@ class LeaceFitter:
     same eraser as one pass over all the data.
     """
 
-    def __init__(self, x_dim: int, z_dim: int, n_classes: int | None = None, tol: float = 1e-6,
-                 device: str | torch.device | None = None):
-        self.x_dim, self.z_dim, self.n_classes, self.tol = x_dim, z_dim, n_classes, tol
+    def __init__(self, x_dim: int, z_dim: int, n_classes: int | None = None, tol: float | None = None,
+                 device: str | torch.device | None = None, site: str = ""):
+        if tol is not None and not (math.isfinite(tol) and 0 <= tol < 1):
+            raise ErasureInputError(f"tol must be a finite number in [0, 1) or None (numerical rank), got {tol!r}")
+        self.x_dim, self.z_dim, self.n_classes, self.tol, self.site = x_dim, z_dim, n_classes, tol, site
         kw = dict(dtype=torch.float64, device=device)
         self.n = 0
         self.mean_x = torch.zeros(x_dim, **kw)
         self.mean_z = torch.zeros(z_dim, **kw)
         self.m2_xx = torch.zeros(x_dim, x_dim, **kw)
         self.m2_xz = torch.zeros(x_dim, z_dim, **kw)
+        self.m2_zz = torch.zeros(z_dim, **kw)  # diagonal only: the variances of z, for the guarantee's noise floor
 
     def update(self, x: torch.Tensor, z: torch.Tensor) -> "LeaceFitter":
         """Add a batch: x [..., d] (leading axes flattened) and labels / concept values for each row."""
-        x = torch.as_tensor(x).detach().reshape(-1, x.shape[-1]).to(self.mean_x)
+        x = torch.as_tensor(x).detach()
+        x = x.reshape(-1, x.shape[-1]).to(self.mean_x)
         z = torch.as_tensor(z).detach()
+        for name, t in (("features x", x), ("labels z", z)):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise ErasureInputError(f"LEACE{self._at()}: {name} hold {bad} NaN / inf values: fix the activations "
+                                        "or labels (a non-finite row would make the eraser NaN)")
         if z.dim() >= 1 and z.shape[0] != x.shape[0] and z.numel() == x.shape[0]:
             z = z.reshape(-1)
         if z.dim() == 0 or z.shape[0] != x.shape[0]:
@@ -122,6 +156,7 @@ class LeaceFitter:
         delta_x, delta_z = bx - self.mean_x, bz - self.mean_z
         self.m2_xx += dx.T @ dx + torch.outer(delta_x, delta_x) * (n * m / tot)
         self.m2_xz += dx.T @ dz + torch.outer(delta_x, delta_z) * (n * m / tot)
+        self.m2_zz += (dz * dz).sum(0) + delta_z * delta_z * (n * m / tot)
         self.mean_x += delta_x * (m / tot)
         self.mean_z += delta_z * (m / tot)
         self.n = tot
@@ -135,19 +170,46 @@ class LeaceFitter:
     def sigma_xz(self) -> torch.Tensor:
         return self.m2_xz / max(self.n - 1, 1)
 
+    def _at(self) -> str:
+        return f" at {self.site!r}" if self.site else ""
+
     @property
     def eraser(self) -> LeaceEraser:
+        """The fitted eraser, after checking that it removes the cross-covariance (ErasureGuaranteeError)."""
         if self.n < 2:
             raise ValueError(f"LEACE needs at least 2 samples, got {self.n}")
         evals, V = torch.linalg.eigh(self.sigma_xx)
-        keep = evals > self.tol * evals.max().clamp_min(1e-30)
+        keep = _cutoff(evals, self.x_dim, self.tol)
         root = evals.clamp_min(0).sqrt()
-        inv = torch.where(keep, 1.0 / root.clamp_min(1e-30), torch.zeros_like(root))
+        inv = torch.where(keep, 1.0 / root.clamp_min(1e-300), torch.zeros_like(root))
         W = (V * inv) @ V.T                      # Sigma^(-1/2) on the support
         W_pinv = (V * torch.where(keep, root, torch.zeros_like(root))) @ V.T
         U, S, _ = torch.linalg.svd(W @ self.sigma_xz, full_matrices=False)
-        U = U[:, S > self.tol * S.max().clamp_min(1e-30)] if S.numel() and S.max() > 0 else U[:, :0]
-        return LeaceEraser(W_pinv @ U, U.T @ W, self.mean_x.clone())
+        U = U[:, _cutoff(S, max(self.x_dim, self.z_dim), self.tol)] if S.numel() and S.max() > 0 else U[:, :0]
+        er = LeaceEraser(W_pinv @ U, U.T @ W, self.mean_x.clone())
+        # what rounding alone can leave: Cauchy-Schwarz over the directions below the numerical-rank floor
+        floor = self.x_dim * torch.finfo(evals.dtype).eps * float(evals.max().clamp_min(0))
+        var_z = float(self.m2_zz.sum()) / max(self.n - 1, 1)
+        self.check(er, slack=math.sqrt(int((~keep).sum()) * floor * var_z))
+        return er
+
+    def residual(self, eraser: LeaceEraser) -> tuple[float, float]:
+        """(|Cov(x', z)|, |Cov(x, z)|) in Frobenius norm for the fitted data erased by `eraser`."""
+        P = eraser.projection().to(self.sigma_xz)
+        xz = self.sigma_xz
+        return float((xz - P @ xz).norm()), float(xz.norm())
+
+    def check(self, eraser: LeaceEraser, tol: float = GUARANTEE_TOL, slack: float = 0.0) -> None:
+        """ErasureGuaranteeError unless the erased features' cross-covariance with z is at most tol (relative to
+        before) plus `slack` (absolute: what directions at the numerical noise floor may carry)."""
+        after, before = self.residual(eraser)
+        if not math.isfinite(after) or after > tol * before + slack:
+            raise ErasureGuaranteeError(
+                f"LEACE{self._at()}: after erasure the cross-covariance with the concept is {after:.3g} "
+                f"({after / max(before, 1e-300):.2g} of the {before:.3g} before; allowed {tol:g}): the eraser "
+                "does not remove the concept; " + (f"tol={self.tol:g} treats directions that carry it as null: "
+                                                   "leave tol=None (numerical rank)" if self.tol is not None else
+                                                   "check the features for degenerate directions"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +259,7 @@ def fold_eraser(linear: nn.Linear, eraser: LeaceEraser, side: str) -> bool:
 
 
 def fit_at_site(lm, batches: Sequence, labels: Sequence[torch.Tensor], site: str, *, n_classes: int = 2,
-                pool=None, tol: float = 1e-6, **run_kw) -> LeaceEraser:
+                pool=None, tol: float | None = None, **run_kw) -> LeaceEraser:
     """Fit an eraser on the activations of `site`, captured through the engine batch by batch.
 
     batches: model inputs; labels: one label tensor per batch, either per item ([B]) — every position of
@@ -215,7 +277,8 @@ def fit_at_site(lm, batches: Sequence, labels: Sequence[torch.Tensor], site: str
             z = z[:, None].expand(-1, act.shape[1])
         if fitter is None:
             k = z.shape[-1] if z.dtype.is_floating_point and z.dim() > 1 else (1 if n_classes == 2 else n_classes)
-            fitter = LeaceFitter(act.shape[-1], k, n_classes=None if z.dtype.is_floating_point else n_classes, tol=tol)
+            fitter = LeaceFitter(act.shape[-1], k, n_classes=None if z.dtype.is_floating_point else n_classes, tol=tol,
+                                 site=site)
         flat_z = z.reshape(-1, z.shape[-1]) if z.dtype.is_floating_point and z.dim() > 1 else z.reshape(-1)
         fitter.update(act.reshape(-1, act.shape[-1]), flat_z)
     if fitter is None:

@@ -295,7 +295,7 @@ def _restore_mean(unet: nn.Module, name: str, lin: nn.Linear, er, tensors: dict)
 OFFSET_POSITIONS = 8
 
 
-def _within_position_eraser(x: torch.Tensor, z: torch.Tensor, tol: float):
+def _within_position_eraser(x: torch.Tensor, z: torch.Tensor, tol: float | None, site: str = ""):
     """LEACE of z (0/1 per item and position) within position groups: x [items, T, d] and z [items, T] are
     centred per group (positions 0..OFFSET_POSITIONS-1 each, the rest together), and z becomes one column
     per group, so the eraser removes each group's concept-vs-rest mean difference (whitened by the
@@ -313,13 +313,13 @@ def _within_position_eraser(x: torch.Tensor, z: torch.Tensor, tol: float):
         xg, zg = x[:, cols], z[:, cols].double()
         xc[:, cols] = xg - xg.reshape(-1, xg.shape[-1]).mean(0)
         zc[:, cols, g] = zg - zg.mean()
-    er = LeaceFitter(x.shape[-1], n_groups, tol=tol).update(xc.reshape(-1, x.shape[-1]),
+    er = LeaceFitter(x.shape[-1], n_groups, tol=tol, site=site).update(xc.reshape(-1, x.shape[-1]),
                                                             zc.reshape(-1, n_groups)).eraser
     return replace(er, mu=x.reshape(-1, x.shape[-1]).mean(0))
 
 
 def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=None, preserve_negative: bool = True,
-               tol: float = 1e-6, exact_mean: bool = True, contrast: str = "offsets") -> Edit:
+               tol: float | None = None, exact_mean: bool = True, contrast: str = "offsets") -> Edit:
     """Fit a LEACE eraser of "concept present" (source positions from the concept token on) against the
     preserve prompts' positions, then fold it into weights.
 
@@ -353,7 +353,7 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
             z[i, p:] = 1
         return z
 
-    def fit(x: torch.Tensor):
+    def fit(x: torch.Tensor, site: str):
         x = x[keep]
         z = labels(x)
         if contrast in ("aligned", "offsets"):
@@ -361,15 +361,15 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
             p0 = min(starts)
             x, z = x[rows, p0:], z[rows, p0:]
         if contrast == "offsets":
-            return _within_position_eraser(x, z, tol)
-        return LeaceFitter(x.shape[-1], 1, tol=tol).update(x.reshape(-1, x.shape[-1]), z.reshape(-1)).eraser
+            return _within_position_eraser(x, z, tol, site)
+        return LeaceFitter(x.shape[-1], 1, tol=tol, site=site).update(x.reshape(-1, x.shape[-1]), z.reshape(-1)).eraser
 
     tensors, mean_kept, ranks, erasers = {}, [], [], {}
     if site == "cross_attention":
         chosen = select_layers(cross_attention_layers(pipe.unet), layers)
         inputs = unet_cross_inputs(pipe, prompts, chosen)
         for name, x in inputs.items():
-            er = fit(x)
+            er = fit(x, f"unet.{name}")
             lin = pipe.unet.get_submodule(name)
             W, b, kept = fold_weights(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), er, "before")
             tensors[f"unet.{name}.weight"] = W
@@ -385,7 +385,7 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
         path = text_encoder_path(pipe.text_encoder, "encoder.layers.0.self_attn.out_proj")
         ids = tokenize_like_pipeline(pipe.tokenizer, prompts).to(_device(pipe))
         x = capture(pipe.text_encoder, ids, [f"module:{path}:output"])[f"module:{path}:output"]
-        er = fit(x)
+        er = fit(x, f"text_encoder.{path}")
         lin = pipe.text_encoder.get_submodule(path)
         W, b, kept = fold_weights(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), er, "after")
         tensors[f"text_encoder.{path}.weight"] = W

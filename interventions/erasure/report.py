@@ -13,6 +13,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from interp.io import atomic_write_text
+
 from .core import Concept
 
 
@@ -122,7 +124,7 @@ def write_report(report: dict, folder: str | Path, name: str = "erasure_report.j
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    path.write_text(json.dumps(report, indent=1, default=str))
+    atomic_write_text(path, json.dumps(report, indent=1, default=str))
     return path
 
 

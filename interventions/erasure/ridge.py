@@ -6,7 +6,11 @@ minimises lam ||W - W0||^2 + sum_e ||W k_e - v_e||^2 + sum_p ||W c_p - W0 c_p||^
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+from .leace import ErasureInputError
 
 
 def ridge_solve(W0: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, preserve: torch.Tensor | None = None,
@@ -23,6 +27,15 @@ def ridge_solve(W0: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, pres
     if k.shape[1] != in_dim or v.shape[1] != out_dim or k.shape[0] != v.shape[0]:
         raise ValueError(f"keys {tuple(keys.shape)} and values {tuple(values.shape)} do not fit a weight of shape "
                          f"{tuple(W0.shape)}: keys need {in_dim} features, values {out_dim}, and one value per key")
+    try:
+        lam = float(lam)
+    except (TypeError, ValueError):
+        raise ErasureInputError(f"lam must be a number, got {lam!r}") from None
+    if not math.isfinite(lam):
+        raise ErasureInputError(f"lam must be a finite number >= 0, got {lam!r}")
+    for name, t in (("keys", k), ("values", v), ("W0", W0)):
+        if not bool(torch.isfinite(t).all()):
+            raise ErasureInputError(f"the ridge edit's {name} hold NaN / inf values: check the model's activations")
     if lam < 0 or (lam == 0 and k.shape[0] < in_dim and preserve is None):
         raise ValueError(f"lam must be > 0 (got {lam}) unless the keys span the input space")
     W = W0.double()

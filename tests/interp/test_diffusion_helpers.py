@@ -9,7 +9,7 @@ import torch
 
 
 def _tok():
-    from recipes.zoo_train import build_tokenizer
+    from interp.zoo.architectures import build_tokenizer
 
     return build_tokenizer()
 
@@ -25,7 +25,7 @@ def _clip(tok, hidden=32, layers=2, heads=2, proj=None, seed=0):
 
 
 def _vae():
-    from recipes.zoo_train import identity_vae
+    from interp.zoo.architectures import identity_vae
 
     return identity_vae()
 

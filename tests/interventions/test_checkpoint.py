@@ -26,7 +26,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     from interp.zoo import shapes
-    from recipes.zoo_train import build_diffusion_pipeline
+    from interp.zoo.architectures import build_diffusion_pipeline
 
     pipe = build_diffusion_pipeline(0, width=8)
     pipe.set_progress_bar_config(disable=True)

@@ -12,7 +12,7 @@ torch.set_num_threads(1)
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    from recipes.zoo_train import build_diffusion_pipeline
+    from interp.zoo.architectures import build_diffusion_pipeline
 
     folder = tmp_path_factory.mktemp("erase") / "tiny-sd"
     build_diffusion_pipeline(0, width=8).save_pretrained(folder)

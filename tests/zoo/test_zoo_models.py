@@ -67,7 +67,7 @@ def test_physics_loads_and_rolls_out():
 
 
 def test_built_tokenizer_round_trips_and_saves(tmp_path):
-    from recipes.zoo_train import build_tokenizer
+    from interp.zoo.architectures import build_tokenizer
     from transformers import CLIPTokenizer
 
     tok = build_tokenizer()
@@ -84,7 +84,7 @@ def test_built_tokenizer_round_trips_and_saves(tmp_path):
 
 
 def test_identity_vae():
-    from recipes.zoo_train import identity_vae
+    from interp.zoo.architectures import identity_vae
 
     vae = identity_vae()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
