@@ -58,8 +58,10 @@ class SiteTable:
     """All sites of one instrumented model, in forward order, plus aliases."""
 
     def __init__(self, sites: Iterable[Site], aliases: dict[str, str] | None = None,
-                 module_names: Iterable[str] = (), block_paths: list[str] | None = None):
+                 module_names: Iterable[str] = (), block_paths: list[str] | None = None,
+                 missing: dict[str, str] | None = None):
         self._sites: dict[str, Site] = {}
+        self.missing = dict(missing or {})  # canonical names the adapter looked for and did not find -> why
         for s in sites:
             self._sites[s.name] = s
         self.aliases = dict(aliases or {})
@@ -103,6 +105,8 @@ class SiteTable:
                      if fnmatch.fnmatchcase(a, pattern) and self._sites[t] not in hits]
             if hits:
                 return hits
+        if pattern in self.missing:
+            raise UnknownSiteError(f"site {pattern!r} is not available: {self.missing[pattern]}")
         raise UnknownSiteError(self._unknown_message(pattern))
 
     def _raw(self, pattern: str) -> Site:
