@@ -192,7 +192,7 @@ def _source_for(op_source: torch.Tensor, x: torch.Tensor, site: Site, what: str,
     """Check a source/pool tensor against the site tensor x [N, T, *F]; returns it as [B, T, *F]."""
     feat, T = tuple(x.shape[2:]), (x.shape[1] if T is None else T)
     src = op_source
-    if site.heads is not None and tuple(src.shape[-1:]) == (math.prod(feat),):
+    if site.heads is not None and tuple(src.shape[-len(feat):]) != feat and tuple(src.shape[-1:]) == (math.prod(feat),):
         src = src.unflatten(-1, feat)  # merged-head source for a per-head site
     if tuple(src.shape[-len(feat):] if feat else ()) != feat or src.dim() not in (len(feat) + 1, len(feat) + 2):
         raise SiteShapeError(f"{what} for {site.name!r} has shape {tuple(op_source.shape)}, but the site carries "
@@ -403,6 +403,23 @@ def _expand_batch(obj, b: int, n: int):
     if isinstance(obj, dict):
         return {k: _expand_batch(v, b, n) for k, v in obj.items()}
     return obj
+
+
+def replay_starts(adapter, block_in: dict, lowest: int = 1) -> list[int]:
+    """Blocks to validate replays from: the middle one, and the first (>= lowest) of each kind of block
+    call (block type, attention type, the attention mask it was given), so every layer type starts one."""
+    seen, out = set(), {len(adapter.block_paths) // 2}
+    for i in sorted(block_in):
+        kw = block_in[i][2]
+        mask = kw.get("attention_mask")
+        block = adapter.root.get_submodule(adapter.block_paths[i])
+        key = (type(block).__name__, getattr(block, "attention_type", None),
+               getattr(getattr(block, "self_attn", None), "sliding_window", None),
+               None if not isinstance(mask, torch.Tensor) else (mask.data_ptr(), tuple(mask.shape)))
+        if key not in seen and i >= lowest:
+            seen.add(key)
+            out.add(i)
+    return sorted(o for o in out if o in block_in and o >= lowest)
 
 
 NO_CACHE = {"cache": None, "past_key_values": None, "layer_past": None, "past_key_value": None, "use_cache": False}
@@ -703,8 +720,9 @@ class Engine:
                 ok = got is not None and got.shape == want.shape and bool(((got.float() - want).abs().max() / scale) < 1e-4)
                 if ok and self._packed_ok is None:
                     starts = sorted({1, T // 2, T - 1})
-                    got = pre.run(len(self.adapter.block_paths) // 2, Pack(starts, T)).float()
-                    ok = bool(((got - want.repeat(len(starts), 1, 1)).abs().max() / scale) < 1e-4)
+                    for first in replay_starts(self.adapter, block_in, lowest=0):
+                        got = pre.run(first, Pack(starts, T)).float()
+                        ok = ok and bool(((got - want.repeat(len(starts), 1, 1)).abs().max() / scale) < 1e-4)
         except Exception:  # an architecture whose blocks do not take a key/value cache this way
             ok = False
         if self._packed_ok is None:  # the first check decides for this model; later misses skip one grid
@@ -712,21 +730,24 @@ class Engine:
         return pre if ok else None
 
     def _validate_replay(self, block_in, base_logits, b, last_only, shared, prepared, ctx) -> bool:
-        """Replaying the blocks from the middle must give the real forward's logits."""
-        mid = len(self.adapter.block_paths) // 2
-        if mid not in block_in:
-            return False
-        later = [o for o in shared if _layer(self.adapter.site_table().get(o.site)) >= mid]
-        bound = self.bind(later, prepared, 0, 1)
-        try:
-            with torch.no_grad(), attached(self.adapter.root, self.entries(bound, ctx)):
-                got = self._replay(block_in, mid, 1, b, last_only)
-        except Exception:  # an architecture whose blocks cannot be called alone: use full forwards
-            return False
+        """Replaying the blocks must give the real forward's logits, from the first block of every block
+        type / attention-mask kind (sliding and full layers differ) and on two copies of the batch (the
+        shape chunks run at: batch-carrying call arguments such as ALiBi biases must expand)."""
         want = base_logits[:, -1:] if last_only else base_logits
-        got = got[:, -want.shape[1]:]
+        want = want.repeat(2, *([1] * (want.dim() - 1)))
         scale = want.abs().max().clamp_min(1e-6)
-        return bool(got.shape == want.shape and ((got - want).abs().max() / scale) < 1e-4)
+        for start in replay_starts(self.adapter, block_in):
+            later = [o for o in shared if _layer(self.adapter.site_table().get(o.site)) >= start]
+            bound = self.bind(later, prepared, 0, 2)
+            try:
+                with torch.no_grad(), attached(self.adapter.root, self.entries(bound, ctx)):
+                    got = self._replay(block_in, start, 2, b, last_only)
+            except Exception:  # an architecture whose blocks cannot be called alone: use full forwards
+                return False
+            got = got[:, -want.shape[1]:]
+            if not (got.shape == want.shape and bool(((got - want).abs().max() / scale) < 1e-4)):
+                return False
+        return True
 
     @staticmethod
     def _per_item_bytes(prepared: Prepared, logits: torch.Tensor, block_in: dict) -> int:

@@ -72,6 +72,7 @@ class BlockLayout:
     mid: str | None        # module whose input is the residual stream between attention and MLP
     mid_inplace: bool      # that input tensor is also the residual the block adds back to
     parallel: bool
+    note: str = ""         # why canonical sites of this block are absent
 
 
 def block_layout(blk: nn.Module, parallel_flag: bool) -> BlockLayout:
@@ -85,8 +86,13 @@ def block_layout(blk: nn.Module, parallel_flag: bool) -> BlockLayout:
     if mlp and _adds_residual(blk.get_submodule(mlp)):
         last = first_attr(blk.get_submodule(mlp), MLP_LAST)
         mlp = f"{mlp}.{last}" if last else None
-    elif mlp is None and first_attr(blk, ("fc2",)):  # OPT: fc1/fc2 directly in the layer
-        mlp = "fc2"
+    elif mlp is None and first_attr(blk, ("fc2",)):
+        # OPT: fc1/fc2 sit directly in the layer, which flattens the tokens to [batch*pos, d] around them, so
+        # neither the MLP output nor the residual stream before it exists as a [batch, pos, d] tensor
+        note = (f"{type(blk).__name__} runs its MLP (fc1/fc2, no MLP module) on tokens flattened to [batch*pos, d], "
+                "so no [batch, pos, d] tensor exists there. Raw sites module:<layer>.fc2 (MLP output) and "
+                "module:<layer>.final_layer_norm:input (residual stream) carry it as [batch*pos, d]")
+        return BlockLayout(attn, None, attn_out, o_proj, None, True, False, note)
     post_ff = first_attr(blk, ("post_feedforward_layernorm",))
     if post_ff:  # post-norm sublayers (Gemma 2/3, OLMo 2): the norms' outputs are what is added back
         attn_out = first_attr(blk, ("post_attention_layernorm",)) or attn_out
@@ -191,8 +197,18 @@ class HFCausalLMAdapter(Adapter):
                       "resid_mid": f"a norm between attention and MLP ({', '.join(MID_NORMS)}) in a sequential block",
                       "attn.q": "a query projection (q_proj, query)", "attn.k": "a key projection (k_proj, key)",
                       "attn.v": "a value projection (v_proj, value)"}
+            lay = block_layout(blk, self.parallel)
+            note = lay.note
             for short, what in looked.items():
-                if n + short not in have:
+                if n + short in have:
+                    continue
+                if lay.parallel and short == "resid_mid":
+                    out[n + short] = (f"{bp} is a parallel block (attention and MLP both read resid_pre and are "
+                                      "added together), so no residual stream exists between them; use "
+                                      f"{n}resid_pre, {n}attn.out and {n}mlp.out")
+                elif note and short in ("mlp.out", "resid_mid"):
+                    out[n + short] = f"{bp} has no {short} site: " + note.replace("<layer>", bp)
+                else:
                     out[n + short] = (f"{bp} ({type(blk).__name__}) has no {short} site: interp looked for {what} "
                                       f"and did not find one (fused or absent in this family). Its submodules "
                                       f"serve as raw sites: {kids}")
