@@ -73,3 +73,26 @@ def build_lm(family: str):
     torch.manual_seed(0)
     model = getattr(tf, cls)(cfg()).eval()
     return model
+
+
+def encoder_configs() -> dict:
+    enc = dict(vocab_size=V, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+               max_position_embeddings=128)
+    return {
+        "bert": ("BertModel", lambda: _c("BertConfig", **enc)),
+        "roberta": ("RobertaModel", lambda: _c("RobertaConfig", pad_token_id=1, **enc)),
+        "distilbert": ("DistilBertModel", lambda: _c("DistilBertConfig", vocab_size=V, dim=64, n_layers=2, n_heads=4,
+                                                     hidden_dim=96, max_position_embeddings=128)),
+        "modernbert": ("ModernBertModel", lambda: _c("ModernBertConfig", pad_token_id=0, bos_token_id=1,
+                                                     eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                                     global_attn_every_n_layers=2, local_attention=16, **enc)),
+    }
+
+
+def build(family: str):
+    import transformers as tf
+
+    table = {**lm_configs(), **encoder_configs()}
+    cls, cfg = table[family]
+    torch.manual_seed(0)
+    return getattr(tf, cls)(cfg()).eval()
