@@ -299,12 +299,33 @@ def _patches(lm, inputs, other, layers, tab, positions) -> None:
 # grid shortcuts == per-cell full forwards
 # ---------------------------------------------------------------------------------------------
 
-def _grid_rows(lm, other, T: int) -> tuple[list[list], list[str]]:
-    """Rows that start at every block (so every layer type starts a replay), at early and late
+def _grid_layers(lm, layers: Sequence[int]) -> set[int]:
+    """Blocks the grid rows start at: the patched ones, block 1 and the first block of every kind
+    (block class, attention type, sliding window, config layer type), so every layer type starts a
+    replay and a pack."""
+    out = set(layers) | ({1} if lm.n_layers > 1 else set())
+    paths = getattr(lm.adapter, "block_paths", None) or []
+    cfg = getattr(lm.model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    types = list(getattr(cfg, "layer_types", None) or [None] * len(paths))
+    seen = set()
+    for i, path in enumerate(paths):
+        blk = lm.adapter.root.get_submodule(path)
+        attn = next((m for n, m in blk.named_children() if "attn" in n or "attention" in n), None)
+        key = (type(blk).__name__, getattr(blk, "attention_type", None), getattr(attn, "sliding_window", None),
+               getattr(attn, "is_sliding", None), types[i] if i < len(types) else None)
+        if key not in seen:
+            seen.add(key)
+            out.add(i)
+    return out
+
+
+def _grid_rows(lm, other, T: int, layers: set[int]) -> tuple[list[list], list[str]]:
+    """Rows that start at every kind of block (so every layer type starts a replay), at early and late
     positions (so packs of several lengths form), with patches, head patches and steering adds."""
     table = lm.adapter.site_table()
     kinds = ("resid_pre", "attn.out", "mlp.out", "resid_mid", "attn.z", "resid_post")
-    sites = [s for s in table if not s.is_raw and s.kind in kinds and s.layer is not None and s.layer >= 0]
+    sites = [s for s in table if not s.is_raw and s.kind in kinds and s.layer in layers]
     src = lm.run(other, capture=[s.name for s in sites]).cache
     rows, labels = [], []
     g = torch.Generator().manual_seed(1)
@@ -321,10 +342,10 @@ def _grid_rows(lm, other, T: int) -> tuple[list[list], list[str]]:
     return rows, labels
 
 
-def _grids(lm, inputs, other, T: int, tab: dict[str, _Acc]) -> None:
+def _grids(lm, inputs, other, T: int, layers: Sequence[int], tab: dict[str, _Acc]) -> None:
     from .metrics import logit_diff
 
-    rows, labels = _grid_rows(lm, other, T)
+    rows, labels = _grid_rows(lm, other, T, _grid_layers(lm, layers))
     if not rows:
         return
     base = lm.run(inputs, last_only=True).logits
@@ -386,7 +407,7 @@ def check(lm, inputs: Any = None, *, other: Any = None, seq_len: int | None = No
                 _identities(lm, x, tab)
                 _patches(lm, x, y, layers, tab, positions)
                 if grids and getattr(lm.adapter, "block_paths", None):
-                    _grids(lm, x, y, T, tab)
+                    _grids(lm, x, y, T, layers, tab)
     finally:
         lm.model.train(was_training)
     rows = [CheckRow(k, a.diff <= tol, a.diff if a.n or a.diff else float("nan"), a.n, "; ".join(a.notes))

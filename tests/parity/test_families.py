@@ -1,0 +1,124 @@
+"""The family matrix: interp.check passes on a tiny random-weight model of every family interp claims.
+
+check() verifies the site identities (residual chain and sums, attn.out from attn.z, logits from the
+final norm), that a patch at every site kind equals a plain torch hook on the module the adapter names,
+and that grids with every shortcut on equal per-cell full forwards, at a prompt longer than every
+sliding window, batch 1 and 3 (see interp/check.py)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import interp
+from interp.check import check
+from interp.errors import UnknownSiteError
+
+sys.path.insert(0, str(Path(__file__).parent))
+from parity_zoo import build, encoder_configs, lm_configs  # noqa: E402
+
+# Families whose blocks cannot be replayed alone exactly: their grids run full forwards (exact) and say so.
+# Bloom: the ALiBi bias arrives as [batch * heads, 1, pos], which a batch-expanded replay cannot recover.
+FULL_FORWARD_GRIDS = {"bloom"}
+# Families whose positional packs are refused (layer-prefix replay still runs): DeepSeek-V3's attention
+# (multi-head latent attention) does not go through a key/value cache call the packs can prepend to.
+NO_PACKS = {"deepseek_v3"}
+
+
+def _shortcuts(report) -> set[str]:
+    return {row.kind.split("(")[1].rstrip(")") for row in report.rows if row.kind.startswith("grid")}
+
+
+@pytest.mark.parametrize("family", list(lm_configs()))
+def test_causal_lm_family_passes_check(family):
+    lm = interp.attach(build(family))
+    assert lm.family == "hf_lm"
+    report = check(lm)
+    assert report.ok, f"{family}:\n{report.table()}"
+    assert report.max_diff <= 1e-5
+    kinds = {row.kind for row in report.rows}
+    # the identities that define the site names ran, not only some of them
+    assert {"chain resid_post[l]=resid_pre[l+1]", "attn.out=o_proj(attn.z)", "head logits=head(final)",
+            "head output=tail(resid_post[L-1])", "patch resid_pre", "patch attn.out", "patch attn.z",
+            "patch resid_post", "patch logits"} <= kinds, sorted(kinds)
+    assert any(k.startswith("sum resid_post") for k in kinds), sorted(kinds)
+    if family not in ("opt",):
+        assert "patch mlp.out" in kinds
+    used = _shortcuts(report)
+    if family in FULL_FORWARD_GRIDS:
+        assert used == {"full forwards"}
+    elif family in NO_PACKS:
+        assert used == {"prefix"}
+    else:
+        assert used == {"prefix+packs"}, used  # the fast paths really ran, and were exact
+    assert report.settings["seq_len"] > (getattr(lm.model.config, "sliding_window", None) or 0)
+
+
+@pytest.mark.parametrize("family", list(encoder_configs()))
+def test_encoder_family_passes_check(family):
+    lm = interp.attach(build(family))
+    assert lm.family == "hf_encoder"
+    report = check(lm)
+    assert report.ok, f"{family}:\n{report.table()}"
+    kinds = {row.kind for row in report.rows}
+    assert {"sum resid_mid=resid_pre+attn.out", "sum resid_post=resid_mid+mlp.out", "attn.out=o_proj(attn.z)",
+            "patch resid_mid", "patch mlp.out"} <= kinds
+
+
+def test_check_catches_a_site_that_points_at_the_wrong_tensor():
+    """Break one site (resid_mid at the raw attention output, the old post-norm defect): check fails there."""
+    from dataclasses import replace
+
+    lm = interp.attach(build("olmo2"))
+    table = lm.adapter.site_table()
+    s = table._sites["blocks.0.resid_mid"]
+    table._sites["blocks.0.resid_mid"] = replace(s, module="model.layers.0.post_attention_layernorm")
+    report = check(lm, grids=False)
+    assert not report.ok
+    bad = {r.kind for r in report.failures()}
+    assert "sum resid_mid=resid_pre+attn.out" in bad
+
+
+def test_check_catches_a_wrong_grid_shortcut(monkeypatch):
+    """Restore the old defect (every block of a pack gets the start block's mask, validated only from
+    block L/2): on Gemma 2 with a prompt longer than the window, check's grid rows fail."""
+    import interp.engine as engine
+    import interp.prefix as prefix
+
+    real, first = prefix._mask, {}
+
+    def stale(pack, base_mask, dtype, dev):
+        return first.setdefault(id(pack), real(pack, base_mask, dtype, dev))
+    monkeypatch.setattr(prefix, "_mask", stale)
+    monkeypatch.setattr(engine, "replay_starts", lambda ad, block_in, lowest=1: [len(ad.block_paths) // 2])
+    report = check(interp.attach(build("gemma2")), batches=(1,))
+    assert not report.ok and any(r.kind.startswith("grid") for r in report.failures()), report.table()
+
+
+@pytest.mark.parametrize("family,site,needle", [
+    ("opt", "blocks.0.mlp.out", "module:model.decoder.layers.0.fc2"),
+    ("opt", "blocks.1.resid_mid", "flattened"),
+    ("gpt2", "blocks.0.attn.k", "module:transformer.h.0.attn"),
+    ("phi", "blocks.0.resid_mid", "parallel block"),
+])
+def test_missing_sites_say_what_was_looked_for_and_the_raw_path(family, site, needle):
+    lm = interp.attach(build(family))
+    with pytest.raises(UnknownSiteError) as e:
+        lm.site(site)
+    msg = str(e.value)
+    assert needle in msg and site in msg and ("looked for" in msg or "no [batch, pos, d]" in msg
+                                              or "parallel" in msg)
+
+
+def test_one_kv_head_patches_back():
+    """MQA / Gemma 1 (one key/value head): a captured attn.k / attn.v patches back exactly."""
+    lm = interp.attach(build("gemma"))
+    ids = torch.randint(3, 96, (3, 12))
+    other = torch.randint(3, 96, (3, 12))
+    for name in ("blocks.0.attn.k", "blocks.1.attn.v"):
+        src = lm.capture(other, name)[name]
+        assert src.shape == (3, 12, 1, 16)
+        got = lm.run(ids, [interp.Patch(name, source=src)], capture=name).cache[name]
+        torch.testing.assert_close(got, src, rtol=0, atol=0)
