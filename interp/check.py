@@ -227,8 +227,10 @@ def _put(value, slot, new):
     return value
 
 
-def _edit(t: torch.Tensor, src: torch.Tensor, pos: list[int], heads: int | None, head: int | None) -> torch.Tensor:
-    """t with positions `pos` (and head `head`) overwritten from src: the plain-torch reference edit."""
+def _edit(t: torch.Tensor, src: torch.Tensor, pos: list[int] | None, heads: int | None,
+          head: int | None) -> torch.Tensor:
+    """t with positions `pos` (all: None) and head `head` overwritten from src: the plain-torch reference edit."""
+    pos = slice(None) if pos is None else pos
     new = t.clone()
     if heads:
         v, s = new.unflatten(-1, (heads, -1)), src.reshape(*src.shape[:2], heads, -1)
@@ -284,8 +286,8 @@ def _patches(lm, inputs, other, layers, tab, positions) -> None:
     sites = _patch_sites(lm, layers)
     src = lm.run(other, capture=[s.name for s in sites]).cache
     for s in sites:
-        if s.name not in src or src[s.name].dim() < 2:
-            continue
+        if s.name not in src or src[s.name].dim() < 2 or src.axes[s.name][0] == "call":
+            continue  # a module that runs several times per forward has no one tensor to patch
         x = src[s.name]
         head = 0 if s.heads else None
         where = at(pos=positions, heads=head) if s.heads else at(pos=positions)
@@ -398,7 +400,8 @@ def check(lm, inputs: Any = None, *, other: Any = None, seq_len: int | None = No
     else:
         T = seq_len or default_seq_len(lm.model)
         cases = [(token_inputs(lm, bsz, T, seed + bsz), token_inputs(lm, bsz, T, seed + 100 + bsz)) for bsz in batches]
-    positions = sorted({0, T // 2, T - 1})
+    # sites whose axis 1 is not the input's positions (diffusers: channels, spatial tokens) are patched whole
+    positions = None if getattr(lm.adapter.prepare(cases[0][0]), "site_view", None) else sorted({0, T // 2, T - 1})
     was_training = lm.model.training
     lm.model.eval()
     try:

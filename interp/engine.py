@@ -260,7 +260,10 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
         if idx.numel() == 0:
             continue
         if isinstance(op, Patch):
-            src = _source_for(op.source, x, site, "patch source", b.full_len)
+            source = op.source
+            if flat and source.dim() in (1, 2) and source.shape[-1] == x.shape[-1]:
+                source = source.reshape(-1, 1, x.shape[-1])  # a [batch, d] site: one position per item
+            src = _source_for(source, x, site, "patch source", b.full_len)
             rows = (idx[:, 0] - b.start) % b.base_batch % src.shape[0]
             sidx = idx.clone()
             sidx[:, 0] = rows

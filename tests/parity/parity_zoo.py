@@ -92,7 +92,78 @@ def encoder_configs() -> dict:
 def build(family: str):
     import transformers as tf
 
-    table = {**lm_configs(), **encoder_configs()}
+    table = {**lm_configs(), **encoder_configs(), **text_encoder_configs()}
     cls, cfg = table[family]
     torch.manual_seed(0)
     return getattr(tf, cls)(cfg()).eval()
+
+
+def text_encoder_configs() -> dict:
+    clip = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=128, projection_dim=32, eos_token_id=2)
+    return {
+        "clip": ("CLIPTextModel", lambda: _c("CLIPTextConfig", **clip)),
+        "clip_projection": ("CLIPTextModelWithProjection", lambda: _c("CLIPTextConfig", **clip)),
+        "t5": ("T5EncoderModel", lambda: _c("T5Config", vocab_size=V, d_model=64, d_kv=16, d_ff=96, num_layers=2,
+                                            num_heads=4, relative_attention_num_buckets=8)),
+        "umt5": ("UMT5EncoderModel", lambda: _c("UMT5Config", vocab_size=V, d_model=64, d_kv=16, d_ff=96,
+                                                num_layers=2, num_heads=4, relative_attention_num_buckets=8)),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# diffusers denoisers: (builder, inputs(batch, seed) -> call kwargs)
+# ---------------------------------------------------------------------------------------------
+
+def _randn(seed: int, *shape) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def denoiser_configs() -> dict:
+    import diffusers as d
+
+    def unet_cond():
+        return d.UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                      block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                                      attention_head_dim=4, norm_num_groups=4)
+
+    def unet_cond_in(b, s):
+        return {"sample": _randn(s, b, 3, 8, 8), "timestep": torch.tensor([10 + s] * b),
+                "encoder_hidden_states": _randn(s + 1, b, 6, 32)}
+
+    def sd3():
+        return d.SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=3, out_channels=3, num_layers=2,
+                                       attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                       caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)
+
+    def sd3_in(b, s):
+        return {"hidden_states": _randn(s, b, 3, 8, 8), "timestep": torch.tensor([10.0 + s] * b),
+                "encoder_hidden_states": _randn(s + 1, b, 6, 32), "pooled_projections": _randn(s + 2, b, 16)}
+
+    def flux():
+        return d.FluxTransformer2DModel(patch_size=1, in_channels=12, num_layers=1, num_single_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+
+    def flux_in(b, s):
+        return {"hidden_states": _randn(s, b, 16, 12), "timestep": torch.tensor([0.5 + s / 10] * b),
+                "encoder_hidden_states": _randn(s + 1, b, 6, 16), "pooled_projections": _randn(s + 2, b, 16),
+                "img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(6, 3)}
+
+    def unet2d():
+        return d.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                             block_out_channels=(8, 16), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                             up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4, attention_head_dim=4)
+
+    def unet2d_in(b, s):
+        return {"sample": _randn(s, b, 3, 8, 8), "timestep": torch.tensor([10 + s] * b)}
+
+    return {"unet2d_condition": (unet_cond, unet_cond_in), "sd3": (sd3, sd3_in), "flux": (flux, flux_in),
+            "unet2d": (unet2d, unet2d_in)}
+
+
+def build_denoiser(family: str):
+    make, inputs = denoiser_configs()[family]
+    torch.manual_seed(0)
+    return make().eval(), inputs
