@@ -240,6 +240,12 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
     active = [b for b in bound if _step_ok(b.op.where, ctx, b.site) and _branch_ok(b.op.where, ctx, b.site)]
     if not active:
         return None
+    rows = max(b.stop for b in active)
+    if x.dim() < 2 or x.shape[0] < rows:
+        raise SiteShapeError(f"{active[0].op.describe()}: site {active[0].site.name!r} carries a tensor of shape "
+                             f"{tuple(x.shape)}, but ops need [batch, features...] with {rows} batch items on axis 0: "
+                             "this site has no batch axis; edit a site whose tensor is [batch, ...] (e.g. the "
+                             "module's input, 'module:PATH:input')")
     flat = x.dim() == 2 and any(b.lazy_tokens is not None for b in active)  # [batch, d] diffusers sites: 1 position
     x = x.clone()
     x = x[:, None] if flat else x

@@ -17,7 +17,7 @@ from interp.check import check
 from interp.errors import UnknownSiteError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parity_zoo import build, encoder_configs, lm_configs  # noqa: E402
+from parity_zoo import build, build_denoiser, encoder_configs, lm_configs, text_encoder_configs  # noqa: E402
 
 # Families whose blocks cannot be replayed alone exactly: their grids run full forwards (exact) and say so.
 # Bloom: the ALiBi bias arrives as [batch * heads, 1, pos], which a batch-expanded replay cannot recover.
@@ -122,3 +122,45 @@ def test_one_kv_head_patches_back():
         assert src.shape == (3, 12, 1, 16)
         got = lm.run(ids, [interp.Patch(name, source=src)], capture=name).cache[name]
         torch.testing.assert_close(got, src, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", list(text_encoder_configs()))
+def test_text_encoder_family_passes_check(family):
+    lm = interp.attach(build(family))
+    assert lm.family == "text_encoder"
+    report = check(lm)
+    assert report.ok, f"{family}:\n{report.table()}"
+    kinds = {row.kind for row in report.rows}
+    assert {"sum resid_mid=resid_pre+attn.out", "sum resid_post=resid_mid+mlp.out", "attn.out=o_proj(attn.z)",
+            "patch resid_mid"} <= kinds, sorted(kinds)
+
+
+DENOISER_FAMILIES = {"unet2d_condition": "unet", "unet2d": "unet", "sd3": "dit", "flux": "dit"}
+
+
+@pytest.mark.parametrize("family", list(DENOISER_FAMILIES))
+def test_denoiser_family_passes_check(family):
+    """Every named site of the denoiser, patched whole from another call at batch 3, equals a plain torch hook
+    doing the same on the module it names (this includes the [batch, d] timestep embeddings)."""
+    model, inputs = build_denoiser(family)
+    lm = interp.attach(model)
+    assert lm.family == DENOISER_FAMILIES[family]
+    report = check(lm, inputs(3, 0), other=inputs(3, 5))
+    assert report.ok, f"{family}:\n{report.table()}"
+    kinds = {row.kind for row in report.rows}
+    assert "patch time_embed" in kinds and sum(r.n for r in report.rows) >= 8
+
+
+def test_batch_d_site_patches_back_at_batch_3():
+    """[batch, d] sites (timestep embeddings): a capture from batch 3 patches back item by item."""
+    model, inputs = build_denoiser("unet2d_condition")
+    lm = interp.attach(model)
+    a, b = inputs(3, 0), inputs(3, 5)
+    src = lm.capture(b, "unet.time_embed")["unet.time_embed"]
+    assert src.shape[0] == 3 and src.dim() == 2
+    got = lm.run(a, [interp.Patch("unet.time_embed", source=src)], capture="unet.time_embed").cache["unet.time_embed"]
+    torch.testing.assert_close(got, src, rtol=0, atol=0)
+    one = lm.run(a, [interp.Patch("unet.time_embed", source=src[1], where=interp.at(items=[0]))],
+                 capture="unet.time_embed").cache["unet.time_embed"]
+    torch.testing.assert_close(one[0], src[1], rtol=0, atol=0)
+    torch.testing.assert_close(one[1:], lm.capture(a, "unet.time_embed")["unet.time_embed"][1:], rtol=0, atol=0)
