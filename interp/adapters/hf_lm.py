@@ -17,17 +17,19 @@ from ..sites import Site, SiteTable
 from .base import Adapter, Prepared, first_attr, module_paths, prepare_token_inputs
 
 BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
-               "transformer.layers", "layers", "h", "model.language_model.layers")
+               "transformer.layers", "layers", "h", "model.language_model.layers", "backbone.layers")
 EMBEDS = ("model.embed_tokens", "transformer.wte", "gpt_neox.embed_in", "model.decoder.embed_tokens",
-          "transformer.word_embeddings", "embed_tokens", "wte", "model.language_model.embed_tokens")
+          "transformer.word_embeddings", "embed_tokens", "wte", "model.language_model.embed_tokens",
+          "backbone.embeddings")
 FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
-               "model.final_layernorm", "norm", "ln_f", "model.language_model.norm")
+               "model.final_layernorm", "norm", "ln_f", "model.language_model.norm", "backbone.norm_f")
 HEADS = ("lm_head", "embed_out")
 ATTNS = ("self_attn", "attn", "attention", "self_attention")
 MLPS = ("mlp", "feed_forward", "block_sparse_moe")
 O_PROJS = ("o_proj", "c_proj", "dense", "out_proj")
 MID_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm", "layer_norm2")  # the pre-MLP norm of sequential blocks
 MLP_LAST = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2")
+MIXERS = ("mixer",)  # state-space sequence mixers
 QKV = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value")}
 PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
 
@@ -137,6 +139,10 @@ def block_sites(model: nn.Module, blocks: str, n_heads: int, n_kv: int, prefix: 
         if lay.mlp:
             out.append(Site(n + "mlp.out", f"{bp}.{lay.mlp}", slot=0, layer=i, kind="mlp.out"))
         terms = None
+        mixer = None if lay.attn else first_attr(blk, MIXERS)
+        if mixer:  # state-space blocks (Mamba, Mamba 2): resid_post = resid_pre + mixer(norm(resid_pre))
+            out.append(Site(n + "mixer.out", f"{bp}.{mixer}", slot=0, layer=i, kind="mixer.out"))
+            terms = ((n + "resid_pre", 1.0), (n + "mixer.out", 1.0))
         if lay.attn and lay.mlp:
             terms = ((n + "resid_pre", 1.0), (n + "attn.out", w), (n + "mlp.out", w)) if lay.parallel else \
                 ((n + "resid_mid", 1.0), (n + "mlp.out", w)) if lay.mid else None
@@ -202,7 +208,11 @@ class HFCausalLMAdapter(Adapter):
             for short, what in looked.items():
                 if n + short in have:
                     continue
-                if lay.parallel and short == "resid_mid":
+                if lay.attn is None and first_attr(blk, MIXERS):
+                    out[n + short] = (f"{bp} is a state-space block ({type(blk).__name__}): it has no attention or "
+                                      f"MLP, so no {short} site; its sites are {n}resid_pre, {n}mixer.out and "
+                                      f"{n}resid_post, and its submodules serve as raw sites: {kids}")
+                elif lay.parallel and short == "resid_mid":
                     out[n + short] = (f"{bp} is a parallel block (attention and MLP both read resid_pre and are "
                                       "added together), so no residual stream exists between them; use "
                                       f"{n}resid_pre, {n}attn.out and {n}mlp.out")

@@ -63,6 +63,11 @@ def lm_configs() -> dict:
                                                            first_k_dense_replace=1, n_group=1, topk_group=1,
                                                            q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8,
                                                            qk_nope_head_dim=8, v_head_dim=16, **kv)),
+        "mamba": ("MambaForCausalLM", lambda: _c("MambaConfig", vocab_size=V, hidden_size=64, state_size=8,
+                                                 num_hidden_layers=2, expand=2, conv_kernel=4)),
+        "mamba2": ("Mamba2ForCausalLM", lambda: _c("Mamba2Config", vocab_size=V, hidden_size=64, state_size=8,
+                                                   num_hidden_layers=2, expand=2, conv_kernel=4, num_heads=8,
+                                                   head_dim=16, n_groups=1, chunk_size=16)),
     }
 
 
