@@ -90,13 +90,15 @@ is exact but slower).
 FOOTER = """
 ## Not supported with named sites
 
-These attach through the generic adapter (raw `module:PATH[:input|:output][.N]` sites only; no canonical
-names, no identities, no grid shortcuts):
-
-- diffusers DiT denoisers other than SD3 and Flux: PixArt, Sana, HunyuanDiT, AuraFlow, Lumina 2, CogVideoX,
-  Wan, LTX-Video.
 - OPT's `mlp.out` / `resid_mid`: its decoder layer runs the MLP on tokens flattened to `[batch*pos, d]`, so
   no `[batch, pos, d]` tensor exists there; asking for them names the raw paths that carry them.
+- HunyuanDiT's T5 `text_embedder` (it runs on `[batch*token, d]`): no `context_embed` site.
+- Any other model attaches through the generic adapter: raw `module:PATH[:input|:output][.N]` sites, no
+  canonical names, identities or grid shortcuts.
+- Diffusers denoisers other than the UNets, SD3 and Flux are named by module probing (block lists
+  `transformer_blocks` / `blocks` / `layers` / AuraFlow's joint and single lists / Lumina 2's refiners;
+  `attn1`/`attn`, `attn2`, `ff`/`ffn`); interp checks patch parity on them, but has no residual
+  identities for them (their blocks gate and modulate the residual with the timestep).
 
 Grid shortcuts refused (exact full forwards instead): Bloom (its ALiBi bias arrives as `[batch*heads, 1, pos]`
 and cannot be batch-expanded by a block replay). Positional packs refused (layer-prefix replay runs):

@@ -164,8 +164,70 @@ def denoiser_configs() -> dict:
     def unet2d_in(b, s):
         return {"sample": _randn(s, b, 3, 8, 8), "timestep": torch.tensor([10 + s] * b)}
 
+    def t(b, s, float_=False):
+        return torch.tensor([(0.5 if float_ else 10) + s] * b, dtype=torch.float32 if float_ else torch.long)
+
+    def txt(b, s, n=5, d_=16):
+        return _randn(s + 1, b, n, d_)
+
+    dits = {
+        "pixart": (lambda: d.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                      out_channels=8, num_layers=2, cross_attention_dim=16,
+                                                      caption_channels=16, sample_size=8, norm_num_groups=2,
+                                                      patch_size=2, use_additional_conditions=False),
+                   lambda b, s: dict(hidden_states=_randn(s, b, 4, 8, 8), encoder_hidden_states=txt(b, s),
+                                     timestep=t(b, s))),
+        "sana": (lambda: d.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2,
+                                                  attention_head_dim=8, num_layers=2, num_cross_attention_heads=2,
+                                                  cross_attention_head_dim=8, cross_attention_dim=16,
+                                                  caption_channels=16, sample_size=8, patch_size=1, mlp_ratio=2.0),
+                 lambda b, s: dict(hidden_states=_randn(s, b, 4, 8, 8), encoder_hidden_states=txt(b, s),
+                                   timestep=t(b, s))),
+        "hunyuan_dit": (lambda: d.HunyuanDiT2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                    patch_size=2, num_layers=2, sample_size=8, hidden_size=16,
+                                                    cross_attention_dim=16, cross_attention_dim_t5=16,
+                                                    pooled_projection_dim=8, text_len=5, text_len_t5=5,
+                                                    use_style_cond_and_image_meta_size=False),
+                        lambda b, s: dict(hidden_states=_randn(s, b, 4, 8, 8), timestep=t(b, s, True),
+                                          encoder_hidden_states=txt(b, s), text_embedding_mask=torch.ones(b, 5),
+                                          encoder_hidden_states_t5=txt(b, s + 7),
+                                          text_embedding_mask_t5=torch.ones(b, 5))),
+        "auraflow": (lambda: d.AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4,
+                                                          num_mmdit_layers=1, num_single_dit_layers=1,
+                                                          attention_head_dim=8, num_attention_heads=2,
+                                                          joint_attention_dim=16, caption_projection_dim=16,
+                                                          out_channels=4, pos_embed_max_size=16),
+                     lambda b, s: dict(hidden_states=_randn(s, b, 4, 8, 8), encoder_hidden_states=txt(b, s),
+                                       timestep=t(b, s, True))),
+        "lumina2": (lambda: d.Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4,
+                                                        hidden_size=32, num_layers=2, num_refiner_layers=1,
+                                                        num_attention_heads=2, num_kv_heads=1, multiple_of=16,
+                                                        cap_feat_dim=16, axes_dim_rope=(4, 6, 6),
+                                                        axes_lens=(32, 32, 32)),
+                    lambda b, s: dict(hidden_states=_randn(s, b, 4, 8, 8), timestep=t(b, s, True) / 10,
+                                      encoder_hidden_states=txt(b, s),
+                                      encoder_attention_mask=torch.ones(b, 5, dtype=torch.bool))),
+        "cogvideox": (lambda: d.CogVideoXTransformer3DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
+                                                            out_channels=4, num_layers=2, text_embed_dim=16,
+                                                            time_embed_dim=8, sample_width=8, sample_height=8,
+                                                            sample_frames=5, patch_size=2, max_text_seq_length=5,
+                                                            use_rotary_positional_embeddings=False),
+                      lambda b, s: dict(hidden_states=_randn(s, b, 2, 4, 8, 8), encoder_hidden_states=txt(b, s),
+                                        timestep=t(b, s))),
+        "wan": (lambda: d.WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                                in_channels=4, out_channels=4, text_dim=16, freq_dim=16, ffn_dim=32,
+                                                num_layers=2, rope_max_seq_len=32),
+                lambda b, s: dict(hidden_states=_randn(s, b, 4, 2, 8, 8), encoder_hidden_states=txt(b, s),
+                                  timestep=t(b, s))),
+        "ltx_video": (lambda: d.LTXVideoTransformer3DModel(in_channels=4, out_channels=4, patch_size=1, patch_size_t=1,
+                                                           num_attention_heads=2, attention_head_dim=8,
+                                                           cross_attention_dim=16, num_layers=2, caption_channels=16),
+                      lambda b, s: dict(hidden_states=_randn(s, b, 32, 4), encoder_hidden_states=txt(b, s),
+                                        timestep=t(b, s), encoder_attention_mask=torch.ones(b, 5), num_frames=2,
+                                        height=4, width=4)),
+    }
     return {"unet2d_condition": (unet_cond, unet_cond_in), "sd3": (sd3, sd3_in), "flux": (flux, flux_in),
-            "unet2d": (unet2d, unet2d_in)}
+            "unet2d": (unet2d, unet2d_in), **dits}
 
 
 def build_denoiser(family: str):

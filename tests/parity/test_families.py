@@ -141,7 +141,9 @@ def test_text_encoder_family_passes_check(family):
             "patch resid_mid"} <= kinds, sorted(kinds)
 
 
-DENOISER_FAMILIES = {"unet2d_condition": "unet", "unet2d": "unet", "sd3": "dit", "flux": "dit"}
+DENOISER_FAMILIES = {"unet2d_condition": "unet", "unet2d": "unet", "sd3": "dit", "flux": "dit", "pixart": "dit",
+                     "sana": "dit", "hunyuan_dit": "dit", "auraflow": "dit", "lumina2": "dit", "cogvideox": "dit",
+                     "wan": "dit", "ltx_video": "dit"}
 
 
 @pytest.mark.parametrize("family", list(DENOISER_FAMILIES))
@@ -155,6 +157,18 @@ def test_denoiser_family_passes_check(family):
     assert report.ok, f"{family}:\n{report.table()}"
     kinds = {row.kind for row in report.rows}
     assert "patch time_embed" in kinds and sum(r.n for r in report.rows) >= 8
+    if family not in ("unet2d_condition", "unet2d", "sd3", "flux"):  # named by module probing
+        assert {"patch resid_pre", "patch attn.out", "patch attn.z", "patch ff.out", "patch final"} <= kinds, kinds
+
+
+def test_dit_in_a_pipeline_gets_the_same_names():
+    """The probed DiT names are what a pipeline prefixes with its component name (pipeline.py uses dit_sites)."""
+    from interp.adapters.dit import dit_sites
+
+    model, _ = build_denoiser("pixart")
+    alone = [s.name for s in interp.attach(model).sites()]
+    inside = [s.name for s in dit_sites(model, prefix="transformer.", module_prefix="transformer.")]
+    assert alone == inside and "transformer.blocks.1.cross.k" in alone
 
 
 def test_batch_d_site_patches_back_at_batch_3():
