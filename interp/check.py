@@ -279,7 +279,7 @@ def _patch_sites(lm, layers: Sequence[int]) -> list[Site]:
     """One site per (kind, layer) for the chosen layers, plus the sites outside the blocks."""
     out = []
     for s in lm.adapter.site_table():
-        if s.is_raw or s.kind in ("raw", ""):
+        if s.is_raw or s.kind in ("raw", "", "tl"):  # canonical kinds only (not every TransformerLens hook)
             continue
         if s.layer is None or s.layer < 0 or s.layer >= lm.n_layers or s.layer in layers:
             out.append(s)

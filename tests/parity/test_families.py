@@ -184,3 +184,28 @@ def test_batch_d_site_patches_back_at_batch_3():
                  capture="unet.time_embed").cache["unet.time_embed"]
     torch.testing.assert_close(one[0], src[1], rtol=0, atol=0)
     torch.testing.assert_close(one[1:], lm.capture(a, "unet.time_embed")["unet.time_embed"][1:], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,cls", [("gpt2", "GPT2LMHeadModel"), ("llama", "LlamaForCausalLM"),
+                                        ("gpt_neox", "GPTNeoXForCausalLM")])
+def test_canonical_sites_equal_transformer_lens_hooks_on_the_same_weights(family, cls):
+    """The hf_lm adapter's canonical sites hold the tensors TransformerLens's hook points hold (a peer's
+    definition of the same names), and check() passes on the TransformerLens bridge itself."""
+    import copy
+
+    pytest.importorskip("transformer_lens")
+    from transformer_lens.model_bridge.sources._bridge_builder import build_bridge_from_module
+
+    model = build(family)
+    bridge = build_bridge_from_module(copy.deepcopy(model), cls, hf_config=model.config)
+    ours, peer = interp.attach(model), interp.attach(bridge)
+    assert peer.family == "transformer_lens"
+    ids = torch.randint(3, 96, (3, 24), generator=torch.Generator().manual_seed(0))
+    names = [n for n in ours.site_names("blocks.*") if n.rsplit(".", 1)[-1] in ("resid_pre", "out", "resid_post")
+             and n in set(peer.site_names())]
+    assert len(names) >= 4 * 2
+    a, b = ours.capture(ids, names), peer.capture(ids, names)
+    for n in names:
+        torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-5, msg=n)
+    if family != "gpt_neox":
+        assert check(peer, grids=False).ok
