@@ -295,7 +295,12 @@ def _patches(lm, inputs, other, layers, tab, positions) -> None:
         x = src[s.name]
         head = 0 if s.heads else None
         where = at(pos=positions, heads=head) if s.heads else at(pos=positions)
-        got = lm.run(inputs, [Patch(s.name, source=x, where=where)]).logits
+        try:
+            got = lm.run(inputs, [Patch(s.name, source=x, where=where)]).logits
+        except InterpError as e:  # a site interp cannot patch back is a failed row, not a crashed check
+            acc = _rel(tab, f"patch {s.kind}")
+            acc.diff, acc.notes = math.inf, [f"{s.name}: {type(e).__name__}: {str(e)[:160]}"]
+            continue
         with torch.no_grad(), _reference_hook(lm.model, s, x.flatten(-2) if s.heads else x, positions, head):
             want = lm.adapter.main_output(lm.adapter.forward(lm.adapter.prepare(inputs)))
         _rel(tab, f"patch {s.kind}").compare(got, want, s.name)

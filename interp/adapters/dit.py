@@ -61,7 +61,8 @@ def is_dit(obj: Any) -> bool:
         return False
     if type(obj).__name__ in MMDIT:
         return True
-    return type(obj).__module__.startswith("diffusers.") and ("Transformer" in type(obj).__name__ or "DiT" in type(obj).__name__) \
+    name = type(obj).__name__
+    return type(obj).__module__.startswith("diffusers.") and ("Transformer" in name or "DiT" in name) \
         and bool(_block_lists(obj)) and (hasattr(obj, "proj_out") or hasattr(obj, "norm_out"))
 
 

@@ -27,7 +27,8 @@ HEADS = ("lm_head", "embed_out")
 ATTNS = ("self_attn", "attn", "attention", "self_attention")
 MLPS = ("mlp", "feed_forward", "block_sparse_moe")
 O_PROJS = ("o_proj", "c_proj", "dense", "out_proj")
-MID_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm", "layer_norm2")  # the pre-MLP norm of sequential blocks
+# the pre-MLP norm of sequential blocks (its input is resid_mid)
+MID_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm", "layer_norm2")
 MLP_LAST = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2")
 MIXERS = ("mixer",)  # state-space sequence mixers
 QKV = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value")}

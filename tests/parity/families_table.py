@@ -85,6 +85,15 @@ residual sums, `attn.out` from `attn.z`, `logits` from `final`, model output fro
 replay, `packs`: positional reuse; `full forwards`: the engine refused the replay for this family, which
 is exact but slower).
 
+## Checking your own model
+
+`interp check MODEL` (a zoo name or a local folder) or `interp.attach(model).check()` runs the same
+comparisons on your model and prints one row per site kind (`site kind | ok | max diff | n | detail`);
+the command exits 1 if any row is above `--tol` (default 1e-5, relative). `--seq-len`, `--batches 1,3`,
+`--no-grids` and `--out DIR` (saves the table as an `interp.Result`) adjust it. For a model that does not
+take token ids (a diffusion denoiser), call `lm.check(inputs, other=other_inputs)` with two inputs of the
+same shape. A failed row names the worst site; its `detail` column says which comparison failed.
+
 """
 
 FOOTER = """
