@@ -293,15 +293,18 @@ def _patches(lm, inputs, other, layers, tab, positions) -> None:
         if s.name not in src or src[s.name].dim() < 2 or src.axes[s.name][0] == "call":
             continue  # a module that runs several times per forward has no one tensor to patch
         x = src[s.name]
+        pos = positions
+        if pos is not None and max(pos) >= x.shape[1]:  # a site shorter than the input (physics `final`)
+            pos = sorted({0, x.shape[1] // 2, x.shape[1] - 1})
         head = 0 if s.heads else None
-        where = at(pos=positions, heads=head) if s.heads else at(pos=positions)
+        where = at(pos=pos, heads=head) if s.heads else at(pos=pos)
         try:
             got = lm.run(inputs, [Patch(s.name, source=x, where=where)]).logits
         except InterpError as e:  # a site interp cannot patch back is a failed row, not a crashed check
             acc = _rel(tab, f"patch {s.kind}")
             acc.diff, acc.notes = math.inf, [f"{s.name}: {type(e).__name__}: {str(e)[:160]}"]
             continue
-        with torch.no_grad(), _reference_hook(lm.model, s, x.flatten(-2) if s.heads else x, positions, head):
+        with torch.no_grad(), _reference_hook(lm.model, s, x.flatten(-2) if s.heads else x, pos, head):
             want = lm.adapter.main_output(lm.adapter.forward(lm.adapter.prepare(inputs)))
         _rel(tab, f"patch {s.kind}").compare(got, want, s.name)
 
@@ -360,21 +363,23 @@ def _grids(lm, inputs, other, T: int, layers: Sequence[int], tab: dict[str, _Acc
     if not rows:
         return
     base = lm.run(inputs, last_only=True).logits
-    scale = float(base[:, -1].abs().max())
-    a, b = [int(i) for i in base[0, -1].topk(2).indices]
-    col = logit_diff(a, b)
+    scale = float(base.abs().max())
 
-    def plain(logits):
-        return logits[:, -1].float()
+    def plain(out):  # the last position of [batch, pos, vocab] logits; any other output whole
+        return out[:, -1].float() if out.dim() == 3 else out.float().reshape(out.shape[0], -1)
 
-    per_cell_cols, per_cell_full = [], []
+    metrics = [("full head", plain)]
+    if base.dim() == 3:  # token logits: also the column head (only the metric's vocabulary rows)
+        a, b = [int(i) for i in base[0, -1].topk(2).indices]
+        metrics.insert(0, ("column head", logit_diff(a, b)))
+    per_cell = {name: [] for name, _ in metrics}
     for ops in rows:
-        lg = lm.run(inputs, ops).logits
-        per_cell_cols.append(col(lg))
-        per_cell_full.append(plain(lg))
-    want_cols, want_full = torch.stack(per_cell_cols), torch.stack(per_cell_full)
+        out = lm.run(inputs, ops).logits
+        for name, metric in metrics:
+            per_cell[name].append(metric(out))
     lm.engine._replay_ok = lm.engine._packed_ok = None  # validate the shortcuts on this model afresh
-    for name, metric, want in (("column head", col, want_cols), ("full head", plain, want_full)):
+    for name, metric in metrics:
+        want = torch.stack(per_cell[name])
         grid = lm.run_grid(inputs, rows, metric, progress=False, distributed=False)
         st = grid.stats
         used = [k for k, on in (("prefix", st.get("prefix_reuse")), ("packs", st.get("positional_reuse"))) if on]

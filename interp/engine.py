@@ -262,6 +262,11 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
                 _add_spatial(x, op, b.items(ctx), site)
             continue
         heads = resolve_heads(op.where.heads, n_heads, site)
+        top = max((max(p) for p in b.positions if p), default=-1) + b.pos_shift  # host-side: no device sync
+        if top >= x.shape[1]:
+            raise PositionError(f"{op.describe()}: position {top - b.pos_shift} is out of range for {site.name!r}, "
+                                f"whose tensor has {x.shape[1]} positions on axis 1 (shape {tuple(x.shape)}; the "
+                                f"input has {b.full_len or 'more'}): pass positions 0..{x.shape[1] - 1} of this site")
         idx = b.index(heads, x.device, ctx)
         if idx.numel() == 0:
             continue

@@ -209,3 +209,22 @@ def test_canonical_sites_equal_transformer_lens_hooks_on_the_same_weights(family
         torch.testing.assert_close(a[n], b[n], rtol=1e-5, atol=1e-5, msg=n)
     if family != "gpt_neox":
         assert check(peer, grids=False).ok
+
+
+def test_physics_surrogate_passes_check():
+    """The zoo's physics surrogate (pre-norm blocks): residual sums, attn.z -> attn.out, patch parity, grids."""
+    from interp.zoo import physics as P
+
+    torch.manual_seed(0)
+    model = P.PhysicsSurrogate(d_model=16, n_heads=2, n_layers=2, d_mlp=32).eval()
+    g = torch.Generator().manual_seed(0)
+
+    def inputs(b):
+        return (torch.randn(b, P.N_GRID, generator=g), torch.rand(b, generator=g) * 0.1, torch.rand(b, generator=g))
+    lm = interp.attach(model)
+    assert lm.family == "physics"
+    report = check(lm, inputs(3), other=inputs(3))
+    assert report.ok, report.table()
+    kinds = {r.kind for r in report.rows}
+    assert {"sum resid_mid=resid_pre+attn.out", "sum resid_post=resid_mid+mlp.out", "attn.out=o_proj(attn.z)",
+            "patch attn.z", "patch resid_mid"} <= kinds, kinds
