@@ -25,7 +25,7 @@ KIND_ORDER = ("embed", "resid_pre", "attn.q", "attn.k", "attn.v", "attn.z", "att
 
 def _row(name: str, lm, report) -> str:
     kinds = {s.kind for s in lm.sites()}
-    named = [k for k in KIND_ORDER if k in kinds] or sorted(k for k in kinds if k != "raw")[:8]
+    named = [k for k in KIND_ORDER if k in kinds] + sorted(k for k in kinds - set(KIND_ORDER) if k not in ("raw", "tl"))
     grids = sorted({r.kind.split("(")[1].rstrip(")") for r in report.rows if r.kind.startswith("grid")}) or ["-"]
     idents = sum(1 for r in report.rows if not r.kind.startswith(("patch", "grid")))
     status = "pass" if report.ok else "**FAIL**"
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
         failed += not report.ok
         lines.append(_row(name, lm, report))
         print(name, report.ok, flush=True)
+    lines.append("")
     secs = time.perf_counter() - t0
     text = HEADER + "\n".join(lines) + FOOTER.format(secs=secs)
     Path(args.out).write_text(text)
