@@ -216,7 +216,7 @@ class HFCausalLMAdapter(Adapter):
                 elif lay.parallel and short == "resid_mid":
                     out[n + short] = (f"{bp} is a parallel block (attention and MLP both read resid_pre and are "
                                       "added together), so no residual stream exists between them; use "
-                                      f"{n}resid_pre, {n}attn.out and {n}mlp.out")
+                                      f"{n}resid_pre, {n}attn.out and {n}mlp.out (raw sites: {kids})")
                 elif note and short in ("mlp.out", "resid_mid"):
                     out[n + short] = f"{bp} has no {short} site: " + note.replace("<layer>", bp)
                 else:
