@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parity_zoo import build, build_denoiser, denoiser_configs, encoder_configs, lm_configs, text_encoder_configs  # noqa: E402
+from parity_zoo import (  # noqa: E402
+    build, build_denoiser, denoiser_configs, encoder_configs, lm_configs, text_encoder_configs,
+)
 
 import interp  # noqa: E402
 from interp.check import check  # noqa: E402
@@ -95,10 +97,10 @@ the command exits 1 if any row is above `--tol` (default 1e-5, relative). `--seq
 take token ids (a diffusion denoiser), call `lm.check(inputs, other=other_inputs)` with two inputs of the
 same shape. A failed row names the worst site; its `detail` column says which comparison failed.
 
-On SmolLM2-135M, `interp check smollm2` passed with max diff 2.0e-06 (30 layers, 24 tokens, batch 1 and
-3, patches at blocks 0, 15, 29, 104 grid rows per batch size) in 763 s wall on the 2-core development
-machine while it was shared by about eight jobs (load average 13-21; one SmolLM2 forward at batch 3 x 24
-tokens took 1.72 s median there). Most of that time is the per-cell full forwards the grid rows are
+On SmolLM2-135M, `interp check smollm2` passed with max diff 2.0e-06 (30 layers, 24 tokens, batch 1
+and 3, patches at blocks 0, 15, 29, 52 grid rows per batch size) in 763 s (808 s wall with model
+loading) on the 2-core development machine while it was shared by about eight jobs (load average
+13-21; one SmolLM2 forward at batch 3 x 24 tokens took 1.72 s median there). Most of that time is the per-cell full forwards the grid rows are
 compared against; `--no-grids` skips them.
 
 """

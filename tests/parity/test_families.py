@@ -17,7 +17,9 @@ from interp.check import check
 from interp.errors import UnknownSiteError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from parity_zoo import build, build_denoiser, encoder_configs, lm_configs, text_encoder_configs  # noqa: E402
+from parity_zoo import (  # noqa: E402
+    build, build_denoiser, encoder_configs, lm_configs, text_encoder_configs,
+)
 
 # Families whose blocks cannot be replayed alone exactly: their grids run full forwards (exact) and say so.
 # Bloom: the ALiBi bias arrives as [batch * heads, 1, pos], which a batch-expanded replay cannot recover.
