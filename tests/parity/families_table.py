@@ -100,8 +100,8 @@ same shape. A failed row names the worst site; its `detail` column says which co
 On SmolLM2-135M, `interp check smollm2` passed with max diff 2.0e-06 (30 layers, 24 tokens, batch 1
 and 3, patches at blocks 0, 15, 29, 52 grid rows per batch size) in 763 s (808 s wall with model
 loading) on the 2-core development machine while it was shared by about eight jobs (load average
-13-21; one SmolLM2 forward at batch 3 x 24 tokens took 1.72 s median there). Most of that time is the per-cell full forwards the grid rows are
-compared against; `--no-grids` skips them.
+13-21; one SmolLM2 forward at batch 3 x 24 tokens took 1.72 s median there). Most of that time is
+the per-cell full forwards the grid rows are compared against; `--no-grids` skips them.
 
 """
 

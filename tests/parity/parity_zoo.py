@@ -129,7 +129,8 @@ def denoiser_configs() -> dict:
 
     def unet_cond():
         return d.UNet2DConditionModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                                      block_out_channels=(8, 16), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                      block_out_channels=(8, 16),
+                                      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
                                       attention_head_dim=4, norm_num_groups=4)
 
