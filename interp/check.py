@@ -92,7 +92,7 @@ class _Acc:
     """Accumulates comparisons of one row kind."""
 
     def __init__(self):
-        self.diff, self.n, self.notes = 0.0, 0, []
+        self.diff, self.n, self.notes, self.refusals = 0.0, 0, [], set()
 
     def compare(self, got: torch.Tensor, want: torch.Tensor, what: str = "", scale: float | None = None) -> None:
         """scale: the magnitude differences are relative to (default: max(1, max |want|))."""
@@ -384,6 +384,9 @@ def _grids(lm, inputs, other, T: int, layers: Sequence[int], tab: dict[str, _Acc
         st = grid.stats
         used = [k for k, on in (("prefix", st.get("prefix_reuse")), ("packs", st.get("positional_reuse"))) if on]
         acc = _rel(tab, f"grid {name} ({'+'.join(used) or 'full forwards'})")
+        for what, why in (st.get("refused") or {}).items():
+            if not (what == "positional_reuse" and not st.get("prefix_reuse")):
+                acc.refusals.add(f"{what} refused: {why}")
         for r in range(len(rows)):  # a metric of logits is as exact as the logits: relative to their scale
             acc.compare(grid.values[r], want[r], labels[r], scale=scale)
 
@@ -428,8 +431,8 @@ def check(lm, inputs: Any = None, *, other: Any = None, seq_len: int | None = No
                     _grids(lm, x, y, T, layers, tab)
     finally:
         lm.model.train(was_training)
-    rows = [CheckRow(k, a.diff <= tol, a.diff if a.n or a.diff else float("nan"), a.n, "; ".join(a.notes))
-            for k, a in tab.items()]
+    rows = [CheckRow(k, a.diff <= tol, a.diff if a.n or a.diff else float("nan"), a.n,
+                     "; ".join([*a.notes, *sorted(a.refusals)])) for k, a in tab.items()]
     if not rows:
         rows = [CheckRow("sites", False, float("nan"), 0, "no site identities could be checked on this model")]
     settings = {"seq_len": T, "batches": list(batches) if inputs is None else [lm.adapter.prepare(inputs).batch],

@@ -446,6 +446,7 @@ class Engine:
         self.adapter = adapter
         self._replay_ok: bool | None = None
         self._packed_ok: bool | None = None
+        self.refused: dict[str, str] = {}  # shortcut -> why the engine runs full forwards instead (grid stats)
 
     # -- binding -------------------------------------------------------------------------------
     def bind(self, ops: Sequence[Op], prepared: Prepared, start: int, n_rows: int) -> list[Bound]:
@@ -675,7 +676,7 @@ class Engine:
             values = [torch.zeros_like(base_val.reshape(b, *base_val.shape[1:])) if v is None else v for v in values]
         stats = {"rows": len(rows), "chunk_rows": n_chunk, "prefix_reuse": replay,
                  "positional_reuse": bool(packable), "packed_rows": len(packable),
-                 "forward_equivalents": forwards, "base_batch": b}
+                 "forward_equivalents": forwards, "base_batch": b, "refused": dict(self.refused)}
         return GridOutput(torch.stack(values) if values else torch.empty(0), base_val.reshape(b, *base_val.shape[1:]),
                           prepared.tokens, stats)
 
@@ -728,6 +729,7 @@ class Engine:
         pre = PrefixReplay(self.adapter, block_in, b, T)
         want = base_logits[:, -1:].float()
         scale = want.abs().max().clamp_min(1e-6)
+        got = None
         try:
             with torch.no_grad():
                 got = pre.record()
@@ -737,8 +739,12 @@ class Engine:
                     for first in replay_starts(self.adapter, block_in, lowest=0):
                         got = pre.run(first, Pack(starts, T)).float()
                         ok = ok and bool(((got - want.repeat(len(starts), 1, 1)).abs().max() / scale) < 1e-4)
-        except Exception:  # an architecture whose blocks do not take a key/value cache this way
+        except Exception as e:  # an architecture whose blocks do not take a key/value cache this way
             ok = False
+            self.refused["positional_reuse"] = f"packed replay raised {type(e).__name__}: {str(e)[:80]}"
+        if not ok and "positional_reuse" not in self.refused:
+            self.refused["positional_reuse"] = ("the blocks do not take a key/value cache interp can prepend to"
+                                                if got is None else "packed replay differs from the forward")
         if self._packed_ok is None:  # the first check decides for this model; later misses skip one grid
             self._packed_ok = ok
         return pre if ok else None
@@ -756,10 +762,14 @@ class Engine:
             try:
                 with torch.no_grad(), attached(self.adapter.root, self.entries(bound, ctx)):
                     got = self._replay(block_in, start, 2, b, last_only)
-            except Exception:  # an architecture whose blocks cannot be called alone: use full forwards
+            except Exception as e:  # an architecture whose blocks cannot be called alone: use full forwards
+                self.refused["prefix_reuse"] = (f"replaying blocks {start}.. on 2 batch copies raised "
+                                                f"{type(e).__name__}: {str(e)[:80]}")
                 return False
             got = got[:, -want.shape[1]:]
             if not (got.shape == want.shape and bool(((got - want).abs().max() / scale) < 1e-4)):
+                diff = float((got - want).abs().max() / scale) if got.shape == want.shape else float("inf")
+                self.refused["prefix_reuse"] = f"replaying blocks {start}.. differs from the forward by {diff:.1e}"
                 return False
         return True
 
