@@ -120,7 +120,9 @@ FOOTER = """
 
 Grid shortcuts refused (exact full forwards instead): Bloom (its ALiBi bias arrives as `[batch*heads, 1, pos]`
 and cannot be batch-expanded by a block replay). Positional packs refused (layer-prefix replay runs):
-DeepSeek-V3 (multi-head latent attention), Mamba / Mamba 2 (no key/value cache).
+DeepSeek-V3 (its multi-head latent attention's key/value shapes do not fit the packed cache), Mamba /
+Mamba 2 (no key/value cache). The engine says why in `GridOutput.stats["refused"]`, and `interp check`
+prints it in the grid rows' detail column.
 
 Written in {secs:.0f} s.
 """
