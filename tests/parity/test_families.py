@@ -55,10 +55,11 @@ def test_causal_lm_family_passes_check(family):
         assert any(k.startswith("sum resid_post") for k in kinds), sorted(kinds)
         assert "patch mlp.out" in kinds
     used = _shortcuts(report)
+    details = " ".join(r.detail for r in report.rows if r.kind.startswith("grid"))
     if family in FULL_FORWARD_GRIDS:
-        assert used == {"full forwards"}
+        assert used == {"full forwards"} and "prefix_reuse refused: replaying blocks" in details
     elif family in NO_PACKS:
-        assert used == {"prefix"}
+        assert used == {"prefix"} and "positional_reuse refused" in details
     else:
         assert used == {"prefix+packs"}, used  # the fast paths really ran, and were exact
     assert report.settings["seq_len"] > (getattr(lm.model.config, "sliding_window", None) or 0)
