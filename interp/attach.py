@@ -86,6 +86,13 @@ class Instrumented:
 
         return run_grid(self.engine, inputs, rows, metric, distributed=distributed, resume_dir=resume_dir, **kw)
 
+    def check(self, inputs=None, **kw):
+        """Verify the site identities, patch parity and grid shortcuts on this model (interp.check.check);
+        returns a CheckReport (`.ok`, `.table()`, `.to_result()`)."""
+        from .check import check
+
+        return check(self, inputs, **kw)
+
     def applied(self, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), *, ctx: RunContext | None = None,
                 steps_from: str | None = None, check: bool = True):
         """Context manager: `ops` edit (and `capture` records) every forward call inside the block, e.g.

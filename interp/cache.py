@@ -24,6 +24,12 @@ class ActivationCache(dict):
     def _store(self, site: Site, t: torch.Tensor, calls: dict[str, list]) -> None:
         calls.setdefault(site.name, []).append(t)
         seen = calls[site.name]
+        if len({tuple(x.shape) for x in seen}) > 1:
+            from .errors import SiteShapeError
+
+            raise SiteShapeError(f"site {site.name!r} (module {site.module!r}) ran {len(seen)} times in one forward "
+                                 f"with different shapes {[tuple(x.shape) for x in seen]}, so its calls cannot be "
+                                 "stacked into one capture: capture a site inside the module or one that runs once")
         self[site.name] = seen[0] if len(seen) == 1 else torch.stack(seen)
         self.axes[site.name] = site.axes if len(seen) == 1 else ("call", *site.axes)
 

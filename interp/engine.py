@@ -192,7 +192,7 @@ def _source_for(op_source: torch.Tensor, x: torch.Tensor, site: Site, what: str,
     """Check a source/pool tensor against the site tensor x [N, T, *F]; returns it as [B, T, *F]."""
     feat, T = tuple(x.shape[2:]), (x.shape[1] if T is None else T)
     src = op_source
-    if site.heads is not None and tuple(src.shape[-1:]) == (math.prod(feat),):
+    if site.heads is not None and tuple(src.shape[-len(feat):]) != feat and tuple(src.shape[-1:]) == (math.prod(feat),):
         src = src.unflatten(-1, feat)  # merged-head source for a per-head site
     if tuple(src.shape[-len(feat):] if feat else ()) != feat or src.dim() not in (len(feat) + 1, len(feat) + 2):
         raise SiteShapeError(f"{what} for {site.name!r} has shape {tuple(op_source.shape)}, but the site carries "
@@ -240,6 +240,12 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
     active = [b for b in bound if _step_ok(b.op.where, ctx, b.site) and _branch_ok(b.op.where, ctx, b.site)]
     if not active:
         return None
+    rows = max(b.stop for b in active)
+    if x.dim() < 2 or x.shape[0] < rows:
+        raise SiteShapeError(f"{active[0].op.describe()}: site {active[0].site.name!r} carries a tensor of shape "
+                             f"{tuple(x.shape)}, but ops need [batch, features...] with {rows} batch items on axis 0: "
+                             "this site has no batch axis; edit a site whose tensor is [batch, ...] (e.g. the "
+                             "module's input, 'module:PATH:input')")
     flat = x.dim() == 2 and any(b.lazy_tokens is not None for b in active)  # [batch, d] diffusers sites: 1 position
     x = x.clone()
     x = x[:, None] if flat else x
@@ -256,11 +262,19 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
                 _add_spatial(x, op, b.items(ctx), site)
             continue
         heads = resolve_heads(op.where.heads, n_heads, site)
+        top = max((max(p) for p in b.positions if p), default=-1) + b.pos_shift  # host-side: no device sync
+        if top >= x.shape[1]:
+            raise PositionError(f"{op.describe()}: position {top - b.pos_shift} is out of range for {site.name!r}, "
+                                f"whose tensor has {x.shape[1]} positions on axis 1 (shape {tuple(x.shape)}; the "
+                                f"input has {b.full_len or 'more'}): pass positions 0..{x.shape[1] - 1} of this site")
         idx = b.index(heads, x.device, ctx)
         if idx.numel() == 0:
             continue
         if isinstance(op, Patch):
-            src = _source_for(op.source, x, site, "patch source", b.full_len)
+            source = op.source
+            if flat and source.dim() in (1, 2) and source.shape[-1] == x.shape[-1]:
+                source = source.reshape(-1, 1, x.shape[-1])  # a [batch, d] site: one position per item
+            src = _source_for(source, x, site, "patch source", b.full_len)
             rows = (idx[:, 0] - b.start) % b.base_batch % src.shape[0]
             sidx = idx.clone()
             sidx[:, 0] = rows
@@ -405,6 +419,23 @@ def _expand_batch(obj, b: int, n: int):
     return obj
 
 
+def replay_starts(adapter, block_in: dict, lowest: int = 1) -> list[int]:
+    """Blocks to validate replays from: the middle one, and the first (>= lowest) of each kind of block
+    call (block type, attention type, the attention mask it was given), so every layer type starts one."""
+    seen, out = set(), {len(adapter.block_paths) // 2}
+    for i in sorted(block_in):
+        kw = block_in[i][2]
+        mask = kw.get("attention_mask")
+        block = adapter.root.get_submodule(adapter.block_paths[i])
+        key = (type(block).__name__, getattr(block, "attention_type", None),
+               getattr(getattr(block, "self_attn", None), "sliding_window", None),
+               None if not isinstance(mask, torch.Tensor) else (mask.data_ptr(), tuple(mask.shape)))
+        if key not in seen and i >= lowest:
+            seen.add(key)
+            out.add(i)
+    return sorted(o for o in out if o in block_in and o >= lowest)
+
+
 NO_CACHE = {"cache": None, "past_key_values": None, "layer_past": None, "past_key_value": None, "use_cache": False}
 
 
@@ -415,6 +446,7 @@ class Engine:
         self.adapter = adapter
         self._replay_ok: bool | None = None
         self._packed_ok: bool | None = None
+        self.refused: dict[str, str] = {}  # shortcut -> why the engine runs full forwards instead (grid stats)
 
     # -- binding -------------------------------------------------------------------------------
     def bind(self, ops: Sequence[Op], prepared: Prepared, start: int, n_rows: int) -> list[Bound]:
@@ -644,7 +676,7 @@ class Engine:
             values = [torch.zeros_like(base_val.reshape(b, *base_val.shape[1:])) if v is None else v for v in values]
         stats = {"rows": len(rows), "chunk_rows": n_chunk, "prefix_reuse": replay,
                  "positional_reuse": bool(packable), "packed_rows": len(packable),
-                 "forward_equivalents": forwards, "base_batch": b}
+                 "forward_equivalents": forwards, "base_batch": b, "refused": dict(self.refused)}
         return GridOutput(torch.stack(values) if values else torch.empty(0), base_val.reshape(b, *base_val.shape[1:]),
                           prepared.tokens, stats)
 
@@ -697,36 +729,49 @@ class Engine:
         pre = PrefixReplay(self.adapter, block_in, b, T)
         want = base_logits[:, -1:].float()
         scale = want.abs().max().clamp_min(1e-6)
+        got = None
         try:
             with torch.no_grad():
                 got = pre.record()
                 ok = got is not None and got.shape == want.shape and bool(((got.float() - want).abs().max() / scale) < 1e-4)
                 if ok and self._packed_ok is None:
                     starts = sorted({1, T // 2, T - 1})
-                    got = pre.run(len(self.adapter.block_paths) // 2, Pack(starts, T)).float()
-                    ok = bool(((got - want.repeat(len(starts), 1, 1)).abs().max() / scale) < 1e-4)
-        except Exception:  # an architecture whose blocks do not take a key/value cache this way
+                    for first in replay_starts(self.adapter, block_in, lowest=0):
+                        got = pre.run(first, Pack(starts, T)).float()
+                        ok = ok and bool(((got - want.repeat(len(starts), 1, 1)).abs().max() / scale) < 1e-4)
+        except Exception as e:  # an architecture whose blocks do not take a key/value cache this way
             ok = False
+            self.refused["positional_reuse"] = f"packed replay raised {type(e).__name__}: {str(e)[:80]}"
+        if not ok and "positional_reuse" not in self.refused:
+            self.refused["positional_reuse"] = ("the blocks do not take a key/value cache interp can prepend to"
+                                                if got is None else "packed replay differs from the forward")
         if self._packed_ok is None:  # the first check decides for this model; later misses skip one grid
             self._packed_ok = ok
         return pre if ok else None
 
     def _validate_replay(self, block_in, base_logits, b, last_only, shared, prepared, ctx) -> bool:
-        """Replaying the blocks from the middle must give the real forward's logits."""
-        mid = len(self.adapter.block_paths) // 2
-        if mid not in block_in:
-            return False
-        later = [o for o in shared if _layer(self.adapter.site_table().get(o.site)) >= mid]
-        bound = self.bind(later, prepared, 0, 1)
-        try:
-            with torch.no_grad(), attached(self.adapter.root, self.entries(bound, ctx)):
-                got = self._replay(block_in, mid, 1, b, last_only)
-        except Exception:  # an architecture whose blocks cannot be called alone: use full forwards
-            return False
+        """Replaying the blocks must give the real forward's logits, from the first block of every block
+        type / attention-mask kind (sliding and full layers differ) and on two copies of the batch (the
+        shape chunks run at: batch-carrying call arguments such as ALiBi biases must expand)."""
         want = base_logits[:, -1:] if last_only else base_logits
-        got = got[:, -want.shape[1]:]
+        want = want.repeat(2, *([1] * (want.dim() - 1)))
         scale = want.abs().max().clamp_min(1e-6)
-        return bool(got.shape == want.shape and ((got - want).abs().max() / scale) < 1e-4)
+        for start in replay_starts(self.adapter, block_in):
+            later = [o for o in shared if _layer(self.adapter.site_table().get(o.site)) >= start]
+            bound = self.bind(later, prepared, 0, 2)
+            try:
+                with torch.no_grad(), attached(self.adapter.root, self.entries(bound, ctx)):
+                    got = self._replay(block_in, start, 2, b, last_only)
+            except Exception as e:  # an architecture whose blocks cannot be called alone: use full forwards
+                self.refused["prefix_reuse"] = (f"replaying blocks {start}.. on 2 batch copies raised "
+                                                f"{type(e).__name__}: {str(e)[:80]}")
+                return False
+            got = got[:, -want.shape[1]:]
+            if not (got.shape == want.shape and bool(((got - want).abs().max() / scale) < 1e-4)):
+                diff = float((got - want).abs().max() / scale) if got.shape == want.shape else float("inf")
+                self.refused["prefix_reuse"] = f"replaying blocks {start}.. differs from the forward by {diff:.1e}"
+                return False
+        return True
 
     @staticmethod
     def _per_item_bytes(prepared: Prepared, logits: torch.Tensor, block_in: dict) -> int:

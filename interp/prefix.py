@@ -201,7 +201,7 @@ class PrefixReplay:
         pos = pack.positions(dev)
         last = torch.tensor(pack.last_index(), device=dev)
         hidden = self.block_in[start][0][:, pos]
-        mask = None
+        mask, mask_key = None, None
         n_blocks = len(self.adapter.block_paths)
         for i in range(start, n_blocks):
             _, args, kwargs = self.block_in[i]
@@ -210,8 +210,10 @@ class PrefixReplay:
             if named is None:
                 raise RuntimeError(f"block {self.adapter.block_paths[i]} cannot be replayed position-wise")
             _, rest, cache_name = named
-            if mask is None:
-                mask = _mask(pack, rest.get("attention_mask"), hidden.dtype, dev)
+            base_mask = rest.get("attention_mask")  # per block: sliding and full layers get different masks
+            key = (base_mask.data_ptr(), tuple(base_mask.shape)) if isinstance(base_mask, torch.Tensor) else None
+            if mask is None or key != mask_key:
+                mask, mask_key = _mask(pack, base_mask, hidden.dtype, dev), key
             others = {k: v for k, v in rest.items() if k != "attention_mask"}
             k, v = self.kv[i]
             if cut_last and i == n_blocks - 1:

@@ -46,20 +46,29 @@ class Site:
 
 
 def parse_raw(name: str) -> tuple[str, str]:
-    """'module:a.b.c[:input|:output]' -> (path, io)."""
+    """'module:a.b.c[:input|:output][.N]' -> (path, io); see parse_raw_slot for the slot."""
+    path, io, _ = parse_raw_slot(name)
+    return path, io
+
+
+def parse_raw_slot(name: str) -> tuple[str, str, int]:
+    """'module:a.b.c[:input|:output][.N]' -> (path, io, slot): slot N of a tuple output / positional input."""
     body = name[len(RAW_PREFIX):]
-    io = "output"
-    if body.endswith(":input") or body.endswith(":output"):
-        body, io = body.rsplit(":", 1)
-    return body, io
+    io, slot = "output", 0
+    m = re.fullmatch(r"(.*):(input|output)(?:\.(\d+))?", body)
+    if m:
+        body, io, slot = m.group(1), m.group(2), int(m.group(3) or 0)
+    return body, io, slot
 
 
 class SiteTable:
     """All sites of one instrumented model, in forward order, plus aliases."""
 
     def __init__(self, sites: Iterable[Site], aliases: dict[str, str] | None = None,
-                 module_names: Iterable[str] = (), block_paths: list[str] | None = None):
+                 module_names: Iterable[str] = (), block_paths: list[str] | None = None,
+                 missing: dict[str, str] | None = None):
         self._sites: dict[str, Site] = {}
+        self.missing = dict(missing or {})  # canonical names the adapter looked for and did not find -> why
         for s in sites:
             self._sites[s.name] = s
         self.aliases = dict(aliases or {})
@@ -103,10 +112,14 @@ class SiteTable:
                      if fnmatch.fnmatchcase(a, pattern) and self._sites[t] not in hits]
             if hits:
                 return hits
+        if pattern in self.missing:
+            raise UnknownSiteError(f"site {pattern!r} is not available: {self.missing[pattern]}")
         raise UnknownSiteError(self._unknown_message(pattern))
 
     def _raw(self, pattern: str) -> Site:
-        path, io = parse_raw(pattern)
+        path, io, slot = parse_raw_slot(pattern)
+        if RAW_PREFIX + path in self.missing:
+            raise UnknownSiteError(f"raw site {pattern!r} is not available: {self.missing[RAW_PREFIX + path]}")
         if path not in self.module_names:
             close = difflib.get_close_matches(path, sorted(self.module_names), n=5, cutoff=0.5)
             raise UnknownSiteError(
@@ -117,7 +130,7 @@ class SiteTable:
         for i, bp in enumerate(self.block_paths):
             if path == bp or path.startswith(bp + "."):
                 layer = i
-        return Site(name=pattern, module=path, io=io, slot=0, axes=("batch",), layer=layer, kind="raw")
+        return Site(name=pattern, module=path, io=io, slot=slot, axes=("batch",), layer=layer, kind="raw")
 
     def _unknown_message(self, pattern: str) -> str:
         candidates = [*self._sites, *self.aliases]
@@ -129,7 +142,8 @@ class SiteTable:
         generic = re.sub(r"\d+", "*", pattern)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         return (f"unknown site {pattern!r}.{hint} Patterns like {generic!r} take wildcards; raw module "
-                f"paths are written 'module:path.to.module[:input]'; `interp sites MODEL` lists all {len(self._sites)} sites.")
+                f"paths are written 'module:path.to.module[:input|:output][.N]' (.N: slot N of a tuple); "
+                f"`interp sites MODEL` lists all {len(self._sites)} sites.")
 
 
 def sort_key(site: Site) -> tuple:

@@ -5,25 +5,34 @@ probing module names, so a new family with the usual layout needs no code.
 """
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..errors import UnsupportedModelError
 from ..sites import Site, SiteTable
 from .base import Adapter, Prepared, first_attr, module_paths, prepare_token_inputs
 
 BLOCK_LISTS = ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers",
-               "transformer.layers", "layers", "h", "model.language_model.layers")
+               "transformer.layers", "layers", "h", "model.language_model.layers", "backbone.layers")
 EMBEDS = ("model.embed_tokens", "transformer.wte", "gpt_neox.embed_in", "model.decoder.embed_tokens",
-          "embed_tokens", "wte", "model.language_model.embed_tokens")
+          "transformer.word_embeddings", "embed_tokens", "wte", "model.language_model.embed_tokens",
+          "backbone.embeddings")
 FINAL_NORMS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
-               "norm", "ln_f", "model.language_model.norm")
+               "model.final_layernorm", "norm", "ln_f", "model.language_model.norm", "backbone.norm_f")
 HEADS = ("lm_head", "embed_out")
-ATTNS = ("self_attn", "attn", "attention")
-MLPS = ("mlp", "feed_forward")
+ATTNS = ("self_attn", "attn", "attention", "self_attention")
+MLPS = ("mlp", "feed_forward", "block_sparse_moe")
 O_PROJS = ("o_proj", "c_proj", "dense", "out_proj")
+# the pre-MLP norm of sequential blocks (its input is resid_mid)
+MID_NORMS = ("post_attention_layernorm", "ln_2", "final_layer_norm", "layer_norm2")
+MLP_LAST = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "fc_out", "w2")
+MIXERS = ("mixer",)  # state-space sequence mixers
 QKV = {"q": ("q_proj", "query"), "k": ("k_proj", "key"), "v": ("v_proj", "value")}
+PARALLEL_FLAGS = ("use_parallel_residual", "parallel_attn")
 
 
 def _cfg(model, *names, default=None):
@@ -47,38 +56,99 @@ def find_blocks(model: nn.Module) -> str | None:
     return None
 
 
+def _adds_residual(module: nn.Module) -> bool:
+    """Bloom-style modules take the residual and return residual + their output."""
+    try:
+        return "residual" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+@dataclass
+class BlockLayout:
+    """Where one block's canonical tensors live (module paths relative to the block), and its residual form."""
+
+    attn: str | None
+    mlp: str | None        # module whose output is what the MLP adds to the residual stream
+    attn_out: str | None   # module whose output is what attention adds to the residual stream
+    o_proj: str | None     # attention output projection (its input is attn.z)
+    mid: str | None        # module whose input is the residual stream between attention and MLP
+    mid_inplace: bool      # that input tensor is also the residual the block adds back to
+    parallel: bool
+    note: str = ""         # why canonical sites of this block are absent
+
+
+def block_layout(blk: nn.Module, parallel_flag: bool) -> BlockLayout:
+    """Probe one block's module names for the canonical sites (see the module docstring)."""
+    attn = first_attr(blk, ATTNS)
+    mlp = first_attr(blk, MLPS)
+    a = blk.get_submodule(attn) if attn else None
+    o = first_attr(a, O_PROJS) if a is not None else None
+    o_proj = f"{attn}.{o}" if o else None
+    attn_out = o_proj if (a is not None and _adds_residual(a)) else attn
+    if mlp and _adds_residual(blk.get_submodule(mlp)):
+        last = first_attr(blk.get_submodule(mlp), MLP_LAST)
+        mlp = f"{mlp}.{last}" if last else None
+    elif mlp is None and first_attr(blk, ("fc2",)):
+        # OPT: fc1/fc2 sit directly in the layer, which flattens the tokens to [batch*pos, d] around them, so
+        # neither the MLP output nor the residual stream before it exists as a [batch, pos, d] tensor
+        note = (f"{type(blk).__name__} runs its MLP (fc1/fc2, no MLP module) on tokens flattened to [batch*pos, d], "
+                "so no [batch, pos, d] tensor exists there. Raw sites module:<layer>.fc2 (MLP output) and "
+                "module:<layer>.final_layer_norm:input (residual stream) carry it as [batch*pos, d]")
+        return BlockLayout(attn, None, attn_out, o_proj, None, True, False, note)
+    post_ff = first_attr(blk, ("post_feedforward_layernorm",))
+    if post_ff:  # post-norm sublayers (Gemma 2/3, OLMo 2): the norms' outputs are what is added back
+        attn_out = first_attr(blk, ("post_attention_layernorm",)) or attn_out
+        mlp_in = first_attr(blk, ("pre_feedforward_layernorm",)) or first_attr(blk, MLPS)
+        return BlockLayout(attn, post_ff, attn_out, o_proj, mlp_in, True, False)
+    mid = first_attr(blk, MID_NORMS)
+    parallel = parallel_flag or mid is None
+    return BlockLayout(attn, mlp, attn_out, o_proj, None if parallel else mid, True, parallel)
+
+
 def block_sites(model: nn.Module, blocks: str, n_heads: int, n_kv: int, prefix: str = "",
-                parallel: bool = False) -> list[Site]:
-    """Canonical per-block sites for a pre-norm transformer block list."""
+                parallel: bool = False, residual_scale: float = 1.0) -> list[Site]:
+    """Canonical per-block sites; `meta["sum"]` on resid_mid / resid_post states the residual identity
+    (weighted terms) that interp.check verifies, `meta["proj"]` on attn.z the path to attn.out."""
     out = []
     layers = model.get_submodule(blocks)
+    w = float(residual_scale)
     for i, blk in enumerate(layers):
         bp = f"{blocks}.{i}"
         n = f"{prefix}blocks.{i}."
-        attn = first_attr(blk, ATTNS)
-        mlp = first_attr(blk, MLPS)
+        lay = block_layout(blk, parallel)
         out.append(Site(n + "resid_pre", bp, io="input", slot=0, arg_name="hidden_states", layer=i, kind="resid_pre"))
-        if attn:
-            out.append(Site(n + "attn.out", f"{bp}.{attn}", slot=0, layer=i, kind="attn.out"))
-            a = blk.get_submodule(attn)
-            o = first_attr(a, O_PROJS)
-            if o:
-                out.append(Site(n + "attn.z", f"{bp}.{attn}.{o}", io="input", slot=0, arg_name="input",
-                                axes=("batch", "pos", "head", "d_head"), heads=n_heads, layer=i, kind="attn.z"))
+        if lay.attn:
+            post = lay.attn_out if lay.attn_out not in (lay.attn, lay.o_proj) else None
+            out.append(Site(n + "attn.out", f"{bp}.{lay.attn_out}", slot=0, layer=i, kind="attn.out"))
+            if lay.o_proj:
+                out.append(Site(n + "attn.z", f"{bp}.{lay.o_proj}", io="input", slot=0, arg_name="input",
+                                axes=("batch", "pos", "head", "d_head"), heads=n_heads, layer=i, kind="attn.z",
+                                meta={"proj": f"{bp}.{lay.o_proj}", "post": post and f"{bp}.{post}",
+                                      "out": n + "attn.out"}))
+            a = blk.get_submodule(lay.attn)
             for short, names in QKV.items():
                 q = first_attr(a, names)
                 if q:
-                    out.append(Site(n + f"attn.{short}", f"{bp}.{attn}.{q}", slot=0,
+                    out.append(Site(n + f"attn.{short}", f"{bp}.{lay.attn}.{q}", slot=0,
                                     axes=("batch", "pos", "head", "d_head"),
                                     heads=n_heads if short == "q" else n_kv, layer=i, kind=f"attn.{short}"))
-        mid = first_attr(blk, ("pre_feedforward_layernorm",) if hasattr(blk, "pre_feedforward_layernorm")
-                         else ("post_attention_layernorm", "ln_2"))
-        if mid and not parallel:
-            out.append(Site(n + "resid_mid", f"{bp}.{mid}", io="input", slot=0, arg_name="hidden_states",
-                            layer=i, kind="resid_mid", inplace=True))
-        if mlp:
-            out.append(Site(n + "mlp.out", f"{bp}.{mlp}", slot=0, layer=i, kind="mlp.out"))
-        out.append(Site(n + "resid_post", bp, slot=0, layer=i, kind="resid_post"))
+        if lay.mid:
+            out.append(Site(n + "resid_mid", f"{bp}.{lay.mid}", io="input", slot=0, arg_name="hidden_states",
+                            layer=i, kind="resid_mid", inplace=lay.mid_inplace,
+                            meta={"sum": ((n + "resid_pre", 1.0), (n + "attn.out", w))}))
+        if lay.mlp:
+            out.append(Site(n + "mlp.out", f"{bp}.{lay.mlp}", slot=0, layer=i, kind="mlp.out"))
+        terms = None
+        mixer = None if lay.attn else first_attr(blk, MIXERS)
+        if mixer:  # state-space blocks (Mamba, Mamba 2): resid_post = resid_pre + mixer(norm(resid_pre))
+            out.append(Site(n + "mixer.out", f"{bp}.{mixer}", slot=0, layer=i, kind="mixer.out"))
+            terms = ((n + "resid_pre", 1.0), (n + "mixer.out", 1.0))
+        if lay.attn and lay.mlp:
+            terms = ((n + "resid_pre", 1.0), (n + "attn.out", w), (n + "mlp.out", w)) if lay.parallel else \
+                ((n + "resid_mid", 1.0), (n + "mlp.out", w)) if lay.mid else None
+        out.append(Site(n + "resid_post", bp, slot=0, layer=i, kind="resid_post",
+                        meta={"sum": terms} if terms else {}))
     return out
 
 
@@ -89,14 +159,18 @@ class HFCausalLMAdapter(Adapter):
         super().__init__(model, tokenizer)
         self.blocks = find_blocks(model)
         if self.blocks is None:
-            raise TypeError(f"no transformer block list found in {type(model).__name__}")
+            raise UnsupportedModelError(f"no transformer block list found in {type(model).__name__} "
+                                        f"(looked for {', '.join(BLOCK_LISTS)}); attach(model, family='generic') "
+                                        "gives raw module:... sites")
         self.n_layers = len(model.get_submodule(self.blocks))
         self.n_heads = _cfg(model, "num_attention_heads", "n_head")
-        self.n_kv = _cfg(model, "num_key_value_heads", default=self.n_heads)
+        kv = _cfg(model, "num_key_value_heads", "num_kv_heads")
+        self.n_kv = kv if kv is not None else (1 if _cfg(model, "multi_query", default=False) else self.n_heads)
         self.embed = first_attr(model, EMBEDS)
         self.final = first_attr(model, FINAL_NORMS)
         self.head = first_attr(model, HEADS)
-        self.parallel = bool(_cfg(model, "use_parallel_residual", "parallel_attn", default=False))
+        self.parallel = bool(_cfg(model, *PARALLEL_FLAGS, default=False))
+        self.residual_scale = float(_cfg(model, "residual_multiplier", default=1.0))
         self.block_paths = [f"{self.blocks}.{i}" for i in range(self.n_layers)]
         self._table = None
 
@@ -105,13 +179,69 @@ class HFCausalLMAdapter(Adapter):
             sites = []
             if self.embed:
                 sites.append(Site("embed", self.embed, layer=-1, kind="embed"))
-            sites += block_sites(self.model, self.blocks, self.n_heads, self.n_kv, parallel=self.parallel)
+            sites += block_sites(self.model, self.blocks, self.n_heads, self.n_kv, parallel=self.parallel,
+                                 residual_scale=self.residual_scale)
             if self.final:
                 sites.append(Site("final", self.final, layer=self.n_layers, kind="final"))
             if self.head:
-                sites.append(Site("logits", self.head, axes=("batch", "pos", "vocab"), layer=self.n_layers, kind="logits"))
-            self._table = SiteTable(sites, module_names=module_paths(self.model), block_paths=self.block_paths)
+                sites.append(Site("logits", self.head, axes=("batch", "pos", "vocab"), layer=self.n_layers,
+                                  kind="logits", meta={"of": "final" if self.final else None}))
+            self._table = SiteTable(sites, module_names=module_paths(self.model), block_paths=self.block_paths,
+                                    missing=self._missing(sites))
         return self._table
+
+    def _missing(self, sites: list[Site]) -> dict[str, str]:
+        """Canonical names this model lacks -> what was looked for and which raw path serves instead."""
+        have = {s.name for s in sites}
+        out = {}
+        for i in range(self.n_layers):
+            bp, n = f"{self.blocks}.{i}", f"blocks.{i}."
+            blk = self.model.get_submodule(bp)
+            kids = ", ".join(f"module:{bp}.{c}" for c, _ in blk.named_children()) or "(none)"
+            looked = {"attn.out": f"an attention module ({', '.join(ATTNS)})",
+                      "attn.z": f"an attention output projection ({', '.join(O_PROJS)})",
+                      "mlp.out": f"an MLP module ({', '.join(MLPS)}) or fc2",
+                      "resid_mid": f"a norm between attention and MLP ({', '.join(MID_NORMS)}) in a sequential block",
+                      "attn.q": "a query projection (q_proj, query)", "attn.k": "a key projection (k_proj, key)",
+                      "attn.v": "a value projection (v_proj, value)"}
+            lay = block_layout(blk, self.parallel)
+            note = lay.note
+            for short, what in looked.items():
+                if n + short in have:
+                    continue
+                if lay.attn is None and first_attr(blk, MIXERS):
+                    out[n + short] = (f"{bp} is a state-space block ({type(blk).__name__}): it has no attention or "
+                                      f"MLP, so no {short} site; its sites are {n}resid_pre, {n}mixer.out and "
+                                      f"{n}resid_post, and its submodules serve as raw sites: {kids}")
+                elif lay.parallel and short == "resid_mid":
+                    out[n + short] = (f"{bp} is a parallel block (attention and MLP both read resid_pre and are "
+                                      "added together), so no residual stream exists between them; use "
+                                      f"{n}resid_pre, {n}attn.out and {n}mlp.out (raw sites: {kids})")
+                elif note and short in ("mlp.out", "resid_mid"):
+                    out[n + short] = f"{bp} has no {short} site: " + note.replace("<layer>", bp)
+                else:
+                    out[n + short] = (f"{bp} ({type(blk).__name__}) has no {short} site: interp looked for {what} "
+                                      f"and did not find one (fused or absent in this family). Its submodules "
+                                      f"serve as raw sites: {kids}")
+        for name, what, names in (("embed", "token embedding", EMBEDS), ("final", "final norm", FINAL_NORMS)):
+            if name not in have:
+                out[name] = (f"{type(self.model).__name__} has no {name!r} site: interp looked for a {what} at "
+                             f"{', '.join(names)} and found none; use a raw module:... path "
+                             "(`interp sites MODEL --modules` lists them)")
+        return out
+
+    def finish_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """What the model does to its head's output before returning it (scales, soft-capping)."""
+        scale = getattr(self.model, "logit_scale", None)  # Cohere
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):
+            logits = logits * scale
+        div = _cfg(self.model, "logits_scaling")  # Granite
+        if div and div != 1:
+            logits = logits / div
+        cap = _cfg(self.model, "final_logit_softcapping")
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     def prepare(self, inputs: Any, pad: bool = False) -> Prepared:
         if isinstance(inputs, Prepared):
@@ -140,10 +270,7 @@ class HFCausalLMAdapter(Adapter):
         if self.final:
             hidden = self.model.get_submodule(self.final)(hidden)
         logits = self.model.get_submodule(self.head)(hidden)
-        cap = _cfg(self.model, "final_logit_softcapping")
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return self._to_output_device(logits)
+        return self._to_output_device(self.finish_logits(logits))
 
     def tail_columns(self, hidden: torch.Tensor, columns) -> torch.Tensor | None:
         """Logits of the given vocabulary columns only ([..., len(columns)]): final norm, then only those
@@ -159,10 +286,7 @@ class HFCausalLMAdapter(Adapter):
         logits = (hidden.to(head.weight.device)[..., None, :] * head.weight.index_select(0, idx)).sum(-1)
         if head.bias is not None:
             logits = logits + head.bias.index_select(0, idx)
-        cap = _cfg(self.model, "final_logit_softcapping")
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        return self._to_output_device(logits)
+        return self._to_output_device(self.finish_logits(logits))
 
     def _to_output_device(self, logits: torch.Tensor) -> torch.Tensor:
         from ..sharding import output_device

@@ -1,7 +1,7 @@
 """The zoo's physics surrogate (interp.zoo.physics.PhysicsSurrogate): canonical transformer sites.
 
 Its residual stream is [batch, 1 + n_grid, d_model]: position 0 is the regime token (kappa,
-velocity), positions 1.. are the grid points. Sites: `blocks.{i}.resid_pre`, `.attn.out`,
+velocity), positions 1.. are the grid points. Sites: `blocks.{i}.resid_pre`, `.attn.z`, `.attn.out`,
 `.resid_mid`, `.mlp.out`, `.resid_post`, and `final` (ln_f output, grid points only). Inputs: a tuple
 (u [batch, n_grid], kappa, velocity) or a dict with those keys. Raw `module:` paths still work.
 """
@@ -36,12 +36,18 @@ class PhysicsAdapter(Adapter):
             sites = []
             for i in range(self.n_layers):
                 bp, n = f"blocks.{i}", f"blocks.{i}."
+                # meta: the residual identities and the attn.z -> attn.out projection that interp.check verifies
                 sites += [
                     Site(n + "resid_pre", bp, io="input", slot=0, arg_name="x", layer=i, kind="resid_pre"),
+                    Site(n + "attn.z", f"{bp}.attn.out", io="input", slot=0, arg_name="input",
+                         axes=("batch", "pos", "head", "d_head"), heads=self.n_heads, layer=i, kind="attn.z",
+                         meta={"proj": f"{bp}.attn.out", "out": n + "attn.out"}),
                     Site(n + "attn.out", f"{bp}.attn", layer=i, kind="attn.out"),
-                    Site(n + "resid_mid", f"{bp}.ln2", io="input", slot=0, arg_name="input", layer=i, kind="resid_mid", inplace=True),
+                    Site(n + "resid_mid", f"{bp}.ln2", io="input", slot=0, arg_name="input", layer=i,
+                         kind="resid_mid", inplace=True, meta={"sum": ((n + "resid_pre", 1.0), (n + "attn.out", 1.0))}),
                     Site(n + "mlp.out", f"{bp}.mlp", layer=i, kind="mlp.out"),
-                    Site(n + "resid_post", bp, layer=i, kind="resid_post"),
+                    Site(n + "resid_post", bp, layer=i, kind="resid_post",
+                         meta={"sum": ((n + "resid_mid", 1.0), (n + "mlp.out", 1.0))}),
                 ]
             sites.append(Site("final", "ln_f", layer=self.n_layers, kind="final"))
             self._table = SiteTable(sites, module_names=module_paths(self.model), block_paths=self.block_paths)

@@ -68,12 +68,7 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
         blocks = cp + "encoder.layers"
         sites += [Site("embed", cp + "embeddings.token_embedding", layer=-1, kind="embed"),
                   Site("embed.out", cp + "embeddings", layer=-1, kind="embed")]
-        for s in block_sites(model, blocks, n_heads, n_heads):
-            sites.append(s)
-            if s.kind == "attn.out":  # CLIP is pre-norm: layer_norm2's input is the mid residual stream
-                i = s.layer
-                sites.append(Site(f"blocks.{i}.resid_mid", f"{blocks}.{i}.layer_norm2", io="input", slot=0,
-                                  arg_name="input", layer=i, kind="resid_mid", inplace=True))
+        sites += block_sites(model, blocks, n_heads, n_heads)  # pre-norm: layer_norm2's input is resid_mid
         n = len(model.get_submodule(blocks))
         sites.append(Site("final", cp + "final_layer_norm", layer=n, kind="final"))
     elif kind == "t5":
@@ -88,12 +83,14 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
                 *[Site(nm + f"attn.{q}", f"{att}.{q}", axes=("batch", "pos", "head", "d_head"), heads=n_heads,
                        layer=i, kind=f"attn.{q}") for q in ("q", "k", "v")],
                 Site(nm + "attn.z", f"{att}.o", io="input", slot=0, arg_name="input",
-                     axes=("batch", "pos", "head", "d_head"), heads=n_heads, layer=i, kind="attn.z"),
+                     axes=("batch", "pos", "head", "d_head"), heads=n_heads, layer=i, kind="attn.z",
+                     meta={"proj": f"{att}.o", "out": nm + "attn.out"}),
                 Site(nm + "attn.out", att, slot=0, layer=i, kind="attn.out"),
                 Site(nm + "resid_mid", f"{bp}.layer.1", io="input", slot=0, arg_name="hidden_states", layer=i,
-                     kind="resid_mid", inplace=True),
+                     kind="resid_mid", inplace=True, meta={"sum": ((nm + "resid_pre", 1.0), (nm + "attn.out", 1.0))}),
                 Site(nm + "mlp.out", f"{bp}.layer.1.DenseReluDense", slot=0, layer=i, kind="mlp.out"),
-                Site(nm + "resid_post", bp, slot=0, layer=i, kind="resid_post"),
+                Site(nm + "resid_post", bp, slot=0, layer=i, kind="resid_post",
+                     meta={"sum": ((nm + "resid_mid", 1.0), (nm + "mlp.out", 1.0))}),
             ]
         sites.append(Site("final", "encoder.final_layer_norm", layer=len(blocks), kind="final"))
     else:

@@ -51,7 +51,8 @@ class TransformerLensAdapter(Adapter):
             n = self.model.cfg.n_key_value_heads or self.model.cfg.n_heads if kind in ("attn.k", "attn.v") else self.model.cfg.n_heads
             sites.append(Site(canonical, path_of[id(hooks[tl_name])], layer=layer, kind=kind,
                               heads=n if heads and self.flat_heads else None,
-                              axes=("batch", "pos", "head", "d_head") if heads else ("batch", "pos", "d_model")))
+                              axes=("batch", "pos", "head", "d_head") if heads else ("batch", "pos", "d_model"),
+                              meta=self._identity(canonical, layer, kind)))
             aliases[tl_name] = canonical
 
         add("embed", "hook_embed", -1, "embed")
@@ -67,6 +68,17 @@ class TransformerLensAdapter(Adapter):
                 sites.append(Site(tl_name, path_of[id(hp)], layer=layer, kind="tl", axes=("batch", "pos")))
         self._table = SiteTable(sites, aliases, module_names=module_paths(self.model))
         return self._table
+
+    def _identity(self, name: str, layer: int, kind: str) -> dict:
+        """The residual identity a resid_mid / resid_post site satisfies (checked by interp.check)."""
+        n = f"blocks.{layer}."
+        parallel = bool(getattr(self.model.cfg, "parallel_attn_mlp", False))
+        if kind == "resid_mid" and not parallel:
+            return {"sum": ((n + "resid_pre", 1.0), (n + "attn.out", 1.0))}
+        if kind == "resid_post" and f"blocks.{layer}.hook_mlp_out" in self.model.hook_dict:
+            return {"sum": ((n + "resid_pre", 1.0), (n + "attn.out", 1.0), (n + "mlp.out", 1.0)) if parallel
+                    else ((n + "resid_mid", 1.0), (n + "mlp.out", 1.0))}
+        return {}
 
     def prepare(self, inputs: Any, pad: bool = False) -> Prepared:
         if isinstance(inputs, Prepared):

@@ -1,4 +1,5 @@
-"""diffusers UNet2DConditionModel (SD 1.x / 2.x / SDXL) and what every denoiser adapter shares.
+"""diffusers UNet2DConditionModel (SD 1.x / 2.x / SDXL), UNet2DModel (DDPM-style, no text) and what every
+denoiser adapter shares.
 
 Site grammar (the same names whether the UNet is attached alone or inside a pipeline):
 
@@ -49,7 +50,7 @@ BATCHED = ("sample", "hidden_states", "timestep", "encoder_hidden_states", "pool
 
 
 def is_unet(obj: Any) -> bool:
-    return isinstance(obj, nn.Module) and type(obj).__name__ == "UNet2DConditionModel"
+    return isinstance(obj, nn.Module) and type(obj).__name__ in ("UNet2DConditionModel", "UNet2DModel")
 
 
 class _Namer:
@@ -83,6 +84,13 @@ def _attention_sites(nm: _Namer, name: str, path: str, attn: nn.Module, what: st
 
 
 def _transformer2d_sites(nm: _Namer, name: str, path: str, t2d: nn.Module) -> None:
+    if hasattr(t2d, "to_q") and not hasattr(t2d, "transformer_blocks"):  # UNet2DModel: a bare Attention on the map
+        heads = getattr(t2d, "heads", None)
+        if heads and hasattr(t2d, "to_out"):
+            nm.add(f"{name}.self.z", f"{path}.to_out.0", HEADS, "self.z", io="input", slot=0, arg_name="input",
+                   heads=heads)
+        nm.add(name, path, MAP, "attn", slot=0)  # its output: the map with the residual added back
+        return
     blocks = getattr(t2d, "transformer_blocks", [])
     for k, blk in enumerate(blocks):
         bn = name if len(blocks) == 1 else f"{name}.block.{k}"
@@ -118,8 +126,9 @@ def _block_sites(nm: _Namer, name: str, path: str, block: nn.Module, sampler: st
 def unet_sites(unet: nn.Module, prefix: str = "unet.", module_prefix: str = "") -> list[Site]:
     """Every site of a UNet2DConditionModel in forward order (see the module docstring)."""
     nm = _Namer(prefix, module_prefix)
-    nm.add("context", "", TEXT, "context", io="input", slot=2, arg_name="encoder_hidden_states",
-           meta={"token_axis": True})
+    if "encoder_hidden_states" in inspect.signature(unet.forward).parameters:  # UNet2DModel has no text input
+        nm.add("context", "", TEXT, "context", io="input", slot=2, arg_name="encoder_hidden_states",
+               meta={"token_axis": True})
     nm.add("conv_in", "conv_in", MAP, "conv_in")
     nm.add("time_embed", "time_embedding", VEC, "time_embed")
     if getattr(unet, "add_embedding", None) is not None:
