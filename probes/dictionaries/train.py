@@ -171,7 +171,7 @@ class Trainer:
         self.log.rows += x.shape[0]
         if c.resample_every and s.kind in ("relu", "jumprelu") and self.step % c.resample_every == 0:
             self.resample(x, y)
-        stats["loss"] = float(loss)
+        stats["loss"] = float(loss.detach())
         return stats
 
     @torch.no_grad()
