@@ -39,19 +39,19 @@ class StoreError(InterpError, ValueError):
     """A store's settings, directory or inputs do not fit together."""
 
 
-def token_windows(tokenizer, texts: Iterable[str], seq_len: int, bos: bool = True,
-                  stride: int | None = None) -> Iterator[torch.Tensor]:
-    """Concatenate tokenized texts (separated by EOS) and cut them into [seq_len] id windows (BOS first if
-    `bos` and the tokenizer has one). Yields 1-D tensors; batch them with `batched`."""
+def token_windows(tokenizer, texts: Iterable[str], seq_len: int, bos: bool = True, stride: int | None = None,
+                  sep: str | None = None) -> Iterator[torch.Tensor]:
+    """Concatenate tokenized texts and cut them into [seq_len] id windows (BOS first if `bos` and the tokenizer
+    has one). Texts are separated by the tokens of `sep` (e.g. "\n\n"), or by EOS when sep is None.
+    Yields 1-D tensors; batch them with `batched`."""
     bos_id = tokenizer.bos_token_id if bos else None
-    sep = tokenizer.eos_token_id
+    sep_ids = [tokenizer.eos_token_id] if sep is None else tokenizer(sep, add_special_tokens=False)["input_ids"]
     width = seq_len - (bos_id is not None)
     stride = stride or width
     buf: list[int] = []
     for text in texts:
         buf.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
-        if sep is not None:
-            buf.append(sep)
+        buf.extend(i for i in sep_ids if i is not None)
         while len(buf) >= width:
             win = buf[:width]
             buf = buf[stride:]

@@ -59,7 +59,7 @@ def _windows(lm, seq_len: int, seed: int):
     from probes.dictionaries.corpus import fortunes
 
     texts = fortunes(seed)
-    return torch.stack(list(token_windows(lm.tokenizer, texts, seq_len))), len(texts)
+    return torch.stack(list(token_windows(lm.tokenizer, texts, seq_len, sep="\n\n"))), len(texts)
 
 
 def run_info(args) -> int:
@@ -165,7 +165,7 @@ def _reports(lm, sae, site: str, store, windows, out: Path) -> dict:
     freq = den.values
     cand = [j for j in freq.argsort(descending=True).tolist() if 1e-3 < freq[j] < 0.05][:200]
     ctx = top_contexts(sae, rows, windows, lm.tokenizer, cand, k=10, F=F)
-    chosen = consistent_features(ctx)
+    chosen = [c for c in consistent_features(ctx) if c[1].isalpha() and len(c[1]) > 1]
     show = [c[0] for c in chosen[:12]] or cand[:12]
     eff = logit_effects(lm, sae, show, k=8)
     eff.save(out / "logit_effects")
