@@ -183,7 +183,7 @@ def train_tuned_lens(lm, store, steps: int = 300, batch_size: int = 256, lr: flo
             opt.step()
             done += 1
             bar.update(1)
-            bar.set_postfix(kl=f"{float(loss) / len(todo):.3f}")
+            bar.set_postfix(kl=f"{float(loss.detach()) / len(todo):.3f}")
     finally:
         bar.close()
         for p, flag in flags:

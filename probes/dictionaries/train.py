@@ -144,7 +144,7 @@ class Trainer:
             if s.kind == "batchtopk":
                 pos = f[fired]
                 if pos.numel():
-                    self._thr.append(float(pos.min()))
+                    self._thr.append(float(pos.detach().min()))
         stats = {"fvu": float(sse.detach().mean() / total_var), "l0": float(fired.sum(-1).float().mean()), "fired": fired.any(0)}
         return loss, stats
 
