@@ -3,7 +3,7 @@
 interp:   DIR/dictionary.json  {"format": "interp.dictionary/1", "config": DictConfig, "extra": {...}}
           DIR/dictionary.safetensors  W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out], b_dec, log_threshold,
                                       threshold, in_scale, out_scale (+ W_skip [d_out, d_in])
-SAELens:  DIR/cfg.json (d_in, d_sae, architecture "standard" | "jumprelu" | "topk" | "batchtopk", k or
+SAELens:  DIR/cfg.json (d_in, d_sae, architecture "standard" | "jumprelu" | "topk", k or
           activation_fn_kwargs.k, apply_b_dec_to_input, normalize_activations, hook_name or metadata.hook_name,
           d_out for transcoders) + DIR/sae_weights.safetensors (W_enc [d_in, d_sae], b_enc, W_dec [d_sae, d_out],
           b_dec, threshold [d_sae] for jumprelu).
@@ -104,7 +104,7 @@ def load_saelens(path: str | os.PathLike, device: str = "cpu") -> Dictionary:
     p = Path(path)
     cfg = json.loads((p / "cfg.json").read_text())
     arch = cfg.get("architecture", "standard")
-    kinds = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk", "batchtopk": "batchtopk"}
+    kinds = {"standard": "relu", "jumprelu": "jumprelu", "topk": "topk"}
     if arch not in kinds:
         raise DictionaryError(f"SAELens architecture {arch!r} is not supported; interp reads {sorted(kinds)}")
     norm = cfg.get("normalize_activations") or "none"
