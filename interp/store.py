@@ -207,6 +207,8 @@ def _batch_len(inp) -> int:
     ids = _ids_of(inp)
     if ids is not None:
         return ids.shape[0]
+    if isinstance(inp, torch.Tensor):
+        return inp.shape[0] if inp.dim() > 1 else 1
     return len(inp) if isinstance(inp, (list, tuple)) else 1
 
 

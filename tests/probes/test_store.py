@@ -138,3 +138,13 @@ def test_token_windows_and_errors(gpt2_tokenizer, llama):
         ActivationCollector(llama, "blocks.9.resid_post")
     with pytest.raises(StoreError, match="no activation store"):
         ActivationStore.open("/nonexistent/store")
+
+
+def test_generic_module_store():
+    """Any nn.Module (generic adapter): float inputs, full forward with capture=, no token ids."""
+    net = torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).eval()
+    x = torch.randn(5, 4, 6)
+    st = ActivationStore(net, "module:1").fill([x[:3], x[3:]], progress=False)
+    rows = st.tensors()
+    assert torch.equal(rows["module:1"], torch.relu(net[0](x)).detach().reshape(-1, 6))
+    assert bool((rows["token"] == -1).all()) and rows["item"].max() == 4
