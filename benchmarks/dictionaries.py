@@ -144,7 +144,8 @@ def main(argv=None) -> dict:
             wall = statistics.median(w for _, w in res[job][name])
             summary[f"{job}_{name}_rows_per_cpu_s"] = n / cpu
             summary[f"{job}_{name}_rows_per_wall_s"] = n / wall
-        summary[f"{job}_interp_over_plain_cpu"] = summary[f"{job}_interp_rows_per_cpu_s"] / summary[f"{job}_plain_rows_per_cpu_s"]
+        ratio = summary[f"{job}_interp_rows_per_cpu_s"] / summary[f"{job}_plain_rows_per_cpu_s"]
+        summary[f"{job}_interp_over_plain_cpu"] = ratio
     out = {"model": args.model, "site": site, "store_rows": n_store, "train_rows": n_train, "d_in": X.shape[1],
            "d_sae": m, "k": args.k, "repeats": args.repeats, **summary}
     print(json.dumps(out, indent=1))

@@ -225,7 +225,8 @@ class ActivationStore:
         self.memory: list[dict[str, torch.Tensor]] = []
         self.meta = {"format": FORMAT, "sites": self.collector.names if self.collector else [], "shards": [],
                      "rows": 0, "batches": 0, "items": 0, "dtype": str(dtype) if dtype else None,
-                     "skip_first": skip_first, "model": self.collector.lm.adapter.describe() if self.collector else None}
+                     "skip_first": skip_first,
+                     "model": self.collector.lm.adapter.describe() if self.collector else None}
         if self.directory is not None and (self.directory / "store.json").exists():
             self._resume()
 
@@ -334,7 +335,8 @@ class ActivationStore:
 
             self.directory.mkdir(parents=True, exist_ok=True)
             name = f"shard_{len(self.meta['shards']):05d}.safetensors"
-            atomic_write(self.directory / name, lambda p: save_file({k: v.contiguous() for k, v in rows.items()}, str(p)))
+            tensors = {k: v.contiguous() for k, v in rows.items()}
+            atomic_write(self.directory / name, lambda p: save_file(tensors, str(p)))
             self.meta["shards"].append({"file": name, "rows": n})
         self.meta["rows"] += n
         self.meta["batches"] = batches_done

@@ -99,7 +99,6 @@ def run_train(args) -> int:
     import interp
     from interp.store import ActivationStore, batched
     from probes.dictionaries import DictConfig, TrainConfig, Trainer
-    from probes.dictionaries.metrics import ce_recovered, reconstruction
     from recipes.models import load as load_model
 
     torch.set_num_threads(args.threads)
@@ -137,6 +136,7 @@ def run_train(args) -> int:
 
 def _evaluate(lm, sae, site: str, held, store) -> dict:
     from probes.dictionaries.metrics import ce_recovered, reconstruction
+    from probes.dictionaries.splice import splice
 
     X = lm.capture(held, site)[site][:, 1:].reshape(-1, sae.cfg.d_in)
     rec = reconstruction(sae, X)
@@ -144,15 +144,12 @@ def _evaluate(lm, sae, site: str, held, store) -> dict:
     ce = ce_recovered(lm, sae, held.split(4), site)
     ids = held[:2]
     clean = lm.run(ids).logits
-    from probes.dictionaries.splice import splice
-
     spliced = lm.run(ids, ops=[splice(sae, site, error=True)]).logits
     return {**{f"heldout_{k}": v for k, v in rec.items()}, **{f"ce_{k}": v for k, v in ce.items()},
             "error_term_max_abs_logit_diff": float((clean - spliced).abs().max())}
 
 
 def _reports(lm, sae, site: str, store, windows, out: Path) -> dict:
-    import interp
     from probes.dictionaries.report import (consistent_features, density, feature_matrix, logit_effects,
                                             plot_density, top_contexts, write_html)
     from probes.dictionaries.splice import dose_response

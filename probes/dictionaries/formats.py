@@ -95,7 +95,8 @@ def _set(sae: Dictionary, **tensors: torch.Tensor) -> None:
         for k, v in tensors.items():
             param = getattr(sae, k)
             if tuple(param.shape) != tuple(v.shape):
-                raise DictionaryError(f"tensor {k!r} has shape {tuple(v.shape)}, the config implies {tuple(param.shape)}")
+                raise DictionaryError(f"tensor {k!r} has shape {tuple(v.shape)}, the config implies "
+                                      f"{tuple(param.shape)}")
             param.copy_(v.to(param.dtype))
 
 
@@ -110,13 +111,15 @@ def load_saelens(path: str | os.PathLike, device: str = "cpu") -> Dictionary:
     norm = cfg.get("normalize_activations") or "none"
     if norm != "none":
         raise DictionaryError(f"SAELens normalize_activations={norm!r} rescales inputs at run time; interp reads "
-                              "dictionaries with normalize_activations='none' (fold the scale into W_enc / W_dec first)")
+                              "dictionaries with normalize_activations='none' (fold the scale into W_enc / W_dec "
+                              "first)")
     w = _read(p, "sae_weights.safetensors")
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     meta = cfg.get("metadata") or {}
     d_out = cfg.get("d_out")
     dc = DictConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), kind=kinds[arch], k=None if k is None else int(k),
-                    d_out=None if d_out in (None, cfg["d_in"]) and "hook_name_out" not in cfg else int(d_out or cfg["d_in"]),
+                    d_out=(None if d_out in (None, cfg["d_in"]) and "hook_name_out" not in cfg
+                           else int(d_out or cfg["d_in"])),
                     site=cfg.get("hook_name") or meta.get("hook_name"),
                     out_site=cfg.get("hook_name_out") or meta.get("hook_name_out"),
                     center_input=bool(cfg.get("apply_b_dec_to_input", True)),

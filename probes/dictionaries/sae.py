@@ -43,7 +43,8 @@ class DictConfig:
         if self.kind not in KINDS:
             raise DictionaryError(f"dictionary kind {self.kind!r} is unknown; choose one of {KINDS}")
         if self.kind in ("topk", "batchtopk") and not (self.k and 0 < self.k <= self.d_sae):
-            raise DictionaryError(f"kind={self.kind!r} needs k in 1..{self.d_sae} (features kept per row), got {self.k}")
+            raise DictionaryError(f"kind={self.kind!r} needs k in 1..{self.d_sae} (features kept per row), "
+                                  f"got {self.k}")
         if self.center_input is None:
             self.center_input = self.d_out is None
 
@@ -116,7 +117,8 @@ class Dictionary(nn.Module):
         W = torch.randn(self.cfg.d_sae, self.cfg.out_dim, generator=g, dtype=torch.float32)
         W /= W.norm(dim=1, keepdim=True)
         self.W_dec.copy_(W.to(self.W_dec.dtype) * 0.1 if self.cfg.transcoder else W)
-        enc = W.T if not self.cfg.transcoder else torch.randn(self.cfg.d_in, self.cfg.d_sae, generator=g) / self.cfg.d_in ** 0.5
+        d = self.cfg.d_in
+        enc = W.T if not self.cfg.transcoder else torch.randn(d, self.cfg.d_sae, generator=g) / d ** 0.5
         self.W_enc.copy_(enc.to(self.W_enc.dtype))
 
     @property

@@ -42,7 +42,8 @@ def parse_indices(text: str, d_sae: int) -> list[int]:
             out.append(int(part))
     bad = [i for i in out if not 0 <= i < d_sae]
     if bad:
-        raise PositionError(f"feature indices {bad[:5]} are out of range: the dictionary has {d_sae} features (0..{d_sae - 1})")
+        raise PositionError(f"feature indices {bad[:5]} are out of range: the dictionary has {d_sae} features "
+                            f"(0..{d_sae - 1})")
     return out
 
 
@@ -69,7 +70,8 @@ class Edit:
                 src = src.expand(*f.shape[:-1], idx.numel())
             if src.shape[-2:] != cur.shape[-2:]:
                 raise DictionaryError(f"patched feature values have shape {tuple(src.shape)}, the selection is "
-                                      f"{tuple(cur.shape)}: record them with the same where= on an input of equal length")
+                                      f"{tuple(cur.shape)}: record them with the same where= on an input of "
+                                      "equal length")
             new = src.expand_as(cur) if src.shape[0] == 1 else src
         else:
             v = torch.as_tensor(self.value, dtype=f.dtype, device=f.device)
@@ -172,7 +174,8 @@ class Features:
         site, sae = self.dicts[key]
         return site, sae, parse_indices(m["idx"], sae.d_sae)
 
-    def ops(self, edits: Mapping[str, Any], where: Where = ALL, record: Mapping[str, Recorder] | None = None) -> list[Replace]:
+    def ops(self, edits: Mapping[str, Any], where: Where = ALL,
+            record: Mapping[str, Recorder] | None = None) -> list[Replace]:
         """{address: value} -> one splice op per dictionary. A value is a number (set), or (kind, value) with
         kind in set / add / scale / patch."""
         by_key: dict[str, list[Edit]] = {}

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -96,8 +96,10 @@ class Trainer:
 
     def __init__(self, sae: Dictionary | DictConfig, cfg: TrainConfig | None = None):
         self.cfg = cfg or TrainConfig()
-        torch.manual_seed(self.cfg.seed)
-        self.sae = (sae if isinstance(sae, Dictionary) else Dictionary(sae)).to(self.cfg.device)
+        if not isinstance(sae, Dictionary):
+            sae = Dictionary(sae)
+            sae.reset_parameters(seed=self.cfg.seed)
+        self.sae = sae.to(self.cfg.device)
         params = [p for p in self.sae.parameters() if p.requires_grad]
         self.opt = torch.optim.Adam(params, lr=self.cfg.lr, betas=(0.9, 0.999))
         self.since = torch.zeros(self.sae.d_sae, dtype=torch.long, device=self.cfg.device)
@@ -145,7 +147,8 @@ class Trainer:
                 pos = f[fired]
                 if pos.numel():
                     self._thr.append(float(pos.detach().min()))
-        stats = {"fvu": float(sse.detach().mean() / total_var), "l0": float(fired.sum(-1).float().mean()), "fired": fired.any(0)}
+        stats = {"fvu": float(sse.detach().mean() / total_var), "l0": float(fired.sum(-1).float().mean()),
+                 "fired": fired.any(0)}
         return loss, stats
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor | None) -> dict:
@@ -187,7 +190,10 @@ class Trainer:
         err = (target - s.reconstruct(x, s.encode(x)) * s.out_scale).pow(2).sum(-1)
         g = torch.Generator(device=x.device).manual_seed(self.cfg.seed + self.step)
         pick = torch.multinomial(err + 1e-12, dead.numel(), replacement=dead.numel() > x.shape[0], generator=g)
-        dirs = (target[pick] - s.b_dec) if y is None else (target[pick] - s.reconstruct(x[pick], s.encode(x[pick])) * s.out_scale)
+        if y is None:
+            dirs = target[pick] - s.b_dec
+        else:
+            dirs = target[pick] - s.reconstruct(x[pick], s.encode(x[pick])) * s.out_scale
         dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
         alive = torch.ones(s.d_sae, dtype=torch.bool, device=x.device)
         alive[dead] = False
@@ -270,11 +276,13 @@ class Trainer:
         self.sae.load_state_dict(loaded.state_dict())
         state = torch.load(Path(c.checkpoint_dir) / "trainer.pt", weights_only=False)
         self.opt.load_state_dict(state["opt"])
-        self.since, self.step, self.log, self._thr = state["since"].to(c.device), state["step"], state["log"], state["thr"]
+        self.since, self.step = state["since"].to(c.device), state["step"]
+        self.log, self._thr = state["log"], state["thr"]
         self.scaled = True
 
 
-def train(cfg: DictConfig | Dictionary, data: Any, train_cfg: TrainConfig | None = None, **overrides) -> tuple[Dictionary, TrainLog]:
+def train(cfg: DictConfig | Dictionary, data: Any, train_cfg: TrainConfig | None = None,
+          **overrides) -> tuple[Dictionary, TrainLog]:
     """Train a dictionary on `data` ([N, d] tensor, (X, Y) for transcoders, an ActivationStore, or an iterable of
     {site: rows} / tensor batches); keyword overrides go to TrainConfig. Returns (dictionary, log)."""
     tc = train_cfg or TrainConfig()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from probes.dictionaries import (DictConfig, Dictionary, DictionaryError, TrainConfig, Trainer, load, load_saelens,
-                                 load_sparsify, load_sparsify_release, planted, recovery, save, train)
+                                 load_sparsify_release, planted, recovery, save, train)
 from probes.dictionaries.metrics import reconstruction
 
 

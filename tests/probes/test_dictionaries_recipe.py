@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 from probes.dictionaries import DictConfig, Dictionary, save
 from probes.dictionaries.corpus import FORTUNES, CorpusError, fortunes

@@ -4,7 +4,7 @@ import torch
 
 import interp
 from interp.store import ActivationStore, batched
-from probes.dictionaries.lens import (LensError, TunedLens, lens_kl, logit_lens, plot_lens, resid_sites,
+from probes.dictionaries.lens import (LensError, TunedLens, lens_kl, logit_lens, plot_lens,
                                       train_tuned_lens)
 
 

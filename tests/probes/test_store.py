@@ -20,7 +20,9 @@ def tiny_llama(seed=0, layers=3, d=32, vocab=128):
 def plain_capture(model, ids, layer):
     """What a user would write: a forward hook on the block, outputs kept."""
     got = []
-    h = model.model.layers[layer].register_forward_hook(lambda m, i, o: got.append((o[0] if isinstance(o, tuple) else o).detach()))
+    def keep(m, i, o):
+        got.append((o[0] if isinstance(o, tuple) else o).detach())
+    h = model.model.layers[layer].register_forward_hook(keep)
     try:
         with torch.no_grad():
             model(ids)
@@ -41,7 +43,8 @@ def _ids(n=12, T=10, seed=1, vocab=128):
 @pytest.mark.parametrize("stop_early", [True, False])
 def test_rows_equal_plain_hooks_and_trace_back(llama, stop_early):
     ids = _ids()
-    col = ActivationCollector(llama, ["blocks.1.resid_post", "blocks.0.resid_post"], skip_first=1, stop_early=stop_early)
+    col = ActivationCollector(llama, ["blocks.1.resid_post", "blocks.0.resid_post"], skip_first=1,
+                              stop_early=stop_early)
     assert col.names == ["blocks.0.resid_post", "blocks.1.resid_post"]  # forward order
     rows = col.rows(ids, item_offset=100)
     for layer in (0, 1):
