@@ -50,6 +50,13 @@ def register(sub) -> None:
     e.add_argument("--windows", type=int, default=8)
     e.add_argument("--seq-len", type=int, default=128)
     e.set_defaults(func=run_eval)
+    st = s.add_parser("steer", help="feature steering dose-response on a finished `train` folder")
+    st.add_argument("path")
+    st.add_argument("--model", default="smollm2")
+    st.add_argument("--seq-len", type=int, default=128)
+    st.add_argument("--eval-windows", type=int, default=16)
+    st.add_argument("--seed", type=int, default=0)
+    st.set_defaults(func=run_steer)
 
 
 def _windows(lm, seq_len: int, seed: int):
@@ -169,16 +176,63 @@ def _reports(lm, sae, site: str, store, windows, out: Path) -> dict:
     write_html({j: ctx[j] for j in show}, eff, out / "features.html", title=f"{site} features (top contexts)")
     result = {"consistent_features": [{"feature": j, "token": t, "share": s} for j, t, s in chosen[:20]]}
     if chosen:
-        j, tok, share = chosen[0]
-        r = eff.coord("feature").index(j)
-        target = eff.attrs["token_ids"][r][0]
-        prompts = ["I think that", "The story begins when", "In the morning we", "She said that the"]
-        act = float(F[:, j].max())
-        doses = [0.0, 0.25 * act, 0.5 * act, 1.0 * act, 2.0 * act]
-        dr = dose_response(lm, sae, j, prompts, [target], doses, site)
-        dr.save(out / "steering")
-        vals = dr.values.tolist()
-        result["steering"] = {"feature": j, "context_token": tok, "context_share": share,
-                              "target_token": lm.tokenizer.decode([target]), "doses": doses, "logp": vals,
-                              "monotone": all(b > a for a, b in zip(vals, vals[1:]))}
+        result["steering"] = _steering(lm, sae, site, chosen[0], ctx, windows, F, out)
     return result
+
+
+STEER_PROMPTS = ("I think that", "The story begins when", "In the morning we", "She said that the",
+                 "Nothing is more", "My friend told me")
+
+
+def _steering(lm, sae, site: str, chosen, ctx, windows, F, out: Path) -> dict:
+    """Dose-response of the feature chosen by its top contexts: f += dose at every position of neutral prompts;
+    metric = log P(the token that most often follows the feature's top contexts) at the last position."""
+    from collections import Counter
+
+    from probes.dictionaries.splice import dose_response
+
+    j, tok, share = chosen
+    nxt = Counter(int(windows[c.item, c.pos + 1]) for c in ctx[j] if c.pos + 1 < windows.shape[1])
+    target = nxt.most_common(1)[0][0]
+    act = float(F[:, j].max())
+    doses = [0.0, 0.25 * act, 0.5 * act, 1.0 * act, 2.0 * act, 4.0 * act]
+    dr = dose_response(lm, sae, j, list(STEER_PROMPTS), [target], doses, site)
+    dr.save(out / "steering")
+    vals = dr.values.tolist()
+    return {"feature": j, "context_token": tok, "context_share": share, "target_token": lm.tokenizer.decode([target]),
+            "target_follows_contexts": f"{nxt[target]}/{sum(nxt.values())}", "max_activation": act, "doses": doses,
+            "logp": vals, "monotone": all(b > a for a, b in zip(vals, vals[1:])),
+            "per_prompt_monotone": sum(all(b > a for a, b in zip(r, r[1:])) for r in zip(*dr.attrs["per_prompt"])),
+            "prompts": len(STEER_PROMPTS)}
+
+
+def run_steer(args) -> int:
+    """Only the steering dose-response, on a finished `interp sae train` folder."""
+    import torch
+
+    import interp
+    from interp.store import ActivationStore
+    from probes.dictionaries import load
+    from probes.dictionaries.report import consistent_features, feature_matrix, top_contexts
+    from recipes.models import load as load_model
+
+    torch.set_grad_enabled(False)
+    out = Path(args.path)
+    lm = interp.attach(load_model(args.model))
+    sae = load(out / "dictionary")
+    site = sae.cfg.site
+    store = ActivationStore.open(out / "store")
+    W, _ = _windows(lm, args.seq_len, args.seed)
+    rows = store.tensors()
+    F = feature_matrix(sae, rows[site])
+    freq = (F > 0).float().mean(0)
+    cand = [j for j in freq.argsort(descending=True).tolist() if 1e-3 < freq[j] < 0.05][:200]
+    ctx = top_contexts(sae, rows, W[:-args.eval_windows], lm.tokenizer, cand, k=10, F=F)
+    chosen = [c for c in consistent_features(ctx) if c[1].isalpha() and len(c[1]) > 1]
+    if not chosen:
+        print("no feature with consistent top contexts")
+        return 1
+    res = _steering(lm, sae, site, chosen[0], ctx, W[:-args.eval_windows], F, out)
+    (out / "steering_summary.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps(res, indent=1))
+    return 0
