@@ -228,3 +228,24 @@ def test_ce_recovered_orders_dictionaries():
     assert g["clean"] < 1e-3 and abs(g["zero"] - math.log(V)) < 1e-4
     assert abs(g["error_term"] - g["clean"]) < 1e-6
     assert g["ce_recovered"] > 0.95 and b["ce_recovered"] < g["ce_recovered"] - 0.2, (g, b)
+
+
+def test_feature_steering_dose_response_on_constructed_model():
+    """ShiftLM predicts token + 1; steering the feature that encodes token 5 raises P(6) monotonically."""
+    from probes.dictionaries import train
+    from probes.dictionaries.splice import dose_response
+
+    V = 16
+    lm = interp.attach(ShiftLM(V))
+    sae, _ = train(DictConfig(d_in=V, d_sae=32, kind="topk", k=1, site="module:block"), torch.eye(V).repeat(200, 1),
+                   steps=300, batch_size=128, lr=1e-2, progress=False, dead_after=10**9)
+    j = int(sae.encode(torch.eye(V)[5]).argmax())
+    prompt = torch.tensor([[1, 2, 3]])
+    res = dose_response(lm, sae, j, [prompt], [6], [0.0, 0.1, 0.2, 0.4, 0.8], kind="add")
+    v = res.values.tolist()
+    assert all(b > a for a, b in zip(v, v[1:])), v
+    assert v[-1] > v[0] + 2.0
+    # a feature of another token does not raise P(6)
+    k = int(sae.encode(torch.eye(V)[9]).argmax())
+    other = dose_response(lm, sae, k, [prompt], [6], [0.0, 0.8], kind="add").values
+    assert other[1] <= other[0] + 1e-4
