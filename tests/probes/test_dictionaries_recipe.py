@@ -50,3 +50,13 @@ def test_lens_recipe(tiny_llama_dir, tmp_path):
 def test_corpus_error_names_the_package(tmp_path):
     with pytest.raises(CorpusError, match="apt-get install fortunes"):
         fortunes(root=tmp_path)
+
+
+@pytest.mark.skipif(not FORTUNES.exists(), reason="the Debian 'fortunes' package is not installed")
+def test_sae_eval_recipe(tiny_llama_dir, tmp_path, capsys):
+    save(Dictionary(DictConfig(d_in=32, d_sae=64, kind="topk", k=4, site="blocks.1.resid_post")), tmp_path / "d")
+    assert main(["sae", "eval", str(tmp_path / "d"), "--model", str(tiny_llama_dir), "--windows", "2",
+                 "--seq-len", "32"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["error_term"] == m["clean"] and m["tokens"] == 2 * 30 and m["rows"] == 2 * 31
+    assert m["l0"] <= 4
