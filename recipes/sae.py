@@ -2,7 +2,8 @@
 
     interp sae train --site blocks.15.resid_post --kind topk --k 32 --expansion 4 --tokens 60000 --out runs/sae
     interp sae info runs/sae/dictionary            # any layout: interp, SAELens, sparsify
-    interp sae eval runs/sae/dictionary --tokens 4096
+    interp sae eval runs/sae/dictionary --windows 8
+    interp sae steer runs/sae                      # dose-response of a feature chosen by its top contexts
 
 `train` collects activations of offline text (the Debian `fortunes` package) into an activation store on disk
 (resumable), trains the dictionary with checkpoints, then writes into --out: metrics.json (explained variance,
