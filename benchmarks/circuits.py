@@ -38,15 +38,16 @@ def timed(fn, reps: int):
 
 
 def loop_edges(model, graph, base, source, metric, edges):
-    """The per-edge loop: for each edge one full forward with plain hooks at its receiver."""
+    """The per-edge loop: for each edge one full forward with plain hooks at its receiver (last position's
+    logits only, as interp computes them)."""
     ref = Ref(model)
     delta = ref.capture(source) - ref.capture(base)
     with torch.no_grad():
-        m0 = metric(model(base).logits).float().mean()
+        m0 = metric(model(base, logits_to_keep=1).logits).float().mean()
         out = []
         for e in edges:
             with ref.add_at(graph.receivers[int(graph.dst[e])], delta[int(graph.src[e])]):
-                out.append(metric(model(base).logits).float().mean() - m0)
+                out.append(metric(model(base, logits_to_keep=1).logits).float().mean() - m0)
     return torch.stack(out)
 
 

@@ -198,16 +198,10 @@ def test_residual_check_passes_and_refuses_what_is_not_a_sum():
     lm = interp.attach(tiny_gpt2(n_layer=2, vocab=VOCAB))
     parts = C.Parts(lm)
     clean, _ = pair()
-    parts.check(lm.run(clean, capture=parts.capture_sites()).cache)
-    # break the sum: a hidden scale inside block 1 (output * 2) is not an edge decomposition
-    model = lm.model
-    h = model.transformer.h[1].attn.register_forward_hook(lambda m, a, o: (o[0] * 2, *o[1:]))
-    try:
-        cache = lm.run(clean, capture=parts.capture_sites()).cache
-    finally:
-        h.remove()
-    cache = dict(cache.items())
-    cache["blocks.1.attn.z"] = cache["blocks.1.attn.z"] * 3  # heads no longer add up to what entered the stream
+    cache = dict(lm.run(clean, capture=parts.capture_sites()).cache.items())
+    parts.check(cache)
+    # heads that no longer add up to what entered the stream (a scale between head and residual)
+    cache["blocks.1.attn.z"] = cache["blocks.1.attn.z"] * 3
     with pytest.raises(C.CircuitGraphError, match="not the sum"):
         parts.check(cache)
 
@@ -221,6 +215,13 @@ def test_refuses_models_without_exact_edges(minilm_dir):
                                             intermediate_size=64, vocab_size=VOCAB, use_parallel_residual=True))
     with pytest.raises(C.CircuitGraphError, match="parallel"):
         C.Parts(interp.attach(neox.eval()))
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    gemma2 = Gemma2ForCausalLM(Gemma2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                            vocab_size=VOCAB))
+    with pytest.raises(C.CircuitGraphError, match="normalises"):
+        C.Parts(interp.attach(gemma2.eval()))
 
 
 # ------------------------------------------------------------------------------------------------
