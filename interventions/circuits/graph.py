@@ -183,9 +183,6 @@ class Parts:
             return o.weight.detach().view(self.H, -1, o.weight.shape[1])
         return o.weight.detach().T.reshape(self.H, -1, o.weight.shape[0])  # Linear W [d, H*dh] -> [H, dh, d]
 
-    def o_weight(self, l: int) -> torch.Tensor:
-        return self._o_weight(l)
-
     def proj_weight(self, l: int, c: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W [n, dh, d] and bias [n, dh] of the q, k or v projection (n query or key/value heads)."""
         attn = getattr(self.blocks[l], self.attn_name)

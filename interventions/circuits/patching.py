@@ -122,6 +122,7 @@ class _CircuitRow:
         self.miss = miss.to(ablated.dtype)
         self.act: list[torch.Tensor] = []            # sender outputs as this run produces them
         self.pre, self.mid = {}, {}
+        self._diff: torch.Tensor | None = None
         self.r_start = _receiver_starts(g)
 
     def _delta(self, r0: int, r1: int, like: torch.Tensor) -> torch.Tensor | None:
@@ -130,9 +131,9 @@ class _CircuitRow:
         S = self.n_act()
         if not bool(m[:S].any()):
             return None
-        act = torch.cat(self.act)                     # [S', b, T, d]
-        diff = self.ablated[:S].to(like.dtype) - act
-        return torch.einsum("sr,sbtd->btrd", m[:S].to(like.dtype), diff)
+        if self._diff is None or self._diff.shape[0] != S:  # q, k and v of one layer share it
+            self._diff = self.ablated[:S].to(like.dtype) - torch.cat(self.act)   # [S', b, T, d]
+        return torch.einsum("sr,sbtd->btrd", m[:S].to(like.dtype), self._diff)
 
     def n_act(self) -> int:
         return sum(a.shape[0] for a in self.act)
@@ -155,7 +156,7 @@ class _CircuitRow:
         return ops
 
     def _input(self, sel):
-        self.act, self.pre, self.mid = [sel[None]], {0: sel}, {}
+        self.act, self.pre, self.mid, self._diff = [sel[None]], {0: sel}, {}, None
         return sel
 
     @staticmethod
