@@ -54,11 +54,13 @@ def one_task(parts, tok, name: str, n: int, top: int, spread: int, steps: int, o
     curves = {}
     for method, s in scores.items():
         curves[method] = C.faithfulness(parts, task.clean, task.corrupted, metric, s, budgets=budgets, progress=False)
-        res[f"{method} faithfulness"] = {"budgets": list(budgets), "f": [round(v, 4) for v in curves[method].values.tolist()],
+        res[f"{method} faithfulness"] = {"budgets": list(budgets),
+                                         "f": [round(v, 4) for v in curves[method].values.tolist()],
                                          "CPR": curves[method].attrs["CPR"], "CMD": curves[method].attrs["CMD"]}
     res["m_full"], res["m_empty"] = curves["EAP"].attrs["m_full"], curves["EAP"].attrs["m_empty"]
     title = f"SmolLM2-135M, {name} ({len(task)} pairs), metric {metric.name}"
-    C.plot_faithfulness(curves, out / f"smollm2_{name}_faithfulness.png", f"{title}\ntop-k circuits, corrupted-run patching")
+    C.plot_faithfulness(curves, out / f"smollm2_{name}_faithfulness.png",
+                        f"{title}\ntop-k circuits, corrupted-run patching")
     k = max(1, round(0.002 * g.n_edges))
     C.plot_circuit(g, ig, C.greedy(g, ig, k), out / f"smollm2_{name}_circuit.png",
                    f"{title}\nEAP-IG ({steps} steps), greedy {k} edges (0.2%)")

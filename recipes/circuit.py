@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the task's templates (default: %(default)s)")
     p.add_argument("--method", default="eap-ig", choices=METHODS, help="edge scores (default: %(default)s)")
     p.add_argument("--steps", type=int, default=5, help="EAP-IG steps (default: %(default)s)")
-    p.add_argument("--select", default="top-k", choices=("top-k", "greedy"), help="circuit selection (default: %(default)s)")
+    p.add_argument("--select", default="top-k", choices=("top-k", "greedy"),
+                   help="circuit selection (default: %(default)s)")
     p.add_argument("--ablation", default="patching", choices=("patching", "mean"),
                    help="what edges outside a circuit carry: the corrupted run's outputs, or their mean over "
                         "the corrupted prompts (default: %(default)s)")

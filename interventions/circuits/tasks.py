@@ -166,4 +166,5 @@ def fitting(task: Task, tokenizer, n: int | None = None) -> Task:
                              "(equal lengths, single-token answers); build it from other words")
     idx = max(keep.values(), key=len)[:n]
     pick = lambda xs: [xs[i] for i in idx]
-    return Task(task.name, pick(task.clean), pick(task.corrupted), pick(task.answers), pick(task.foils)).check(tokenizer)
+    kept = Task(task.name, pick(task.clean), pick(task.corrupted), pick(task.answers), pick(task.foils))
+    return kept.check(tokenizer)

@@ -81,8 +81,10 @@ class Ref:
         hs.append(self.blocks[0].register_forward_pre_hook(
             lambda mod, a, k: got.__setitem__("in", (a[0] if a else k["hidden_states"]).detach()), with_kwargs=True))
         for l in range(len(self.blocks)):
-            hs.append(self.o_proj(l).register_forward_pre_hook(lambda mod, a, l=l: got.__setitem__(("z", l), a[0].detach())))
-            hs.append(self.blocks[l].mlp.register_forward_hook(lambda mod, a, o, l=l: got.__setitem__(("m", l), o.detach())))
+            hs.append(self.o_proj(l).register_forward_pre_hook(
+                lambda mod, a, l=l: got.__setitem__(("z", l), a[0].detach())))
+            hs.append(self.blocks[l].mlp.register_forward_hook(
+                lambda mod, a, o, l=l: got.__setitem__(("m", l), o.detach())))
         try:
             with torch.no_grad():
                 self.m(ids)
