@@ -18,7 +18,7 @@ import interp
 from interp.errors import InterpError
 from interp.results import atomic_write
 
-from .graph import Graph, Parts
+from .graph import Graph
 from .patching import _parts, evaluate
 
 BUDGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import interp
-from interventions import circuits as C
 from recipes import cli
 
 
