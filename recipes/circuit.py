@@ -44,7 +44,7 @@ def run(args) -> int:
     from recipes.models import load
 
     if not 0 < args.budget <= 1:
-        raise ValueError(f"--budget {args.budget}: give a fraction of the edges in (0, 1], e.g. 0.01")
+        raise C.CircuitArgumentError(f"--budget {args.budget}: give a fraction of the edges in (0, 1], e.g. 0.01")
     t0 = time.perf_counter()
     model = load(args.model)
     lm = model if isinstance(model, interp.Instrumented) else interp.attach(model)

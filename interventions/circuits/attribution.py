@@ -21,7 +21,7 @@ import torch
 import interp
 from interp import Replace
 
-from .graph import Parts
+from .graph import CircuitArgumentError, Parts
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -111,9 +111,9 @@ def eap(lm_or_parts, clean, corrupted, metric: Metric, *, method: str = "eap", s
     (over each layer's activations). Result axes ("edge",), coordinates the MIB edge names."""
     parts = lm_or_parts if isinstance(lm_or_parts, Parts) else Parts(lm_or_parts)
     if method not in ("eap", "eap-ig", "eap-ig-act"):
-        raise ValueError(f"method must be 'eap', 'eap-ig' or 'eap-ig-act', not {method!r}")
+        raise CircuitArgumentError(f"method must be 'eap', 'eap-ig' or 'eap-ig-act', not {method!r}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise CircuitArgumentError(f"steps must be >= 1, got {steps}")
     lm = parts.lm
     with torch.no_grad():
         c_run = lm.run(clean, capture=parts.capture_sites(), last_only=True)

@@ -18,7 +18,7 @@ import interp
 from interp.errors import InterpError
 from interp.results import atomic_write
 
-from .graph import Graph
+from .graph import CircuitArgumentError, Graph
 from .patching import _parts, evaluate
 
 BUDGETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
@@ -101,14 +101,14 @@ def faithfulness(lm_or_parts, clean, corrupted, metric: Callable, scores: interp
     ks = [max(1, round(f * E)) for f in budgets]
     pick = {"top-k": lambda k: top_k(scores, k, absolute), "greedy": lambda k: greedy(g, scores, k, absolute)}
     if select not in pick:
-        raise ValueError(f"select must be 'top-k' or 'greedy', not {select!r}")
+        raise CircuitArgumentError(f"select must be 'top-k' or 'greedy', not {select!r}")
     circuits = [pick[select](k) for k in ks] + [torch.zeros(E, dtype=torch.bool)]
     vals, base = evaluate(parts, clean, corrupted, metric, circuits, ablation=ablation, reference=reference,
                           progress=progress)
     m = vals.mean(1)
     m_empty, m_full = float(m[-1]), float(base.mean())
     if abs(m_full - m_empty) < 1e-12:
-        raise ValueError("m(full) equals m(empty): the clean and ablated runs give the same metric, so "
+        raise CircuitArgumentError("m(full) equals m(empty): the clean and ablated runs give the same metric, so "
                          "faithfulness is undefined; choose prompt pairs whose metric differs")
     f = (m[:-1] - m_empty) / (m_full - m_empty)
     cpr, cmd = area(list(budgets), f.tolist())
@@ -123,7 +123,7 @@ def auroc(scores: torch.Tensor, positives: torch.Tensor) -> float:
     s = scores.float().abs()
     pos, neg = s[positives.bool()], s[~positives.bool()]
     if pos.numel() == 0 or neg.numel() == 0:
-        raise ValueError("AUROC needs at least one positive and one negative edge")
+        raise CircuitArgumentError("AUROC needs at least one positive and one negative edge")
     gt = (pos[:, None] > neg[None]).double().sum() + 0.5 * (pos[:, None] == neg[None]).double().sum()
     return float(gt / (pos.numel() * neg.numel()))
 

@@ -25,6 +25,10 @@ class CircuitGraphError(InterpError, ValueError):
     """The model's residual stream cannot be split into the edges of a circuit graph."""
 
 
+class CircuitArgumentError(InterpError, ValueError):
+    """A circuits function was called with an argument it cannot use."""
+
+
 LN1 = ("input_layernorm", "ln_1", "ln1")
 LN2 = ("post_attention_layernorm", "ln_2", "ln2")
 POST_NORMS = ("post_feedforward_layernorm", "pre_feedforward_layernorm")

@@ -20,7 +20,7 @@ import torch
 import interp
 from interp import Replace
 
-from .graph import Parts
+from .graph import CircuitArgumentError, Parts
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -65,7 +65,7 @@ def edge_patching(lm_or_parts, clean, corrupted, metric: Metric, *, direction: s
     EAP's sign); "noise": the clean run with one edge carrying the corrupted sender's output."""
     parts = _parts(lm_or_parts)
     if direction not in ("denoise", "noise"):
-        raise ValueError(f"direction must be 'denoise' or 'noise', not {direction!r}")
+        raise CircuitArgumentError(f"direction must be 'denoise' or 'noise', not {direction!r}")
     base, source = (corrupted, clean) if direction == "denoise" else (clean, corrupted)
     g = parts.graph
     idx = list(range(g.n_edges)) if edges is None else [int(e) for e in edges]
@@ -220,9 +220,9 @@ def ablated_outputs(parts: Parts, corrupted, ablation: str = "patching", referen
         return parts.sender_outputs(_captures(parts, corrupted))
     if ablation == "mean":
         if reference is None:
-            raise ValueError("mean ablation needs reference= inputs (same token length) to average over")
+            raise CircuitArgumentError("mean ablation needs reference= inputs (same token length) to average over")
         return parts.sender_outputs(_captures(parts, reference)).mean(1, keepdim=True)
-    raise ValueError(f"ablation must be 'patching' or 'mean', not {ablation!r}")
+    raise CircuitArgumentError(f"ablation must be 'patching' or 'mean', not {ablation!r}")
 
 
 def evaluate(lm_or_parts, clean, corrupted, metric: Metric, circuits: Sequence[torch.Tensor], *,
@@ -244,7 +244,7 @@ def _as_mask(c, n: int) -> torch.Tensor:
     c = torch.as_tensor(c)
     if c.dtype == torch.bool:
         if c.numel() != n:
-            raise ValueError(f"a circuit mask needs {n} entries (one per edge), got {c.numel()}")
+            raise CircuitArgumentError(f"a circuit mask needs {n} entries (one per edge), got {c.numel()}")
         return c
     m = torch.zeros(n, dtype=torch.bool)
     m[c.long()] = True

@@ -42,6 +42,6 @@ def test_circuit_recipe_writes_everything(folder, tmp_path, capsys, method, sele
     assert top[0] == summary["top_edges"][0][0]
 
 
-def test_circuit_recipe_bad_budget(folder, tmp_path):
-    with pytest.raises(ValueError, match="budget"):
-        cli.main(["circuit", "--model", str(folder), "--budget", "3", "--out", str(tmp_path)])
+def test_circuit_recipe_bad_budget(folder, tmp_path, capsys):
+    assert cli.main(["circuit", "--model", str(folder), "--budget", "3", "--out", str(tmp_path)]) == 2
+    assert "--budget 3.0: give a fraction of the edges" in capsys.readouterr().err
