@@ -23,7 +23,8 @@ import interp  # noqa: E402
 from interventions import circuits as C  # noqa: E402
 
 
-def one_task(parts, tok, name: str, n: int, top: int, spread: int, steps: int, out: Path, budgets) -> dict:
+def one_task(parts, tok, name: str, n: int, top: int, spread: int, steps: int, out: Path, budgets,
+             scores_dir=None) -> dict:
     task = C.fitting(C.TASKS[name](n=6 * n), tok, n=n)
     metric = task.metric()
     g = parts.graph
@@ -66,8 +67,9 @@ def one_task(parts, tok, name: str, n: int, top: int, spread: int, steps: int, o
                    f"{title}\nEAP-IG ({steps} steps), greedy {k} edges (0.2%)")
     C.score_matrix(g, ig, n=30).plot(out / f"smollm2_{name}_scores.png",
                                      title=f"{title}: EAP-IG edge scores, top 30 senders x receivers")
-    ig.save(out / f"smollm2_{name}_eap_ig")
     exact.save(out / f"smollm2_{name}_exact_subset")
+    if scores_dir is not None:  # every edge's EAP-IG score (1.6 MB of edge names: not kept in docs/)
+        ig.save(Path(scores_dir) / f"smollm2_{name}_eap_ig")
     res["seconds"] = round(time.perf_counter() - t0, 1)
     return res
 
@@ -80,6 +82,7 @@ def main(argv=None) -> int:
     p.add_argument("--spread", type=int, default=100)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--out", default="docs/figures/circuits")
+    p.add_argument("--scores-dir", default=None, help="also save every edge's EAP-IG score there")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -90,7 +93,7 @@ def main(argv=None) -> int:
     allres = {"model": "smollm2", "edges": parts.graph.n_edges, "tasks": []}
     for name in args.tasks.split(","):
         allres["tasks"].append(one_task(parts, lm.tokenizer, name, args.n, args.top, args.spread, args.steps, out,
-                                        budgets))
+                                        budgets, args.scores_dir))
         (out / "smollm2_summary.json").write_text(json.dumps(allres, indent=1))
         print(json.dumps(allres["tasks"][-1], indent=1), flush=True)
     return 0
