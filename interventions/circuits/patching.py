@@ -249,3 +249,18 @@ def _as_mask(c, n: int) -> torch.Tensor:
     m = torch.zeros(n, dtype=torch.bool)
     m[c.long()] = True
     return m
+
+
+def path_patching(lm_or_parts, clean, corrupted, metric: Metric, sender: str, receivers: Sequence[str], *,
+                  progress: bool = False) -> float:
+    """Path patching: the clean run with `sender`'s corrupted output entering only `receivers` (names such
+    as "a5.h1<q>", "m7", "logits"); everything downstream of those receivers is recomputed. Returns the
+    mean over pairs of m(patched) - m(clean)."""
+    parts = _parts(lm_or_parts)
+    g = parts.graph
+    names = [f"{sender}->{r}" for r in receivers]
+    keep = torch.ones(g.n_edges, dtype=torch.bool)
+    for n in names:
+        keep[g.index(n)] = False
+    vals, base = evaluate(parts, clean, corrupted, metric, [keep], progress=progress)
+    return float(vals[0].mean() - base.mean())

@@ -350,6 +350,32 @@ def test_circuit_evaluation_full_empty_and_single_edges():
     assert ((vals[2:].mean(1) - m_clean.mean()) - noise).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("make", [lambda: tiny_gpt2(n_layer=3, vocab=VOCAB), lambda: tiny_llama(layers=3)],
+                         ids=["gpt2", "gqa-llama"])
+def test_path_patching_equals_nested_plain_hooks(make):
+    """One sender into receivers of two layers: the later receiver sees the earlier one's change plus the
+    sender's swap, as with both plain-hook patches applied in one forward."""
+    model = make()
+    parts = C.Parts(interp.attach(model))
+    g = parts.graph
+    clean, corr = pair()
+    kv = "kv1" if parts.KV != parts.H else "h1"
+    receivers = ["a1.h2<q>", f"a2.{kv}<v>", "m2"]
+    got = C.path_patching(parts, clean, corr, metric, "a0.h3", receivers)
+    ref = Ref(model)
+    delta = (ref.capture(corr) - ref.capture(clean))[g.senders.index("a0.h3")]
+    rs = [g.receivers[int(g.dst[g.index(f"a0.h3->{r}")])] for r in receivers]
+    with torch.no_grad():
+        m_clean = float(metric(model(clean).logits).mean())
+        with ref.add_at(rs[0], delta), ref.add_at(rs[1], delta), ref.add_at(rs[2], delta):
+            want = float(metric(model(clean).logits).mean()) - m_clean
+    assert abs(got - want) <= 1e-5 and abs(want) > 1e-4
+    one = C.path_patching(parts, clean, corr, metric, "a0.h3", ["m2"])
+    single = C.edge_patching(parts, clean, corr, metric, direction="noise", edges=[g.index("a0.h3->m2")],
+                             progress=False)
+    assert abs(one - float(single.values[0])) <= 1e-5
+
+
 def test_mean_ablation_of_identical_references_equals_patching_from_them():
     model = tiny_gpt2(n_layer=2, vocab=VOCAB)
     parts = C.Parts(interp.attach(model))
