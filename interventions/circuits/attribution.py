@@ -116,16 +116,19 @@ def eap(lm_or_parts, clean, corrupted, metric: Metric, *, method: str = "eap", s
         raise CircuitArgumentError(f"steps must be >= 1, got {steps}")
     lm = parts.lm
     with torch.no_grad():
-        c_run = lm.run(clean, capture=parts.capture_sites(), last_only=True)
-        x_run = lm.run(corrupted, capture=parts.capture_sites(), last_only=True)
-    parts.check(x_run.cache)
-    if method == "eap":
-        G, _ = _grad_run(parts, corrupted, metric)
+        c_cache = lm.run(clean, capture=parts.capture_sites(), last_only=True).cache
+    if method == "eap":  # the corrupted run with gradients also gives the corrupted outputs
+        G, x_cache = _grad_run(parts, corrupted, metric)
+        parts.check(x_cache)
         passes = 1
     else:
+        with torch.no_grad():
+            x_cache = lm.run(corrupted, capture=parts.capture_sites(), last_only=True).cache
+        parts.check(x_cache)
         fn = _ig_inputs if method == "eap-ig" else _ig_activations
-        G, passes = fn(parts, corrupted, metric, c_run.cache, x_run.cache, steps, steps_per_pass)
-    delta = parts.sender_outputs(c_run.cache) - parts.sender_outputs(x_run.cache)
+        G, passes = fn(parts, corrupted, metric, c_cache, x_cache, steps, steps_per_pass)
+    with torch.no_grad():
+        delta = parts.sender_outputs(c_cache) - parts.sender_outputs(x_cache)
     b = delta.shape[1]
     scores = _scores(parts, delta, G, b)
     attrs = {"method": method, "steps": steps if method != "eap" else 1, "metric": getattr(metric, "name", "metric"),

@@ -73,24 +73,23 @@ def edge_patching(lm_or_parts, clean, corrupted, metric: Metric, *, direction: s
     parts.check(bc)
     delta = parts.sender_outputs(sc) - parts.sender_outputs(bc)
     values = torch.zeros(len(idx))
-    by_layer: dict[int, list[int]] = {}
-    for j, e in enumerate(idx):
-        by_layer.setdefault(g.receivers[int(g.dst[e])].layer, []).append(j)
-    stats = {"rows": 0, "forward_equivalents": 0.0, "grids": 0}
+    L = parts.L
+    into_blocks = [j for j, e in enumerate(idx) if g.receivers[int(g.dst[e])].layer < L]
+    into_logits = [j for j, e in enumerate(idx) if g.receivers[int(g.dst[e])].layer == L]
+    stats = {"rows": len(into_blocks), "forward_equivalents": 0.0}
     base_val = None
-    for layer, js in sorted(by_layer.items()):
-        es = [idx[j] for j in js]
-        if layer == parts.L:
-            vals, base_val = _logit_edges(parts, es, delta, bc, metric)
-        else:
-            rows = [[_edge_op(parts, g.receivers[int(g.dst[e])], delta[int(g.src[e])], bc)] for e in es]
-            out = parts.lm.run_grid(base, rows, metric, chunk_rows=chunk_rows, memory_budget=memory_budget,
-                                    progress=progress, desc=f"edges into layer {layer}")
-            vals, base_val = out.values.float().mean(1), out.base.float().mean()
-            stats["rows"] += out.stats["rows"]
-            stats["forward_equivalents"] += out.stats["forward_equivalents"] + 1  # + its base run
-            stats["grids"] += 1
-        values[js] = vals - base_val
+    if into_logits:
+        vals, base_val = _logit_edges(parts, [idx[j] for j in into_logits], delta, bc, metric)
+        values[into_logits] = vals - base_val
+    if into_blocks:
+        # one grid: the engine groups rows by their first layer and replays blocks l.. for each group
+        rows = [[_edge_op(parts, g.receivers[int(g.dst[idx[j]])], delta[int(g.src[idx[j]])], bc)]
+                for j in into_blocks]
+        out = parts.lm.run_grid(base, rows, metric, chunk_rows=chunk_rows, memory_budget=memory_budget,
+                                progress=progress, desc="edges")
+        base_val = out.base.float().mean()
+        values[into_blocks] = out.values.float().mean(1) - base_val
+        stats["forward_equivalents"] = out.stats["forward_equivalents"] + 1  # + its base run
     attrs = {"method": "exact edge patching", "direction": direction, "metric": getattr(metric, "name", "metric"),
              "base_metric": float(base_val), **stats}
     return interp.Result(values, ("edge",), {"edge": [g.edge_names[e] for e in idx]}, attrs)
