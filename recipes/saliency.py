@@ -239,7 +239,7 @@ def overlay(images, maps, masks, path: Path, labels, title: str, grid=None, row_
     grid = grid if grid is not None else [maps]
     n_rows, n_maps = len(grid), len(grid[0])
     n_cols = 1 + (masks is not None) + n_maps
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.5 * n_cols + 1.5, 1.5 * n_rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols, 1.6 * n_rows + 0.6), squeeze=False)
     for r in range(n_rows):
         img = images[r].permute(1, 2, 0).clamp(0, 1).numpy()
         cells = [("img", img)] + ([("mask", masks[r].float().numpy())] if masks is not None else [])
@@ -253,10 +253,8 @@ def overlay(images, maps, masks, path: Path, labels, title: str, grid=None, row_
                 ax.imshow(up.numpy(), cmap="inferno", alpha=0.6, interpolation="nearest")
             else:
                 ax.imshow(v, cmap="gray" if what == "mask" else None, interpolation="nearest")
-            if r == 0:
-                ax.set_title(labels[c], fontsize=6)
-        if row_labels:
-            axes[r][0].text(-2, 16, row_labels[r], fontsize=5, ha="right", va="center")
+            label = row_labels[r] if (row_labels and c == 0) else labels[c]
+            ax.set_title(label if (r == 0 or (row_labels and c == 0)) else "", fontsize=5 if c == 0 else 6)
     fig.suptitle(title, fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
