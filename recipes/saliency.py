@@ -58,7 +58,7 @@ def run(args) -> int:
     res = (DS.concept_attention if method == "concept" else DS.cross_attention)(pipe, spec, words)
     res.save(out / "maps")
     overlay(res.images, [res.values[0, j] for j in range(len(words))], None, out / "overlay.png",
-            [f"{method}: {w}" for w in words], f"{args.model} | {args.prompt!r} | seed {args.seed}")
+            ["sample", *[f"{method}: {w}" for w in words]], f"{args.model} | {args.prompt!r} | seed {args.seed}")
     print(f"wrote {out / 'overlay.png'} and {out / 'maps.json'}")
     return 0
 
