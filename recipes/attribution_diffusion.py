@@ -98,3 +98,33 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def plot_attribution(folder: Path, path: Path) -> Path:
+    """exact | attribution patching | IG heatmaps of the colour pair side by side (saved Results in `folder`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from interp import Result
+
+    res = {k: Result.load(folder / f"colour-{k}") for k in ("exact", "attribution", "ig")}
+    words = ["<bos>", "a", "small", "red", "circle", "on", "the", "left", ",", "solid"]
+    cells = [c if not c.startswith("token ") else f"token {c[6:]} ({words[int(c[6:])]})" for c in res["exact"].coords["cell"]]
+    lim = max(float(r.values.abs().max()) for r in res.values())
+    fig, axes = plt.subplots(1, 3, figsize=(10, 5.2), sharey=True)
+    r_ = json.loads((folder / "summary.json").read_text())["colour"]["correlation"]
+    for ax, (k, r) in zip(axes, res.items()):
+        im = ax.imshow(r.values.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
+        ax.set_xticks(range(len(r.coords["window"])), r.coords["window"], fontsize=7)
+        ax.set_xlabel("step window")
+        ax.set_title(k if k == "exact" else f"{k} (r = {r_[k]:.2f} with exact)", fontsize=8)
+    axes[0].set_yticks(range(len(cells)), cells, fontsize=7)
+    fig.colorbar(im, ax=list(axes), label="normalised effect (0 corrupted, 1 clean)")
+    a = res["exact"].attrs
+    fig.suptitle(f"shapes-flow: restore clean {a['clean']!r} into {a['corrupted']!r}; metric {a['metric']}; "
+                 f"{a['steps']} steps, guidance {a['guidance']}, seed {a['seed']}, IG {a['ig_steps']} points", fontsize=8)
+    fig.savefig(path, dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return path
