@@ -173,7 +173,8 @@ def word_positions(tokens: Sequence[str], word: str) -> list[int]:
 
 def _token_strings(tok, prompt: str) -> list[str]:
     ids = tok(prompt, padding="max_length", max_length=tok.model_max_length, truncation=True)["input_ids"]
-    return [str(t).replace("</w>", "").replace("\u2581", "").replace("\u0120", "") for t in tok.convert_ids_to_tokens(ids)]
+    strip = lambda t: str(t).replace("</w>", "").replace("\u2581", "").replace("\u0120", "")  # noqa: E731
+    return [strip(t) for t in tok.convert_ids_to_tokens(ids)]
 
 
 def _context_tokens(pipe, kind: str, prompt: str) -> list[str]:
@@ -537,8 +538,8 @@ def image_saliency(pipe, images: torch.Tensor, prompts: Sequence[str], words: Se
 def segmentation_scores(maps: torch.Tensor, masks: torch.Tensor, threshold: str = "mean") -> dict[str, torch.Tensor]:
     """Score saliency maps [N, h, w] against true boolean masks [N, H, W].
 
-    Each map is upsampled to the mask grid (nearest: one token covers its patch of pixels) and binarised at its own mean ("mean") or at the midpoint of
-    its range ("mid"). Returns per-image tensors: iou (foreground IoU), miou (mean of foreground and background
+    Each map is upsampled to the mask grid (nearest: one token covers its patch of pixels) and binarised at its
+    own mean ("mean") or at the midpoint of its range ("mid"). Returns per-image tensors: iou (foreground IoU), miou (mean of foreground and background
     IoU, the two-class convention of segmentation benchmarks), pointing (1 where the map's maximum lies inside
     the mask)."""
     maps = torch.as_tensor(maps).float()

@@ -44,7 +44,8 @@ def plot_curves(curves: dict, path: Path, steps: int) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for name, c in curves.items():
-        for ax, r, what in zip(axes, range(2), ("restore clean text from step s on", "ablate (corrupt) from step s on")):
+        titles = ("restore clean text from step s on", "ablate (corrupt) from step s on")
+        for ax, r, what in zip(axes, range(2), titles):
             ax.plot(c.coords["start"], c.values[r].numpy(), marker="o", ms=3, label=name)
             ax.set_title(what, fontsize=8)
             ax.set_xlabel("start step s")
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
         metric = DA.colour_metric("red") if kind == "colour" else scorer_metric(kind)
         curves[kind] = DA.when_curve(clean, clean.with_prompt(corrupted), metric)
         curves[kind].save(out / f"when-{kind}")
-        summary[f"when_{kind}"] = {"corrupted": corrupted, "restore": [round(float(v), 3) for v in curves[kind].values[0]],
+        summary[f"when_{kind}"] = {"corrupted": corrupted,
+                                   "restore": [round(float(v), 3) for v in curves[kind].values[0]],
                                    "ablate": [round(float(v), 3) for v in curves[kind].values[1]]}
         print(kind, summary[f"when_{kind}"], flush=True)
     plot_curves(curves, out / "when.png", args.steps)
@@ -111,7 +113,8 @@ def plot_attribution(folder: Path, path: Path) -> Path:
 
     res = {k: Result.load(folder / f"colour-{k}") for k in ("exact", "attribution", "ig")}
     words = ["<bos>", "a", "small", "red", "circle", "on", "the", "left", ",", "solid"]
-    cells = [c if not c.startswith("token ") else f"token {c[6:]} ({words[int(c[6:])]})" for c in res["exact"].coords["cell"]]
+    cells = [c if not c.startswith("token ") else f"token {c[6:]} ({words[int(c[6:])]})"
+             for c in res["exact"].coords["cell"]]
     lim = max(float(r.values.abs().max()) for r in res.values())
     fig, axes = plt.subplots(1, 3, figsize=(10, 5.2), sharey=True)
     r_ = json.loads((folder / "summary.json").read_text())["colour"]["correlation"]
@@ -124,7 +127,8 @@ def plot_attribution(folder: Path, path: Path) -> Path:
     fig.colorbar(im, ax=list(axes), label="normalised effect (0 corrupted, 1 clean)")
     a = res["exact"].attrs
     fig.suptitle(f"shapes-flow: restore clean {a['clean']!r} into {a['corrupted']!r}; metric {a['metric']}; "
-                 f"{a['steps']} steps, guidance {a['guidance']}, seed {a['seed']}, IG {a['ig_steps']} points", fontsize=8)
+                 f"{a['steps']} steps, guidance {a['guidance']}, seed {a['seed']}, IG {a['ig_steps']} points",
+                 fontsize=8)
     fig.savefig(path, dpi=80, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -42,7 +42,8 @@ def main(argv=None) -> int:
     t0 = time.time()
     before = R.summarize(R.score_images(R.generate(pipe, prompts, args.n_per_prompt, args.seed, None), attrs,
                                         args.n_per_prompt), args.concept)
-    report = {"concept": args.concept, "eval": f"{len(prompts)} captions x {args.n_per_prompt} images, seed {args.seed}",
+    report = {"concept": args.concept,
+              "eval": f"{len(prompts)} captions x {args.n_per_prompt} images, seed {args.seed}",
               "original": before, "methods": {}}
     print(f"original: rate {before['concept_rate']:.3f} ({time.time() - t0:.0f} s)", flush=True)
     fns = {"context_leace": J.context_leace, "joint_kv": J.joint_kv, "joint": J.joint_erase}
@@ -57,7 +58,8 @@ def main(argv=None) -> int:
         report["methods"][m] = {"edit": edit.manifest(), "checkpoint": str(dest), "after": after, "comparison": cmp,
                                 "seconds": round(time.time() - t1, 1)}
         print(f"{m}: rate {cmp['concept_rate_before']:.3f} -> {cmp['concept_rate_after']:.3f} (drop "
-              f"{cmp['relative_drop']:.0%}), other colours {cmp['other_values_accuracy_change']:+.3f}, other attributes "
+              f"{cmp['relative_drop']:.0%}), other colours {cmp['other_values_accuracy_change']:+.3f}, "
+              "other attributes "
               f"{ {k: round(v, 3) for k, v in cmp['other_attribute_accuracy_change'].items()} }", flush=True)
         (out / "report.json").write_text(json.dumps(report, indent=1, default=str))
     return 0

@@ -79,8 +79,6 @@ def _selection_calls(pipe, kind: str, attrs, images, n_layers: int) -> dict:
     _, den = DS._denoiser(pipe)
     sites = DS._sites(den, kind, "", list(range(n_layers)),
                       ("q", "tk") if kind == "unet" else ("q", "k", "v", "tk", "out", "z"))
-    if kind == "unet":
-        sites = {k: v for k, v in sites.items()}
     return {a: (idx, DS._noised_calls(pipe, images[idx], [a.caption()] * len(idx), sites, SIGMAS, 0))
             for a, idx in _groups(attrs, images).items()}
 

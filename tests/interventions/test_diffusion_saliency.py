@@ -70,7 +70,8 @@ def test_concept_stream_reproduces_flux_double_stream():
     den = _tiny_flux()
     g = torch.Generator().manual_seed(1)
     h = w = 4
-    img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij"), -1)
+    grid = torch.meshgrid(torch.zeros(1), torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    img_ids = torch.stack(grid, -1)
     img_ids = img_ids.reshape(-1, 3).float()
     txt = torch.randn(2, 5, 24, generator=g)
     inputs = {"hidden_states": torch.randn(2, h * w, 8, generator=g), "encoder_hidden_states": txt,

@@ -66,7 +66,8 @@ def test_joint_kv_moves_concept_keys_to_the_guides(flow, concept):
         k = torch.cat([src[j, p:] for j, p in enumerate(starts)])
         g = torch.cat([guide[j, p:] for j, p in enumerate(starts)])
         lin = tr.transformer_blocks[i].attn.add_k_proj
-        W0, W1 = lin.weight.detach().double(), edit.tensors[f"transformer.transformer_blocks.{i}.attn.add_k_proj.weight"]
+        W0 = lin.weight.detach().double()
+        W1 = edit.tensors[f"transformer.transformer_blocks.{i}.attn.add_k_proj.weight"]
         before, after = float((k @ W0.T - g @ W0.T).norm()), float((k @ W1.double().T - g @ W0.T).norm())
         kept = float((pres.reshape(-1, pres.shape[-1]) @ (W1.double() - W0).T).norm() /
                      (pres.reshape(-1, pres.shape[-1]) @ W0.T).norm())

@@ -9,7 +9,8 @@ from recipes import saliency
 def test_saliency_cli_writes_maps_and_overlay(tmp_path):
     out = tmp_path / "sal"
     parser = cli.build_parser()
-    args = parser.parse_args(["saliency", "--model", "shapes-flow", "--prompt", "a large blue square on the right, solid",
+    args = parser.parse_args(["saliency", "--model", "shapes-flow",
+                              "--prompt", "a large blue square on the right, solid",
                               "--concepts", "blue,square", "--steps", "2", "--out", str(out)])
     assert args.func(args) == 0
     res = Result.load(out / "maps")
