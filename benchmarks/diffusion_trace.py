@@ -16,6 +16,7 @@ work done; wall-clock on a shared machine mostly measures the other jobs) and in
     .venv/bin/python benchmarks/diffusion_trace.py --repeats 3
     .venv/bin/python benchmarks/diffusion_trace.py --size shapes --repeats 3   # shapes-diffusion-sized UNet
     .venv/bin/python benchmarks/diffusion_trace.py --no-step-reuse ...         # interp without step-prefix reuse
+    .venv/bin/python benchmarks/diffusion_trace.py --size shapes --profile     # where interp's time goes
 """
 from __future__ import annotations
 
@@ -154,6 +155,39 @@ def per_cell_trace(pipe, spec, comps, windows, text_sites, tokens, lm_sites, cor
     return torch.stack(vals).mean(1)
 
 
+AREAS = (  # (label, substring of the code path or function), first match wins; self time is attributed
+    ("torch conv / linear / attention kernels", ("conv2d", "linear", "scaled_dot_product", "baddbmm", "bmm",
+                                                 "group_norm", "layer_norm", "silu", "gelu", "interpolate")),
+    ("interp engine + hooks (ops, capture, bookkeeping)", ("/interp/",)),
+    ("diffusers Python (blocks, attention processors, pipeline, scheduler)", ("/diffusers/",)),
+    ("transformers (CLIP text encoder)", ("/transformers/",)),
+    ("torch.nn Module call machinery", ("torch/nn/modules/module.py",)),
+)
+
+
+def profile(fn) -> None:
+    """Run fn under cProfile; print self time by area and the top functions."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile(time.process_time)  # CPU time: wall time on a shared machine measures other jobs
+    t = time.process_time()
+    prof.enable()
+    fn()
+    prof.disable()
+    total = time.process_time() - t
+    stats = pstats.Stats(prof)
+    by_area: dict[str, float] = {}
+    for (path, _, name), (_, _, tt, _, _) in stats.stats.items():
+        key = f"{path}:{name}"
+        area = next((lab for lab, subs in AREAS if any(s in key for s in subs)), "other (torch tensor ops, Python)")
+        by_area[area] = by_area.get(area, 0.0) + tt
+    print(f"interp run: {total:.2f} s CPU (profiled; cProfile adds overhead to Python-heavy areas)")
+    for area, tt in sorted(by_area.items(), key=lambda kv: -kv[1]):
+        print(f"  {tt:7.2f} s  {100 * tt / max(sum(by_area.values()), 1e-9):5.1f} %  {area}")
+    stats.sort_stats("tottime").print_stats(25)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=("tiny", "shapes"), default="tiny")
@@ -162,6 +196,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-step-reuse", action="store_true",
                     help="interp without step-prefix reuse (every row computes every step)")
+    ap.add_argument("--profile", action="store_true", help="profile one interp run (cProfile), print where the "
+                    "time goes by area, and exit")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -182,6 +218,11 @@ def main() -> None:
     n_cells = len(text_sites) * len(tokens) + len(comps) * len(windows)
     print(f"{args.size} SD pipeline: {n_cells} cells ({len(text_sites)} text layers x {len(tokens)} tokens + "
           f"{len(comps)} UNet components x {len(windows)} step windows), {args.samples} images, {args.steps} steps, CFG")
+    if args.profile:
+        interp_trace(pipe, spec, comps, windows, text_sites, tokens)  # warm-up
+        profile(lambda: interp_trace(pipe, spec, comps, windows, text_sites, tokens,
+                                     reuse_steps=not args.no_step_reuse))
+        return
     t_interp, t_cell, w_interp, w_cell = [], [], [], []
     for r in range(args.repeats):
         t, w = time.process_time(), time.perf_counter()

@@ -71,9 +71,9 @@ def reload(obj: Any, folder: str | os.PathLike) -> Any:
         level = dlog.get_verbosity()
         dlog.set_verbosity_error()
         try:
-            kw = {}
+            kw = {k: None for k, v in obj.components.items() if v is None}  # e.g. an SD3 pipeline without T5
             if "safety_checker" in obj.components and obj.components["safety_checker"] is None:
-                kw = {"safety_checker": None, "requires_safety_checker": False}
+                kw["requires_safety_checker"] = False
             return cls.from_pretrained(str(folder), local_files_only=True, **kw)
         finally:
             dlog.set_verbosity(level)
