@@ -17,13 +17,14 @@ import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 import interp
 from interp import Add, Result, at
+from interp import collect as _collector
 from interp import io as _io
 from interp.errors import InterpError, SiteShapeError
 
@@ -289,58 +290,6 @@ def _finite_alpha(alpha: Any) -> float:
 # activations from a model
 # ---------------------------------------------------------------------------------------------
 
-def _batches(inputs: Any, batch_size: int) -> Iterable[tuple[Any, bool]]:
-    """Yield (batch, is_text). Prompts and tensors / tuples / dicts are cut into batches; a list of
-    non-string items is a dataset of ready batches."""
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, str) for x in inputs):
-        for i in range(0, len(inputs), batch_size):
-            yield list(inputs[i:i + batch_size]), True
-        return
-    if isinstance(inputs, torch.Tensor):
-        for i in range(0, inputs.shape[0], batch_size):
-            yield inputs[i:i + batch_size], False
-        return
-    if isinstance(inputs, tuple) and isinstance(inputs[0], torch.Tensor):
-        n = inputs[0].shape[0]
-        cut = lambda t, i: t[i:i + batch_size] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
-        for i in range(0, n, batch_size):
-            yield tuple(cut(t, i) for t in inputs), False
-        return
-    if isinstance(inputs, dict):
-        n = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-        for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}, False
-        return
-    for item in inputs:  # a dataset: an iterable of batches
-        yield item, isinstance(item, (str, list)) and bool(item) and isinstance(item if isinstance(item, str) else item[0], str)
-
-
-def _reduce(x: torch.Tensor, reduce: str | int, lengths: torch.Tensor | None) -> torch.Tensor:
-    if reduce == "keep":
-        return x
-    if isinstance(reduce, slice):  # the mean over a range of positions (e.g. the grid tokens after a class token)
-        if x.dim() < 3:
-            raise ValueError(f"reduce={reduce} averages positions, but the activations have shape {tuple(x.shape)}")
-        return x[:, reduce].mean(1)
-    if isinstance(reduce, int):  # one position of a sequence site (e.g. a regime / class token)
-        if x.dim() < 3 or not -x.shape[1] <= reduce < x.shape[1]:
-            raise ValueError(f"reduce={reduce} picks a position, but the activations have shape {tuple(x.shape)}")
-        return x[:, reduce]
-    if x.dim() >= 4 and lengths is None:  # channels-first grid [n, C, *S]: average the spatial axes
-        if reduce != "mean":
-            raise ValueError(f"reduce={reduce!r} on a grid activation {tuple(x.shape)}: use 'mean' (spatial average) or 'keep'")
-        return x.flatten(2).mean(-1)
-    if x.dim() < 3:
-        return x
-    lengths = (torch.full((x.shape[0],), x.shape[1], dtype=torch.long) if lengths is None else lengths).to(x.device)
-    if reduce == "last":
-        return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
-    mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).to(x.dtype)
-    return (x * mask[:, :, None]).sum(1) / lengths[:, None].to(x.dtype)
-
-
 def collect(lm: interp.Instrumented, inputs: Any, site: str, *, reduce: str = "last", batch_size: int = 16,
             progress: bool = False, **run_kw) -> torch.Tensor:
     """Activations at `site` for every example of `inputs`: [n, F] (reduce "last" / "mean" / a position
@@ -354,26 +303,15 @@ def collect(lm: interp.Instrumented, inputs: Any, site: str, *, reduce: str = "l
 
 
 def _collect(lm, inputs, site, reduce, batch_size, progress, **run_kw) -> tuple[torch.Tensor, int]:
-    if reduce not in REDUCE and not isinstance(reduce, (int, slice)):
+    if isinstance(reduce, bool) or (reduce not in REDUCE and not isinstance(reduce, (int, slice))):
         raise ValueError(f"reduce must be one of {REDUCE}, a position index or a slice of positions, not {reduce!r}")
-    lm.site(site)  # unknown sites fail here, with suggestions
-    out, raw_dim = [], 0
-    for batch, text in tqdm(list(_batches(inputs, batch_size)), desc="collect", disable=not progress, leave=False):
-        lengths = None
-        if text:
-            prepared = lm.adapter.prepare(batch, pad=True)
-            mask = prepared.kwargs.get("attention_mask")
-            lengths = mask.sum(1).cpu() if mask is not None else None
-            if mask is not None and bool((mask[:, :-1] < mask[:, 1:]).any()):
-                raise InterpError("the tokenizer padded on the left; collect() needs right padding")
-            batch = prepared
-        res = lm.run(batch, capture=site, **run_kw)
-        x = res.cache[site].float().cpu()
-        raw_dim = x.dim()
-        out.append(_reduce(x, reduce, lengths))
-    if not out:
-        raise ValueError(f"no examples in the inputs for {site!r}")
-    return torch.cat(out), raw_dim
+    shapes: dict = {}
+    try:
+        x = _collector.collect(lm, inputs, site, None if reduce == "keep" else reduce, batch_size=batch_size,
+                               progress=progress, shapes=shapes, **run_kw)[site]
+    except SiteShapeError as e:
+        raise ValueError(f"reduce={reduce!r}: {e}") from None
+    return x, len(shapes[site])
 
 
 def from_activations(pos: torch.Tensor, neg: torch.Tensor, site: str, *, method: str = "mean_diff",
@@ -398,14 +336,10 @@ def extract(lm: interp.Instrumented, positive: Any, negative: Any, site: str, *,
     p, raw_dim = _collect(lm, positive, site, reduce, batch_size, False, **run_kw)
     n, _ = _collect(lm, negative, site, reduce, batch_size, False, **run_kw)
     spatial = "keep" if reduce == "keep" else ("average" if raw_dim >= 4 else None)
-    hashed = (positive, negative) if _is_text(positive) and _is_text(negative) else (p, n)
+    hashed = (positive, negative) if _collector.is_text(positive) and _collector.is_text(negative) else (p, n)
     sv = replace(from_activations(p, n, site, method=method, znorm=znorm, spatial=spatial, model=model,
                                   meta={"reduce": reduce}, hash_of=hashed), identity=model_identity(lm.model))
     return (sv, p, n) if return_activations else sv
-
-
-def _is_text(x) -> bool:
-    return isinstance(x, str) or (isinstance(x, (list, tuple)) and bool(x) and all(isinstance(y, str) for y in x))
 
 
 def controls(vector: SteeringVector, pos: torch.Tensor | None = None, neg: torch.Tensor | None = None,
