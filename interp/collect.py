@@ -135,7 +135,8 @@ def collect_batch(lm: Any, batch: Any, sites: Sequence[str], at: Any = None, *, 
     for s in (specs.values() if specs is not None else [at]):
         _check(s)
     model_in, text, lengths, tokens = _prepare(lm, batch)
-    cache = lm.run(model_in, capture=list(sites), **run_kw).cache
+    with torch.no_grad():
+        cache = lm.run(model_in, capture=list(sites), **run_kw).cache
     out = {}
     for site in sites:
         if once and cache.axes.get(site, ("batch",))[0] == "call":
