@@ -18,6 +18,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .adapters.base import Prepared
 from .engine import resolve_positions
 from .errors import InterpError, PositionError, SiteShapeError
 from .ops import Subject, Tokens
@@ -112,15 +113,18 @@ def _select(x: torch.Tensor, spec: Any, lengths: list[int], tokens: list | None,
 
 def _prepare(lm: Any, batch: Any) -> tuple[Any, bool, list[int] | None, list | None]:
     """(model inputs, is_text, per-item lengths or None, per-item token strings or None)."""
-    if not is_text(batch):
+    if isinstance(batch, Prepared):
+        prepared, text = batch, bool(batch.tokens)
+    elif is_text(batch):
+        prepared, text = lm.adapter.prepare([batch] if isinstance(batch, str) else list(batch), pad=True), True
+    else:
         return batch, False, None, None
-    prepared = lm.adapter.prepare([batch] if isinstance(batch, str) else list(batch), pad=True)
     mask = prepared.kwargs.get("attention_mask")
     if mask is not None and bool((mask[:, :-1] < mask[:, 1:]).any()):
         raise InterpError("the tokenizer padded on the left; the collector needs right padding "
                           "(tokenizer.padding_side = 'right')")
     lengths = mask.sum(1).tolist() if mask is not None else [prepared.seq_len] * prepared.batch
-    return prepared, True, [int(n) for n in lengths], prepared.tokens or None
+    return prepared, text, [int(n) for n in lengths], prepared.tokens or None
 
 
 def collect_batch(lm: Any, batch: Any, sites: Sequence[str], at: Any = None, *, start: int = 0,
