@@ -13,9 +13,8 @@ a random direction and a norm-matched control (the same extraction on shuffled l
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,11 +25,11 @@ import interp
 from interp import Add, Result, at
 from interp import collect as _collector
 from interp import io as _io
+from interp.direction import EPS, FORMAT, Direction, znormalize
 from interp.errors import InterpError, SiteShapeError
 
 METHODS = ("mean_diff", "caa", "pca")
 REDUCE = ("last", "mean", "keep")
-FORMAT = "interp.steering/1"
 _VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_diffusers_version",
              "_attn_implementation_autoset", "_attn_implementation", "name_or_path")
 _SAMPLE = 64  # parameter values per sampled tensor in a model's identity
@@ -95,33 +94,17 @@ def same_model(a: dict, b: dict) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class SteeringVector:
-    """A direction at one site plus where it came from.
+class SteeringVector(Direction):
+    """A Direction (interp.direction) that checks and injects itself as a steering vector.
 
     vector: [F] for token sites (added per position) or spatial="average" grids (per location);
-    the item's full shape for spatial="keep". model / method / data_hash / meta are provenance.
+    the item's full shape for spatial="keep". model / identity / method / data_hash / meta are
+    provenance; save / load are Direction's (one file format).
     """
 
-    vector: torch.Tensor
-    site: str
     method: str = "mean_diff"
-    model: str = ""
-    data_hash: str = ""
-    spatial: str | None = None
-    meta: dict = field(default_factory=dict)
-    identity: dict = field(default_factory=dict)  # model_identity() of the model it was recorded on ({}: unknown)
 
-    def __post_init__(self):
-        if not isinstance(self.vector, torch.Tensor) or self.vector.numel() == 0:
-            raise SiteShapeError(f"a steering vector needs a non-empty tensor, got {type(self.vector).__name__}")
-        if not torch.isfinite(self.vector).all():
-            raise SiteShapeError(f"the steering vector for {self.site!r} has non-finite entries: check the activations")
-        if self.spatial not in (None, "average", "keep"):
-            raise ValueError(f"spatial must be None, 'average' or 'keep', not {self.spatial!r}")
-
-    @property
-    def norm(self) -> float:
-        return float(self.vector.float().norm())
+    _noun = "steering vector"
 
     def check(self, lm: interp.Instrumented, force: bool = False) -> None:
         """ModelMismatchError unless this vector was recorded on `lm`'s model (same architecture, config and
@@ -160,64 +143,10 @@ class SteeringVector:
         return lm.applied([self.op(alpha, norm=norm, pos=pos, steps=steps, items=items)], steps_from=steps_from,
                           check=check)
 
-    # -- controls ------------------------------------------------------------------------------
-    def random_like(self, seed: int = 0) -> "SteeringVector":
-        """An isotropic random direction with this vector's shape and norm."""
-        g = torch.Generator().manual_seed(seed)
-        r = torch.randn(self.vector.shape, generator=g, dtype=torch.float64)
-        r = (r / r.norm() * self.vector.double().norm()).to(self.vector.dtype)
-        return replace(self, vector=r, method="random", meta={**self.meta, "control": "random", "seed": seed})
-
-    def rescaled(self, target_norm: float) -> "SteeringVector":
-        v = self.vector.double()
-        return replace(self, vector=(v / v.norm().clamp_min(1e-30) * target_norm).to(self.vector.dtype))
-
-    def cosine(self, other: "SteeringVector | torch.Tensor") -> float:
-        o = other.vector if isinstance(other, SteeringVector) else other
-        return float(torch.nn.functional.cosine_similarity(self.vector.double().reshape(-1), o.double().reshape(-1), 0))
-
-    # -- disk ----------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """One .safetensors file; provenance in its metadata (strings only, as safetensors wants)."""
-        path = Path(path)
-        path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-        meta = {"format": FORMAT, "site": self.site, "method": self.method, "model": self.model,
-                "data_hash": self.data_hash, "spatial": self.spatial or "", "meta": json.dumps(_io.jsonable(self.meta)),
-                "identity": json.dumps(self.identity), "width": str(self.vector.shape[-1])}
-        return _io.atomic_write_safetensors(path, {"vector": self.vector}, meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SteeringVector":
-        from safetensors import safe_open
-
-        path = Path(path)
-        path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-        if not path.is_file():
-            raise InterpError(f"no steering vector file at {path}")
-        _io.check_safetensors(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise InterpError(f"{path} is not an interp steering vector (format {meta.get('format')!r}); "
-                                  "write one with SteeringVector.save")
-            vec = f.get_tensor("vector")
-        if "width" in meta and int(meta["width"]) != vec.shape[-1]:
-            raise _io.CorruptFileError(f"{path}: the vector has width {vec.shape[-1]}, its metadata says "
-                                       f"{meta['width']}")
-        return cls(vec, meta["site"], meta["method"], meta["model"], meta["data_hash"], meta["spatial"] or None,
-                   json.loads(meta.get("meta", "{}")), json.loads(meta.get("identity", "{}")))
-
 
 # ---------------------------------------------------------------------------------------------
 # extraction maths (model-free)
 # ---------------------------------------------------------------------------------------------
-
-def znormalize(acts: torch.Tensor) -> torch.Tensor:
-    """Each example to zero mean and unit std over its features (all non-batch axes)."""
-    a = acts.double().flatten(1)
-    a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True).clamp_min(1e-12)
-    return a.reshape(acts.shape)
-
 
 def _check_pair(pos: torch.Tensor, neg: torch.Tensor, paired: bool) -> None:
     if pos.shape[1:] != neg.shape[1:]:
@@ -320,8 +249,8 @@ def from_activations(pos: torch.Tensor, neg: torch.Tensor, site: str, *, method:
     """A SteeringVector from cached activations [n, *F] of both sets."""
     d = direction(pos, neg, method, znorm)
     info = {"n_pos": len(pos), "n_neg": len(neg), "znorm": znorm, **(meta or {})}
-    return SteeringVector(d, site, method, model, data_hash(hash_of if hash_of is not None else (pos, neg), method, znorm),
-                          spatial, info)
+    return SteeringVector(d, site, method, info, model=model, spatial=spatial,
+                          data_hash=data_hash(hash_of if hash_of is not None else (pos, neg), method, znorm))
 
 
 def extract(lm: interp.Instrumented, positive: Any, negative: Any, site: str, *, method: str = "mean_diff",
@@ -354,7 +283,7 @@ def controls(vector: SteeringVector, pos: torch.Tensor | None = None, neg: torch
         method = vector.method if vector.method in METHODS else "mean_diff"
         d = shuffled_direction(pos, neg, method, znorm, seed).double()
         v = vector.vector.double()
-        d = (d - (d * v).sum() / (v * v).sum().clamp_min(1e-30) * v).float()
+        d = (d - (d * v).sum() / (v * v).sum().clamp_min(EPS) * v).float()
         sv = replace(vector, vector=d, method="shuffled", meta={**vector.meta, "control": "shuffled labels", "seed": seed})
         out["norm_matched"] = sv.rescaled(vector.norm)
     return out
