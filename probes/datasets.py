@@ -12,7 +12,6 @@ after a batch has been flushed, so an interrupted collection resumes at the firs
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import interp
 from interp.collect import collect_batch
 from interp.engine import resolve_positions
 from interp.io import atomic_write_text
+from interp.io import fingerprint as _io_fingerprint
 
 FORMAT = "interp.activations/1"
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
@@ -313,13 +313,8 @@ def denoiser_runner(pipe: interp.Instrumented, sites: list[str], steps: int, *, 
 
 
 def fingerprint(inputs: Sequence[Any], *parts: Any) -> str:
-    h = hashlib.sha256()
-    for x in inputs:
-        h.update(repr(x.tolist() if isinstance(x, torch.Tensor) else x).encode())
-        h.update(b"\0")
-    for p in parts:
-        h.update(repr(p).encode())
-    return h.hexdigest()
+    """Identity of a collection (inputs, sites, positions, dtype) for resuming: interp.io.fingerprint."""
+    return _io_fingerprint(list(inputs), *[repr(p) for p in parts])
 
 
 def collect(lm: interp.Instrumented | None, inputs: Sequence[Any], sites: str | Sequence[str] = (), *,
