@@ -1,6 +1,6 @@
 """Steering vectors: extract a direction from contrasting activations, inject it with the engine's Add op.
 
-Extraction (METHODS.md, "Steering"): difference of means (optionally z-normalising each example
+Extraction (docs/METHODS.md, "Steering"): difference of means (optionally z-normalising each example
 first), CAA (mean of paired positive - negative differences) and the first principal component of
 the paired differences. Activations come from prompts, from datasets of model inputs or from
 tensors already captured. Injection is `Add(site, vector, alpha, norm="relative")`:

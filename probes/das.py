@@ -1,4 +1,4 @@
-"""Distributed alignment search (DAS) and interchange intervention accuracy (IIA).
+"""Distributed alignment search (DAS) and interchange intervention accuracy (IIA) (docs/METHODS.md, "Probes").
 
 A high-level causal model says what the output should be when a variable of a base input is set
 to its value on a source input (the counterfactual target). DAS learns a k-dimensional subspace

@@ -1,5 +1,6 @@
 """What every erasure method shares: aligned concept prompts, keys captured through the engine, and
-`Edit` — the new weights of the edited layers, applied to a model in place or written to a checkpoint."""
+`Edit` — the new weights of the edited layers, applied to a model in place or written to a checkpoint.
+The methods' formulas and settings: docs/METHODS.md, "Closed-form weight edits", "LEACE", "HiRM"."""
 from __future__ import annotations
 
 import copy
