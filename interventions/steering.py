@@ -25,7 +25,7 @@ import interp
 from interp import Add, Result, at
 from interp import collect as _collector
 from interp import io as _io
-from interp.direction import EPS, FORMAT, Direction, znormalize
+from interp.direction import EPS, FORMAT, Direction, znormalize  # noqa: F401  (FORMAT, znormalize: old names)
 from interp.errors import InterpError, SiteShapeError
 
 METHODS = ("mean_diff", "caa", "pca")
@@ -73,7 +73,8 @@ def model_identity(model: Any) -> dict:
     sample = []
     for p in picked:
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).long().to(flat.device)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64).long()  # f32 overshoots
+        idx = idx.to(flat.device)
         sample += flat[idx].double().cpu().tolist()
     return {"arch": _io.fingerprint(layout, length=16), "sample": sample}
 
