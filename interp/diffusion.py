@@ -305,7 +305,7 @@ def prompt_positions(tokens: Sequence[str]) -> list[int]:
 
 def token_influence(model, spec: Sampling | str, positions: Sequence[int] | None = None, *, steps=None,
                     progress: bool = False) -> Result:
-    """Per-token influence on the denoiser output along the clean trajectory (METHODS.md D_t):
+    """Per-token influence on the denoiser output along the clean trajectory (docs/METHODS.md, "Steering", D_t):
 
         D_t(token) = ||f(x_t, t, c) - f(x_t, t, c without token)|| / ||f(x_t, t, c)||
 

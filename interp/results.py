@@ -180,14 +180,4 @@ def atomic_write(dest: Path, write) -> None:
     _io.atomic_write(dest, write)
 
 
-def jsonable(x):
-    """Nested dicts/lists/tensors -> plain JSON values (anything else as its string)."""
-    if isinstance(x, dict):
-        return {str(k): jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [jsonable(v) for v in x]
-    if isinstance(x, torch.Tensor):
-        return x.tolist()
-    if isinstance(x, (str, int, float, bool)) or x is None:
-        return x
-    return str(x)
+jsonable = _io.jsonable  # the one JSON helper (non-finite floats as strings)

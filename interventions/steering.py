@@ -1,6 +1,6 @@
 """Steering vectors: extract a direction from contrasting activations, inject it with the engine's Add op.
 
-Extraction (METHODS.md, "Steering"): difference of means (optionally z-normalising each example
+Extraction (docs/METHODS.md, "Steering"): difference of means (optionally z-normalising each example
 first), CAA (mean of paired positive - negative differences) and the first principal component of
 the paired differences. Activations come from prompts, from datasets of model inputs or from
 tensors already captured. Injection is `Add(site, vector, alpha, norm="relative")`:
@@ -13,23 +13,23 @@ a random direction and a norm-matched control (the same extraction on shuffled l
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 import interp
 from interp import Add, Result, at
+from interp import collect as _collector
 from interp import io as _io
+from interp.direction import EPS, FORMAT, Direction, znormalize  # noqa: F401  (FORMAT, znormalize: old names)
 from interp.errors import InterpError, SiteShapeError
 
 METHODS = ("mean_diff", "caa", "pca")
 REDUCE = ("last", "mean", "keep")
-FORMAT = "interp.steering/1"
 _VOLATILE = ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash", "_diffusers_version",
              "_attn_implementation_autoset", "_attn_implementation", "name_or_path")
 _SAMPLE = 64  # parameter values per sampled tensor in a model's identity
@@ -73,7 +73,8 @@ def model_identity(model: Any) -> dict:
     sample = []
     for p in picked:
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel())).long().to(flat.device)
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64).long()  # f32 overshoots
+        idx = idx.to(flat.device)
         sample += flat[idx].double().cpu().tolist()
     return {"arch": _io.fingerprint(layout, length=16), "sample": sample}
 
@@ -94,33 +95,17 @@ def same_model(a: dict, b: dict) -> str | None:
 # ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
-class SteeringVector:
-    """A direction at one site plus where it came from.
+class SteeringVector(Direction):
+    """A Direction (interp.direction) that checks and injects itself as a steering vector.
 
     vector: [F] for token sites (added per position) or spatial="average" grids (per location);
-    the item's full shape for spatial="keep". model / method / data_hash / meta are provenance.
+    the item's full shape for spatial="keep". model / identity / method / data_hash / meta are
+    provenance; save / load are Direction's (one file format).
     """
 
-    vector: torch.Tensor
-    site: str
     method: str = "mean_diff"
-    model: str = ""
-    data_hash: str = ""
-    spatial: str | None = None
-    meta: dict = field(default_factory=dict)
-    identity: dict = field(default_factory=dict)  # model_identity() of the model it was recorded on ({}: unknown)
 
-    def __post_init__(self):
-        if not isinstance(self.vector, torch.Tensor) or self.vector.numel() == 0:
-            raise SiteShapeError(f"a steering vector needs a non-empty tensor, got {type(self.vector).__name__}")
-        if not torch.isfinite(self.vector).all():
-            raise SiteShapeError(f"the steering vector for {self.site!r} has non-finite entries: check the activations")
-        if self.spatial not in (None, "average", "keep"):
-            raise ValueError(f"spatial must be None, 'average' or 'keep', not {self.spatial!r}")
-
-    @property
-    def norm(self) -> float:
-        return float(self.vector.float().norm())
+    _noun = "steering vector"
 
     def check(self, lm: interp.Instrumented, force: bool = False) -> None:
         """ModelMismatchError unless this vector was recorded on `lm`'s model (same architecture, config and
@@ -159,64 +144,10 @@ class SteeringVector:
         return lm.applied([self.op(alpha, norm=norm, pos=pos, steps=steps, items=items)], steps_from=steps_from,
                           check=check)
 
-    # -- controls ------------------------------------------------------------------------------
-    def random_like(self, seed: int = 0) -> "SteeringVector":
-        """An isotropic random direction with this vector's shape and norm."""
-        g = torch.Generator().manual_seed(seed)
-        r = torch.randn(self.vector.shape, generator=g, dtype=torch.float64)
-        r = (r / r.norm() * self.vector.double().norm()).to(self.vector.dtype)
-        return replace(self, vector=r, method="random", meta={**self.meta, "control": "random", "seed": seed})
-
-    def rescaled(self, target_norm: float) -> "SteeringVector":
-        v = self.vector.double()
-        return replace(self, vector=(v / v.norm().clamp_min(1e-30) * target_norm).to(self.vector.dtype))
-
-    def cosine(self, other: "SteeringVector | torch.Tensor") -> float:
-        o = other.vector if isinstance(other, SteeringVector) else other
-        return float(torch.nn.functional.cosine_similarity(self.vector.double().reshape(-1), o.double().reshape(-1), 0))
-
-    # -- disk ----------------------------------------------------------------------------------
-    def save(self, path: str | Path) -> Path:
-        """One .safetensors file; provenance in its metadata (strings only, as safetensors wants)."""
-        path = Path(path)
-        path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-        meta = {"format": FORMAT, "site": self.site, "method": self.method, "model": self.model,
-                "data_hash": self.data_hash, "spatial": self.spatial or "", "meta": json.dumps(_io.jsonable(self.meta)),
-                "identity": json.dumps(self.identity), "width": str(self.vector.shape[-1])}
-        return _io.atomic_write_safetensors(path, {"vector": self.vector}, meta)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "SteeringVector":
-        from safetensors import safe_open
-
-        path = Path(path)
-        path = path if path.suffix == ".safetensors" else path.with_suffix(".safetensors")
-        if not path.is_file():
-            raise InterpError(f"no steering vector file at {path}")
-        _io.check_safetensors(path)
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != FORMAT:
-                raise InterpError(f"{path} is not an interp steering vector (format {meta.get('format')!r}); "
-                                  "write one with SteeringVector.save")
-            vec = f.get_tensor("vector")
-        if "width" in meta and int(meta["width"]) != vec.shape[-1]:
-            raise _io.CorruptFileError(f"{path}: the vector has width {vec.shape[-1]}, its metadata says "
-                                       f"{meta['width']}")
-        return cls(vec, meta["site"], meta["method"], meta["model"], meta["data_hash"], meta["spatial"] or None,
-                   json.loads(meta.get("meta", "{}")), json.loads(meta.get("identity", "{}")))
-
 
 # ---------------------------------------------------------------------------------------------
 # extraction maths (model-free)
 # ---------------------------------------------------------------------------------------------
-
-def znormalize(acts: torch.Tensor) -> torch.Tensor:
-    """Each example to zero mean and unit std over its features (all non-batch axes)."""
-    a = acts.double().flatten(1)
-    a = (a - a.mean(1, keepdim=True)) / a.std(1, keepdim=True).clamp_min(1e-12)
-    return a.reshape(acts.shape)
-
 
 def _check_pair(pos: torch.Tensor, neg: torch.Tensor, paired: bool) -> None:
     if pos.shape[1:] != neg.shape[1:]:
@@ -289,58 +220,6 @@ def _finite_alpha(alpha: Any) -> float:
 # activations from a model
 # ---------------------------------------------------------------------------------------------
 
-def _batches(inputs: Any, batch_size: int) -> Iterable[tuple[Any, bool]]:
-    """Yield (batch, is_text). Prompts and tensors / tuples / dicts are cut into batches; a list of
-    non-string items is a dataset of ready batches."""
-    if isinstance(inputs, str):
-        inputs = [inputs]
-    if isinstance(inputs, (list, tuple)) and inputs and all(isinstance(x, str) for x in inputs):
-        for i in range(0, len(inputs), batch_size):
-            yield list(inputs[i:i + batch_size]), True
-        return
-    if isinstance(inputs, torch.Tensor):
-        for i in range(0, inputs.shape[0], batch_size):
-            yield inputs[i:i + batch_size], False
-        return
-    if isinstance(inputs, tuple) and isinstance(inputs[0], torch.Tensor):
-        n = inputs[0].shape[0]
-        cut = lambda t, i: t[i:i + batch_size] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == n else t
-        for i in range(0, n, batch_size):
-            yield tuple(cut(t, i) for t in inputs), False
-        return
-    if isinstance(inputs, dict):
-        n = next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-        for i in range(0, n, batch_size):
-            yield {k: v[i:i + batch_size] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}, False
-        return
-    for item in inputs:  # a dataset: an iterable of batches
-        yield item, isinstance(item, (str, list)) and bool(item) and isinstance(item if isinstance(item, str) else item[0], str)
-
-
-def _reduce(x: torch.Tensor, reduce: str | int, lengths: torch.Tensor | None) -> torch.Tensor:
-    if reduce == "keep":
-        return x
-    if isinstance(reduce, slice):  # the mean over a range of positions (e.g. the grid tokens after a class token)
-        if x.dim() < 3:
-            raise ValueError(f"reduce={reduce} averages positions, but the activations have shape {tuple(x.shape)}")
-        return x[:, reduce].mean(1)
-    if isinstance(reduce, int):  # one position of a sequence site (e.g. a regime / class token)
-        if x.dim() < 3 or not -x.shape[1] <= reduce < x.shape[1]:
-            raise ValueError(f"reduce={reduce} picks a position, but the activations have shape {tuple(x.shape)}")
-        return x[:, reduce]
-    if x.dim() >= 4 and lengths is None:  # channels-first grid [n, C, *S]: average the spatial axes
-        if reduce != "mean":
-            raise ValueError(f"reduce={reduce!r} on a grid activation {tuple(x.shape)}: use 'mean' (spatial average) or 'keep'")
-        return x.flatten(2).mean(-1)
-    if x.dim() < 3:
-        return x
-    lengths = (torch.full((x.shape[0],), x.shape[1], dtype=torch.long) if lengths is None else lengths).to(x.device)
-    if reduce == "last":
-        return x[torch.arange(x.shape[0], device=x.device), lengths - 1]
-    mask = (torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]).to(x.dtype)
-    return (x * mask[:, :, None]).sum(1) / lengths[:, None].to(x.dtype)
-
-
 def collect(lm: interp.Instrumented, inputs: Any, site: str, *, reduce: str = "last", batch_size: int = 16,
             progress: bool = False, **run_kw) -> torch.Tensor:
     """Activations at `site` for every example of `inputs`: [n, F] (reduce "last" / "mean" / a position
@@ -354,26 +233,15 @@ def collect(lm: interp.Instrumented, inputs: Any, site: str, *, reduce: str = "l
 
 
 def _collect(lm, inputs, site, reduce, batch_size, progress, **run_kw) -> tuple[torch.Tensor, int]:
-    if reduce not in REDUCE and not isinstance(reduce, (int, slice)):
+    if isinstance(reduce, bool) or (reduce not in REDUCE and not isinstance(reduce, (int, slice))):
         raise ValueError(f"reduce must be one of {REDUCE}, a position index or a slice of positions, not {reduce!r}")
-    lm.site(site)  # unknown sites fail here, with suggestions
-    out, raw_dim = [], 0
-    for batch, text in tqdm(list(_batches(inputs, batch_size)), desc="collect", disable=not progress, leave=False):
-        lengths = None
-        if text:
-            prepared = lm.adapter.prepare(batch, pad=True)
-            mask = prepared.kwargs.get("attention_mask")
-            lengths = mask.sum(1).cpu() if mask is not None else None
-            if mask is not None and bool((mask[:, :-1] < mask[:, 1:]).any()):
-                raise InterpError("the tokenizer padded on the left; collect() needs right padding")
-            batch = prepared
-        res = lm.run(batch, capture=site, **run_kw)
-        x = res.cache[site].float().cpu()
-        raw_dim = x.dim()
-        out.append(_reduce(x, reduce, lengths))
-    if not out:
-        raise ValueError(f"no examples in the inputs for {site!r}")
-    return torch.cat(out), raw_dim
+    shapes: dict = {}
+    try:
+        x = _collector.collect(lm, inputs, site, None if reduce == "keep" else reduce, batch_size=batch_size,
+                               progress=progress, shapes=shapes, **run_kw)[site]
+    except SiteShapeError as e:
+        raise ValueError(f"reduce={reduce!r}: {e}") from None
+    return x, len(shapes[site])
 
 
 def from_activations(pos: torch.Tensor, neg: torch.Tensor, site: str, *, method: str = "mean_diff",
@@ -382,8 +250,8 @@ def from_activations(pos: torch.Tensor, neg: torch.Tensor, site: str, *, method:
     """A SteeringVector from cached activations [n, *F] of both sets."""
     d = direction(pos, neg, method, znorm)
     info = {"n_pos": len(pos), "n_neg": len(neg), "znorm": znorm, **(meta or {})}
-    return SteeringVector(d, site, method, model, data_hash(hash_of if hash_of is not None else (pos, neg), method, znorm),
-                          spatial, info)
+    return SteeringVector(d, site, method, info, model=model, spatial=spatial,
+                          data_hash=data_hash(hash_of if hash_of is not None else (pos, neg), method, znorm))
 
 
 def extract(lm: interp.Instrumented, positive: Any, negative: Any, site: str, *, method: str = "mean_diff",
@@ -398,14 +266,10 @@ def extract(lm: interp.Instrumented, positive: Any, negative: Any, site: str, *,
     p, raw_dim = _collect(lm, positive, site, reduce, batch_size, False, **run_kw)
     n, _ = _collect(lm, negative, site, reduce, batch_size, False, **run_kw)
     spatial = "keep" if reduce == "keep" else ("average" if raw_dim >= 4 else None)
-    hashed = (positive, negative) if _is_text(positive) and _is_text(negative) else (p, n)
+    hashed = (positive, negative) if _collector.is_text(positive) and _collector.is_text(negative) else (p, n)
     sv = replace(from_activations(p, n, site, method=method, znorm=znorm, spatial=spatial, model=model,
                                   meta={"reduce": reduce}, hash_of=hashed), identity=model_identity(lm.model))
     return (sv, p, n) if return_activations else sv
-
-
-def _is_text(x) -> bool:
-    return isinstance(x, str) or (isinstance(x, (list, tuple)) and bool(x) and all(isinstance(y, str) for y in x))
 
 
 def controls(vector: SteeringVector, pos: torch.Tensor | None = None, neg: torch.Tensor | None = None,
@@ -420,7 +284,7 @@ def controls(vector: SteeringVector, pos: torch.Tensor | None = None, neg: torch
         method = vector.method if vector.method in METHODS else "mean_diff"
         d = shuffled_direction(pos, neg, method, znorm, seed).double()
         v = vector.vector.double()
-        d = (d - (d * v).sum() / (v * v).sum().clamp_min(1e-30) * v).float()
+        d = (d - (d * v).sum() / (v * v).sum().clamp_min(EPS) * v).float()
         sv = replace(vector, vector=d, method="shuffled", meta={**vector.meta, "control": "shuffled labels", "seed": seed})
         out["norm_matched"] = sv.rescaled(vector.norm)
     return out

@@ -1,4 +1,4 @@
-"""Distributed alignment search (DAS) and interchange intervention accuracy (IIA).
+"""Distributed alignment search (DAS) and interchange intervention accuracy (IIA) (docs/METHODS.md, "Probes").
 
 A high-level causal model says what the output should be when a variable of a base input is set
 to its value on a source input (the counterfactual target). DAS learns a k-dimensional subspace
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 import interp
 from interp import Replace, Result, at
+from interp.collect import collect_batch
 
 from .baseline import random_copy
 from .maps import row_axis
@@ -98,14 +99,14 @@ def _batches(lm: interp.Instrumented, inputs, order: torch.Tensor, batch_size: i
 
 
 def site_activations(lm: interp.Instrumented, inputs, site: str, pos: int, batch_size: int = 64) -> torch.Tensor:
-    """Activations [N, d] of `site` at position `pos` (per-head sites flattened)."""
+    """Activations [N, d] of `site` at position `pos` (per-head sites flattened), via interp.collect."""
     out = None
-    with torch.no_grad():
-        for idx in _batches(lm, inputs, torch.arange(_n(inputs)), batch_size):
-            t = lm.run(_take(inputs, idx), capture=[site], last_only=True).cache[site][:, pos].flatten(1)
-            if out is None:
-                out = torch.empty(_n(inputs), t.shape[1], dtype=t.dtype, device=t.device)
-            out[idx.to(t.device)] = t
+    for idx in _batches(lm, inputs, torch.arange(_n(inputs)), batch_size):
+        t = collect_batch(lm, _take(inputs, idx), [site], pos, dtype=None, device=None, flatten=True,
+                          last_only=True)[site]
+        if out is None:
+            out = torch.empty(_n(inputs), t.shape[1], dtype=t.dtype, device=t.device)
+        out[idx.to(t.device)] = t
     return out
 
 

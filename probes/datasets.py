@@ -12,7 +12,6 @@ after a batch has been flushed, so an interrupted collection resumes at the firs
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -24,8 +23,10 @@ import torch
 from tqdm.auto import tqdm
 
 import interp
+from interp.collect import collect_batch
 from interp.engine import resolve_positions
 from interp.io import atomic_write_text
+from interp.io import fingerprint as _io_fingerprint
 
 FORMAT = "interp.activations/1"
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64}
@@ -227,32 +228,22 @@ def _resolve(spec, tokens: list[str], subject: str | None, i: int) -> list[int]:
 def lm_runner(lm: interp.Instrumented, sites: list[str], positions: dict[str, Any],
               subjects: Sequence[str] | None = None, dtype: torch.dtype = torch.float32) -> Callable:
     """A runner for `collect`: one engine capture per batch, positions resolved per item (right padding)."""
-    names = list(positions)
-    specs = [positions[n] for n in names]
+    specs = {name: _selector(spec, subjects) for name, spec in positions.items()}
 
     def run(batch: list, start: int) -> dict[str, torch.Tensor]:
-        prepared = lm.adapter.prepare(batch, pad=True) if isinstance(batch[0], str) else lm.adapter.prepare(
-            torch.stack([torch.as_tensor(b) for b in batch]))
-        out = lm.run(prepared, capture=sites, last_only=True)   # logits are not used: skip the head on most rows
-        mask = prepared.kwargs.get("attention_mask")
-        lengths = mask.sum(1).tolist() if mask is not None else [prepared.seq_len] * prepared.batch
-        feats = {}
-        for site in sites:
-            t = out.cache[site]
-            if t.dim() > 3:
-                t = t.flatten(2)
-            if t.dim() != 3:
-                raise ValueError(f"site {site!r} carries shape {tuple(t.shape)}, not [batch, pos, features]: "
-                                 "collect it with a custom runner that pools it")
-            rows = []
-            for j in range(t.shape[0]):
-                toks = (prepared.tokens[j] if prepared.tokens else [str(x) for x in range(t.shape[1])])[:int(lengths[j])]
-                subj = subjects[start + j] if subjects is not None else None
-                rows.append(torch.stack([t[j, _resolve(s, toks, subj, start + j)].mean(0) for s in specs]))
-            feats[site] = torch.stack(rows).to(dtype)
-        return feats
+        if not isinstance(batch[0], str):
+            batch = lm.adapter.prepare(torch.stack([torch.as_tensor(b) for b in batch]))
+        # logits are not used: last_only skips the head on most rows
+        return collect_batch(lm, batch, sites, specs, start=start, dtype=dtype, flatten=True, last_only=True)
 
     return run
+
+
+def _selector(spec, subjects: Sequence[str] | None):
+    """A position spec of `collect` as one the interp collector takes: fn(i, tokens) -> positions."""
+    if isinstance(spec, (int, str)) and not isinstance(spec, bool):
+        return spec
+    return lambda i, toks: _resolve(spec, toks, subjects[i] if subjects is not None else None, i)
 
 
 def _pool(t: torch.Tensor, pool: str) -> torch.Tensor:
@@ -322,13 +313,8 @@ def denoiser_runner(pipe: interp.Instrumented, sites: list[str], steps: int, *, 
 
 
 def fingerprint(inputs: Sequence[Any], *parts: Any) -> str:
-    h = hashlib.sha256()
-    for x in inputs:
-        h.update(repr(x.tolist() if isinstance(x, torch.Tensor) else x).encode())
-        h.update(b"\0")
-    for p in parts:
-        h.update(repr(p).encode())
-    return h.hexdigest()
+    """Identity of a collection (inputs, sites, positions, dtype) for resuming: interp.io.fingerprint."""
+    return _io_fingerprint(list(inputs), *[repr(p) for p in parts])
 
 
 def collect(lm: interp.Instrumented | None, inputs: Sequence[Any], sites: str | Sequence[str] = (), *,

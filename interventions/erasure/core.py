@@ -1,5 +1,6 @@
 """What every erasure method shares: aligned concept prompts, keys captured through the engine, and
-`Edit` — the new weights of the edited layers, applied to a model in place or written to a checkpoint."""
+`Edit` — the new weights of the edited layers, applied to a model in place or written to a checkpoint.
+The methods' formulas and settings: docs/METHODS.md, "Closed-form weight edits", "LEACE", "HiRM"."""
 from __future__ import annotations
 
 import copy
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 import interp
+from interp.collect import collect
 
 
 @dataclass(frozen=True)
@@ -76,20 +78,8 @@ def capture(component: nn.Module, inputs: Any, sites: Sequence[str], chunk: int 
     every tensor whose first axis has N entries); run in chunks of `chunk` items.
     """
     lm = interp.attach(component)
-    n = inputs.shape[0] if isinstance(inputs, torch.Tensor) else next(v for v in inputs.values() if isinstance(v, torch.Tensor)).shape[0]
-    out: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
-    for i in range(0, n, chunk):
-        part = inputs[i:i + chunk] if isinstance(inputs, torch.Tensor) else \
-            {k: (v[i:i + chunk] if (k in batch_keys if batch_keys is not None else
-                                    isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == n) else v)
-             for k, v in inputs.items()}
-        with torch.no_grad():
-            cache = lm.run(part, capture=list(sites)).cache
-        for s in sites:
-            if cache.axes.get(s, ("batch",))[0] == "call":
-                raise ValueError(f"site {s!r} ran more than once per forward pass; capture a site that runs once")
-            out[s].append(cache[s].double())
-    return {s: torch.cat(v) for s, v in out.items()}
+    return collect(lm, inputs, list(sites), None, batch_size=chunk, dtype=torch.float64, device=None, once=True,
+                   split_keys=batch_keys)
 
 
 def linear_modules(root: nn.Module, pattern: str) -> list[str]:

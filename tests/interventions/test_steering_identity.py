@@ -77,3 +77,10 @@ def test_a_vector_without_identity_is_not_checked_and_alpha_must_be_finite():
     for alpha in (float("nan"), float("inf"), "x"):
         with pytest.raises(interp.errors.InterpError, match="alpha"):
             bare.op(alpha)
+
+
+def test_identity_of_a_model_with_a_huge_tensor_samples_inside_it():
+    """float32 linspace rounds 28311551 (SmolLM2's embedding, 49152 x 576) up past the last index."""
+    big = torch.nn.Embedding(49152, 576)
+    ident = model_identity(big)
+    assert len(ident["sample"]) == 64 and ident["sample"][-1] == float(big.weight.detach().reshape(-1)[-1])

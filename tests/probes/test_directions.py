@@ -1,8 +1,11 @@
 """Directions: the maths, the safetensors round trip, and their ops acting through the engine."""
+import json
+
 import pytest
 import torch
 
 import interp
+from interp.direction import znormalize
 from probes import Direction, collect, from_dataset, lda, mean_difference
 
 
@@ -67,3 +70,65 @@ def test_projection_op_removes_the_direction_through_the_engine(toy):
     assert torch.allclose(edited[:, -1], want, atol=1e-5)
     assert torch.allclose((edited[:, -1] - mu) @ u, torch.zeros(len(X)), atol=1e-5)
     assert torch.equal(edited[:, :-1], clean[:, :-1])
+
+
+# ---- one Direction for probes and steering ------------------------------------------------------
+
+def _old_file(path, fmt, tensors, header):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata={"format": fmt, **header})
+    return path
+
+
+def test_steering_vectors_are_directions_and_files_cross_load(tmp_path):
+    from interventions.steering import SteeringVector, from_activations
+
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(30, 6, generator=g) + 2 * torch.eye(6)[0], torch.randn(30, 6, generator=g)
+    sv = from_activations(pos, neg, "blocks.2.resid_post", model="toy", meta={"layer": 2})
+    assert isinstance(sv, Direction)
+    md = mean_difference(torch.cat([pos, neg]), [1] * 30 + [0] * 30, 1, 0, site="blocks.2.resid_post")
+    assert abs(sv.cosine(md) - 1) < 1e-6                          # the same extraction, two entry points
+    back = Direction.load(sv.save(tmp_path / "sv"))               # a steering file read as a Direction
+    assert type(back) is Direction and torch.equal(back.vector, sv.vector)
+    assert (back.model, back.data_hash, back.meta["layer"]) == ("toy", sv.data_hash, 2)
+    as_sv = SteeringVector.load(md.save(tmp_path / "md"))         # a probe direction read as a steering vector
+    assert type(as_sv) is SteeringVector and torch.equal(as_sv.mu, md.mu) and as_sv.data_hash == md.data_hash
+    op = as_sv.op(2.0, pos=-1)
+    assert op.alpha == 2.0 and torch.equal(op.vector, md.vector)
+
+
+def test_files_of_both_older_formats_load(tmp_path):
+    from interventions.steering import SteeringVector
+
+    v, mu = torch.randn(5), torch.randn(5)
+    old_dir = _old_file(tmp_path / "d.safetensors", "interp.direction/1", {"vector": v, "mu": mu},
+                        {"site": "s", "method": "lda", "meta": json.dumps({"label": "x"})})
+    d = Direction.load(old_dir)
+    assert torch.equal(d.vector, v) and torch.equal(d.mu, mu) and (d.method, d.meta) == ("lda", {"label": "x"})
+    old_sv = _old_file(tmp_path / "v.safetensors", "interp.steering/1", {"vector": v},
+                       {"site": "s", "method": "caa", "model": "m", "data_hash": "abc", "spatial": "",
+                        "meta": "{}", "identity": json.dumps({"arch": "f00"}), "width": "5"})
+    s = SteeringVector.load(old_sv)
+    assert (s.method, s.model, s.data_hash, s.identity, s.spatial) == ("caa", "m", "abc", {"arch": "f00"}, None)
+
+
+def test_one_epsilon_and_one_validation(tmp_path):
+    from interventions import steering
+
+    X = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    X[0] = 3.0                                                     # a constant row: std 0, the epsilon decides
+    assert torch.equal(steering.znormalize(X), znormalize(X))
+    zd = mean_difference(X, [1, 0] * 4, 1, 0, zscore=True)
+    want = znormalize(X)[0::2].mean(0) - znormalize(X)[1::2].mean(0)
+    torch.testing.assert_close(zd.vector, want.float())
+    for bad in (torch.zeros(3), torch.tensor([1.0, float("inf")]), torch.ones(2, 3)):
+        with pytest.raises(ValueError):
+            Direction(bad, "s", "m")
+        with pytest.raises(ValueError):
+            steering.SteeringVector(bad, "s")
+    assert steering.SteeringVector(torch.ones(2, 3), "s", spatial="keep").vector.shape == (2, 3)
+    with pytest.raises(ValueError, match="not an interp direction"):
+        interp.Result(torch.zeros(2), ("a",)).save(tmp_path / "r")
+        Direction.load(tmp_path / "r.safetensors")
