@@ -45,7 +45,7 @@ def _fold(tr: nn.Module, name: str, eraser, tensors: dict) -> None:
     tensors[f"transformer.{name}.weight"], tensors[f"transformer.{name}.bias"] = W, b
 
 
-def context_leace(pipe, concept: Concept, pooled: bool = True, tol: float = 1e-6) -> Edit:
+def context_leace(pipe, concept: Concept, pooled: bool = True, tol: float | None = None) -> Edit:
     """LEACE folded into context_embedder (per-position concept offsets, as the UNet's leace "offsets") and into
     the pooled text projection (concept prompts against the preserve prompts)."""
     tr = _transformer(pipe)
