@@ -28,7 +28,8 @@ def register(sub) -> None:
                    "(default: %(default)s; required unless --corrupted is given)")
     p.add_argument("--target", default=None, help="answer token, e.g. ' Paris' (default: the clean run's top token)")
     p.add_argument("--out", default="interp-out/trace", help="output folder (default: %(default)s)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples, held in one batch (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=None, help="noise samples, held in one batch (default: 10 for a "
+                   "language model, 2 for a pipeline)")
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
     p.add_argument("--window", type=int, default=10, help="consecutive MLP / attention layers restored at once (default: %(default)s)")
@@ -52,7 +53,10 @@ def register(sub) -> None:
 
 
 def is_pipeline(obj) -> bool:
-    return type(obj).__module__.startswith("diffusers") and hasattr(obj, "components")
+    """A diffusers pipeline (stock or a subclass such as the zoo's): the adapter's own test, by class hierarchy."""
+    from interp.adapters.pipeline import is_pipeline as _is_pipeline
+
+    return _is_pipeline(obj)
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
@@ -90,6 +94,8 @@ def run(args) -> int:
                   "(recipes/trace_diffusion.py) is not installed in this checkout")
             return 2
         return mod.run(args, obj)
+    if args.samples is None:
+        args.samples = 10
     return run_lm(args, obj)
 
 
