@@ -20,6 +20,7 @@ import torch
 
 import interp
 from interp import Patch, Result, at
+from interp.adapters.base import PromptLengthError
 from interp.metrics import kl_to, logit_diff, normalized, prob
 
 KINDS = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
@@ -70,6 +71,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _sweep(lm, clean, corrupted, cells, metric, *, direction, normalize, progress, desc, skip_equal, grid_kw):
     """cells: list of [(site, where_kw)] (one list of patches per row) -> (values [n_cells], attrs, tokens)."""
+    _check_lengths(lm, clean, corrupted)
     source_input, base_input = _runs(lm, clean, corrupted, direction)
     sites = sorted({s for cell in cells for s, _ in cell})
     shared = list(grid_kw.get("shared", ()))
@@ -96,6 +98,15 @@ def _sweep(lm, clean, corrupted, cells, metric, *, direction, normalize, progres
              "grid": stats}
     tokens = grid.tokens[0] if grid.tokens else (source.tokens[0] if source.tokens else None)
     return vals, attrs, tokens
+
+
+def _check_lengths(lm, clean, corrupted) -> None:
+    """Patching compares positions one to one: clean and corrupted must have the same number of tokens."""
+    pc, pk = lm.adapter.prepare(clean), lm.adapter.prepare(corrupted)
+    if pc.seq_len != pk.seq_len:
+        raise PromptLengthError(
+            f"clean and corrupted inputs have different token lengths (clean {pc.seq_len}, corrupted {pk.seq_len}): "
+            "patching compares positions one to one; rephrase them to the same number of tokens")
 
 
 def _may_agree(lm, a, b) -> bool:

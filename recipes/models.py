@@ -102,9 +102,11 @@ def _zoo(name: str, device: str, dtype) -> Any:
     from interp import zoo
 
     if name in zoo.LANGUAGE_MODELS:
-        return zoo.load(name, dtype=dtype, device=device)
+        with _quiet_loading():
+            return zoo.load(name, dtype=dtype, device=device)
     kw = {"torch_dtype": dtype} if dtype is not None and name != "physics" else {}
-    obj = zoo.load(name, device=device, **kw)
+    with _quiet_loading():
+        obj = zoo.load(name, device=device, **kw)
     if dtype is not None and name == "physics":
         obj = obj.to(dtype)
     return obj
@@ -140,7 +142,30 @@ def _refuse_missing_local(spec: str) -> None:
                              f"give an existing folder or a zoo name ({', '.join(zoo_names())})")
 
 
+@contextlib.contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No per-file 'Loading weights' bars from transformers / diffusers while a command loads its model."""
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    t_on, d_on = tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
+    tlog.disable_progress_bar()
+    dlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if t_on:
+            tlog.enable_progress_bar()
+        if d_on:
+            dlog.enable_progress_bar()
+
+
 def _from_folder(name: str, device: str = "cpu", dtype=None, device_map: str | None = None) -> Any:
+    with _quiet_loading():
+        return _load_folder(name, device, dtype, device_map)
+
+
+def _load_folder(name: str, device: str, dtype, device_map: str | None) -> Any:
     if os.path.exists(os.path.join(name, "model_index.json")):
         import diffusers
 

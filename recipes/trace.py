@@ -99,6 +99,20 @@ def run(args) -> int:
     return run_lm(args, obj)
 
 
+def check_word(tokenizer, word: str | None, option: str) -> None:
+    """Warn (stderr) when `word` has no leading space although ' word' is a single token too: in the middle of a
+    sentence the model predicts ' Paris', not 'Paris', and they are different tokens."""
+    import sys
+
+    if word is None or tokenizer is None or word.startswith(" ") or not word.strip():
+        return
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1:
+        print(f"interp trace: warning: {option} {word!r} has no leading space; {' ' + word!r} is a different "
+              f"single token (the usual one after a word). Pass {option} {' ' + word!r} if that is what you mean.",
+              file=sys.stderr)
+
+
 def _kinds(spec, allowed, default):
     if spec is None:
         return list(default)
@@ -118,6 +132,8 @@ def run_lm(args, model) -> int:
     t0 = time.perf_counter()
     lm = interp.attach(model)
     layers = parse_layers(args.layers, lm.n_layers)
+    check_word(lm.tokenizer, args.target, "--target")
+    check_word(lm.tokenizer, args.foil, "--foil")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.corrupted is None:
