@@ -11,7 +11,7 @@ from recipes.models import DTYPES
 
 # Recipe modules that add a subcommand through `register(subparsers)`; each sets `func` on its parser.
 COMMANDS = ("recipes.demo", "recipes.sites", "recipes.zoo", "recipes.zoo_train", "recipes.trace",
-            "recipes.steer", "recipes.erase", "recipes.probe")
+            "recipes.steer", "recipes.erase", "recipes.probe", "recipes.report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,7 +62,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    import shlex
+
     import torch
+
+    args.command_line = "interp " + shlex.join(sys.argv[1:] if argv is None else argv)
 
     from recipes.models import placement
 

@@ -154,6 +154,7 @@ def run_lm(args, model) -> int:
 
     pd.concat(frames).to_csv(out / "effects.csv", index=False)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["command"] = getattr(args, "command_line", None)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for line in summary["lines"]:
         print(line)

@@ -141,7 +141,8 @@ def run(args, pipe) -> int:
                "clean_metric": tr.clean_metric, "corrupted_metric": tr.corrupted_metric, "samples": args.samples,
                "noise": args.noise, "seconds": round(time.time() - t0, 1), "grid": tr.stats,
                "top": [{"map": m, **{k: str(v) for k, v in w.items()}, "effect": e} for m, w, e in tr.top(10)],
-               "influence_top": influence.top(5) if influence is not None else None, "files": paths}
+               "influence_top": influence.top(5) if influence is not None else None, "files": paths,
+               "command": getattr(args, "command_line", None)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"traced {args.subject!r} in {prompt!r}: {tr.stats['cells']} restorations in {summary['seconds']} s "
           f"(metric {metric_name}: clean {tr.clean_metric:.3f}, corrupted {tr.corrupted_metric:.3f})")
