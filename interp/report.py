@@ -26,7 +26,7 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}code,pre{background:#f4f4f4;padding:2px 4px;border-radius:3px}
 pre{padding:8px;overflow-x:auto;white-space:pre-wrap}
-.interp-result{margin:12px 0 28px 0}.interp-hover{font:13px monospace;min-height:18px;color:#333;margin:4px 0}
+.interp-result{margin:12px 0 28px 0}.interp-axes{font-size:12px;color:#555}.interp-hover{font:13px monospace;min-height:18px;color:#333;margin:4px 0}
 table.interp-settings{border-collapse:collapse;font-size:12px;margin-top:8px}
 table.interp-settings td{border:1px solid #ddd;padding:2px 6px;vertical-align:top}
 .interp-images{display:flex;flex-wrap:wrap;gap:8px}.interp-images figure{margin:0;text-align:center;font-size:11px}
@@ -81,13 +81,15 @@ def heatmap_svg(res: Result) -> str:
     lo, hi = (float(finite.min()), float(finite.max())) if finite.numel() else (0.0, 1.0)
     centre = lo < 0 < hi or bool(res.attrs.get("normalized"))
     left = 12 + 7 * max((len(str(r)) for r in rows), default=1)
-    top = 30
     bottom = 14 + 6 * max((len(str(c)) for c in cols), default=1)
-    width, height = left + CELL_W * len(cols) + 10, top + CELL_H * len(rows) + bottom
-    out = [f'<svg class="interp-heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'role="img" aria-label="{_esc(res.attrs.get("metric", "heatmap"))}">',
-           f'<text x="{left}" y="16" font-size="12">{_esc(res.axes[-1])} &#8594;   '
-           f'({_esc(res.axes[0]) if res.values.dim() == 2 else ""} &#8595;)  range {lo:.4g} .. {hi:.4g}</text>']
+    top = 4
+    width, height = left + CELL_W * len(cols) + bottom // 2 + 10, top + CELL_H * len(rows) + bottom
+    scale = ("blue &lt; 0 &lt; red, white = 0" if centre else "white = lowest, purple = highest")
+    rows_name = f"rows: {_esc(res.axes[0])}, " if res.values.dim() == 2 else ""
+    out = [f'<p class="interp-axes">{rows_name}columns: {_esc(res.axes[-1])}; colour: '
+           f'{_esc(res.attrs.get("metric", "value"))} from {lo:.4g} to {hi:.4g} ({scale}); hover a cell for its '
+           f'value</p><svg class="interp-heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" '
+           f'height="{height}" role="img" aria-label="{_esc(res.attrs.get("metric", "heatmap"))}">']
     for i, r in enumerate(rows):
         y = top + CELL_H * i
         out.append(f'<text x="{left - 4}" y="{y + CELL_H - 5}" font-size="11" text-anchor="end">{_esc(r)}</text>')

@@ -58,7 +58,7 @@ def test_screenshot_shows_the_heatmap(tmp_path):
     _heatmap().to_html(page)
     r = _browser(tmp_path, page, f"--screenshot={shot}", "--window-size=900,700", "--hide-scrollbars")
     assert shot.exists(), r.stderr[-2000:]
-    px = torch.tensor(list(Image.open(shot).convert("RGB").getdata()), dtype=torch.int32)
+    px = torch.tensor(list(Image.open(shot).convert("RGB").get_flattened_data()), dtype=torch.int32)
     red = ((px[:, 0] > 150) & (px[:, 1] < 90) & (px[:, 2] < 90)).sum().item()
     blue = ((px[:, 2] > 140) & (px[:, 0] < 90) & (px[:, 1] < 140)).sum().item()
     cell = 34 * 18  # the strongest cells of each sign are fully saturated
