@@ -31,7 +31,9 @@ def register(sub) -> None:
     p.add_argument("--samples", type=int, default=None, help="noise samples, held in one batch (default: 10 for a "
                    "language model, 2 for a pipeline)")
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="first noise seed (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="language models: noise seeds seed..seed+N-1; maps are the "
+                   "mean over seeds with a 95%% t interval (default: %(default)s)")
     p.add_argument("--window", type=int, default=10, help="consecutive MLP / attention layers restored at once (default: %(default)s)")
     p.add_argument("--state", default="resid_post", choices=("resid_post", "resid_pre"), help="hidden state restored (default: %(default)s)")
     p.add_argument("--kinds", default=None, help="comma list; tracing: hidden,mlp,attn; patching: "
@@ -170,21 +172,29 @@ def _trace(lm, args, layers):
                          "or --corrupted PROMPT for activation patching")
     kinds = _kinds(args.kinds, ("hidden", "mlp", "attn"), ("hidden", "mlp", "attn"))
     t0 = time.perf_counter()
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: give at least 1 noise seed")
     tr = trace(lm, args.prompt, args.subject, args.target, kinds=kinds, state=args.state, window=args.window,
-               samples=args.samples, noise=args.noise, seed=args.seed, layers=layers)
+               samples=args.samples, noise=args.noise, seed=args.seed, seeds=args.seeds, layers=layers)
     seconds = time.perf_counter() - t0
     lines = [f"prompt {args.prompt!r}, subject {args.subject!r}, target {tr.target!r}: "
-             f"p_clean {tr.p_clean:.4f}, p_corrupted {tr.p_corrupted:.4f} ({args.samples} noise samples)",
+             f"p_clean {tr.p_clean:.4f}, p_corrupted {tr.p_corrupted:.4f} ({args.samples} noise samples x "
+             f"{args.seeds} seeds)",
              f"traced {tr.stats['rows']} restorations x {args.samples} samples in {seconds:.1f} s "
              f"({tr.stats['forward_equivalents']:.0f} forward equivalents of the {args.samples}-prompt batch)"]
     peaks = {}
     for kind in kinds:
         layer, tok, v = tr.peak(kind)
-        peaks[kind] = {"layer": layer, "token": tok, "indirect_effect": v}
-        lines.append(f"largest {kind:6s} restoration effect {v:+.4f} at layer {layer}, token {tok!r}")
+        res = tr.results[kind]
+        li, pi = res.coord("layer").index(layer), res.coord("pos").index(tok)
+        lo, hi = float(res.attrs["ci_low"][li, pi]), float(res.attrs["ci_high"][li, pi])
+        peaks[kind] = {"layer": layer, "token": tok, "indirect_effect": v, "ci95": [lo, hi],
+                       "per_seed_peak": res.attrs["per_seed_peak"]}
+        lines.append(f"largest {kind:6s} restoration effect {v:+.4f} (95% CI {lo:+.4f}..{hi:+.4f} over "
+                     f"{args.seeds} seeds) at layer {layer}, token {tok!r}")
     summary = {"mode": "causal tracing", "model": args.model, "prompt": args.prompt, "subject": args.subject,
                "target": tr.target, "p_clean": tr.p_clean, "p_corrupted": tr.p_corrupted, "samples": args.samples,
-               "noise": args.noise, "seed": args.seed, "window": args.window, "peaks": peaks, "grid": tr.stats,
+               "noise": args.noise, "seed": args.seed, "seeds": args.seeds, "window": args.window, "peaks": peaks, "grid": tr.stats,
                "trace_seconds": round(seconds, 2), "torch_threads": __import__("torch").get_num_threads(),
                "lines": lines}
     return tr.results, summary
