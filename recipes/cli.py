@@ -68,19 +68,25 @@ def main(argv: list[str] | None = None) -> int:
 
     args.command_line = "interp " + shlex.join(sys.argv[1:] if argv is None else argv)
 
-    from recipes.models import placement
+    from recipes.models import placement, quiet_loading
 
     grad, threads = torch.is_grad_enabled(), torch.get_num_threads()
     prefix = f"interp {args.command}"
     try:
-        with _ranks(args), placement(getattr(args, "device", None), getattr(args, "dtype", None),
-                                     getattr(args, "device_map", None)):
+        with _ranks(args), quiet_loading(), placement(getattr(args, "device", None), getattr(args, "dtype", None),
+                                                      getattr(args, "device_map", None)):
             code = args.func(args)
         return code if isinstance(code, int) and not isinstance(code, bool) else 0  # zoo-train returns its metrics
     except USER_ERRORS as e:
         if getattr(args, "debug", False):
             raise
         print(f"{prefix}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # a recipe's `raise SystemExit("message")`: a user error like the others
+        if not isinstance(e.code, str):
+            raise
+        msg = e.code.split(": ", 1)[1] if e.code.startswith(f"{prefix}: ") else e.code
+        print(f"{prefix}: error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)

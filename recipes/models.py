@@ -102,10 +102,10 @@ def _zoo(name: str, device: str, dtype) -> Any:
     from interp import zoo
 
     if name in zoo.LANGUAGE_MODELS:
-        with _quiet_loading():
+        with quiet_loading():
             return zoo.load(name, dtype=dtype, device=device)
     kw = {"torch_dtype": dtype} if dtype is not None and name != "physics" else {}
-    with _quiet_loading():
+    with quiet_loading():
         obj = zoo.load(name, device=device, **kw)
     if dtype is not None and name == "physics":
         obj = obj.to(dtype)
@@ -143,7 +143,7 @@ def _refuse_missing_local(spec: str) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_loading() -> Iterator[None]:
+def quiet_loading() -> Iterator[None]:
     """No per-file 'Loading weights' bars from transformers / diffusers while a command loads its model."""
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
@@ -161,7 +161,7 @@ def _quiet_loading() -> Iterator[None]:
 
 
 def _from_folder(name: str, device: str = "cpu", dtype=None, device_map: str | None = None) -> Any:
-    with _quiet_loading():
+    with quiet_loading():
         return _load_folder(name, device, dtype, device_map)
 
 

@@ -118,6 +118,27 @@ def test_pipeline_user_errors_are_one_line(argv, words, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, words", [
+    (["erase", "shapes-diffusion", "--concept", "red", "--method", "nosuch"], ["unknown method", "nosuch"]),
+    (["erase", "shapes-diffusion", "--concept", "red", "--method", "uce", "quickfix", "--in-place"],
+     ["--in-place"]),
+    (["probe", "--model", "{model}", "--positions", "subject_first", "--data", "{data}"], ["needs a subject"]),
+    (["report", "/no/such/folder"], ["is not a folder"]),
+])
+def test_other_commands_user_errors_are_one_line(argv, words, folder, tmp_path):
+    """Recipes that `raise SystemExit("...")` or an InterpError, through `python -m recipes`: one line, exit 2."""
+    (tmp_path / "rows.jsonl").write_text('{"prompt": "a b", "label": "x"}\n')
+    argv = [a.replace("{data}", str(tmp_path / "rows.jsonl")).replace("{model}", str(folder)) for a in argv]
+    argv = [*argv, "--out", str(tmp_path / "o")] if argv[0] in ("erase", "probe") else argv
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "recipes", *argv], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=300)
+    lines = [l for l in r.stderr.splitlines() if l.startswith(f"interp {argv[0]}")]
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(lines) == 1, r.stderr
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("argv, words", [
     (["no-such-command"], ["invalid choice", "interp --help"]),
     (["trace", "--no-such-option"], ["unrecognized arguments", "--no-such-option"]),
     (["trace", "--samples", "many"], ["--samples", "invalid int value"]),
