@@ -142,18 +142,30 @@ def _refuse_missing_local(spec: str) -> None:
                              f"give an existing folder or a zoo name ({', '.join(zoo_names())})")
 
 
+def _no_torchvision_notice(record) -> bool:
+    """Drop transformers' 'X requires torchvision (not installed); falling back to XPil' notices: diffusers
+    pipelines import CLIP / SigLIP image processors that interp never uses."""
+    return "requires torchvision (not installed)" not in record.getMessage()
+
+
 @contextlib.contextmanager
 def quiet_loading() -> Iterator[None]:
-    """No per-file 'Loading weights' bars from transformers / diffusers while a command loads its model."""
+    """No per-file 'Loading weights' bars from transformers / diffusers while a command loads its model, and no
+    torchvision fallback notices."""
+    import logging
+
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
 
     t_on, d_on = tlog.is_progress_bar_enabled(), dlog.is_progress_bar_enabled()
     tlog.disable_progress_bar()
     dlog.disable_progress_bar()
+    noisy = logging.getLogger("transformers.utils.import_utils")
+    noisy.addFilter(_no_torchvision_notice)
     try:
         yield
     finally:
+        noisy.removeFilter(_no_torchvision_notice)
         if t_on:
             tlog.enable_progress_bar()
         if d_on:

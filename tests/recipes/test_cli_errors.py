@@ -202,3 +202,12 @@ def test_model_without_tokenizer_says_what_is_missing_at_first_use():
         metrics.token_id(lm.tokenizer, " Paris")
     with pytest.raises(InterpError, match=r"attach\(model, tokenizer=\.\.\.\)"):
         lm.run("The Eiffel Tower")
+
+
+def test_a_diffusion_command_prints_nothing_but_its_error(tmp_path):
+    """No loading bars and no torchvision fallback notices around the one line (python -m recipes)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-m", "recipes", "trace", "--model", "shapes-diffusion", "--subject", "purple",
+                        "--out", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "interp trace: error: --subject 'purple' is not in the prompt 'a large red circle on the left, solid'"], r.stderr
