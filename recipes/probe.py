@@ -58,7 +58,7 @@ def read_jsonl(path: str) -> dict[str, list]:
             rows["label"].append(rec["label"])
         except (json.JSONDecodeError, KeyError) as e:
             raise ValueError(f"{path}:{n}: each line must be a JSON object with 'prompt' and 'label' "
-                             f"(optional 'subject', 'group'): {e}")
+                             f"(optional 'subject', 'group'): {e}") from None
         rows["subject"].append(rec.get("subject"))
         rows["group"].append(rec.get("group", rec.get("subject", rec["prompt"])))
     if any(s is None for s in rows["subject"]):

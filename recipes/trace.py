@@ -216,7 +216,10 @@ def _patch(lm, args, layers):
             res = head_sweep(lm, args.prompt, args.corrupted, metric, layers=layers)
         else:
             res = patch_sweep(lm, args.prompt, args.corrupted, kind, metric, layers=layers)
-        res.attrs["title"] = f"patch {kind} clean -> corrupted: normalised {name}"
+        what = {"logit_diff": f"logit diff {target!r} - {args.foil!r}", "prob": f"p({target!r})",
+                "kl": "KL to the clean next-token distribution"}[name]
+        res.attrs["title"] = (f"patch {kind}, clean {args.prompt!r} -> corrupted {args.corrupted!r}: "
+                              f"normalised {what} (1 = clean, 0 = corrupted)")
         results[kind] = res
         where, v = res.top(1)[0]
         peaks[kind] = {**where, "normalised_effect": v}
