@@ -90,20 +90,33 @@ def heatmap_svg(res: Result) -> str:
            f'{_esc(res.attrs.get("metric", "value"))} from {lo:.4g} to {hi:.4g} ({scale}); hover a cell for its '
            f'value</p><svg class="interp-heatmap" xmlns="http://www.w3.org/2000/svg" width="{width}" '
            f'height="{height}" role="img" aria-label="{_esc(res.attrs.get("metric", "heatmap"))}">']
+    lo_ci, hi_ci = _interval(res, tuple(v.shape))
     for i, r in enumerate(rows):
         y = top + CELL_H * i
         out.append(f'<text x="{left - 4}" y="{y + CELL_H - 5}" font-size="11" text-anchor="end">{_esc(r)}</text>')
         for j, c in enumerate(cols):
             x, val = left + CELL_W * j, float(v[i, j])
+            shown = f"{val:.6g}" if lo_ci is None else \
+                f"{val:.6g} [{float(lo_ci[i, j]):.4g}, {float(hi_ci[i, j]):.4g}]"
             out.append(f'<rect class="c" x="{x}" y="{y}" width="{CELL_W}" height="{CELL_H}" '
                        f'fill="{_colour(val, lo, hi, centre)}" data-r="{_esc(r)}" data-c="{_esc(c)}" '
-                       f'data-v="{val:.6g}"><title>{_esc(r)} | {_esc(c)}: {val:.6g}</title></rect>')
+                       f'data-v="{shown}"><title>{_esc(r)} | {_esc(c)}: {shown}</title></rect>')
     y0 = top + CELL_H * len(rows) + 8
     for j, c in enumerate(cols):
         x = left + CELL_W * j + CELL_W // 2
         out.append(f'<text x="{x}" y="{y0}" font-size="11" transform="rotate(60 {x} {y0})">{_esc(c)}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def _interval(res: Result, shape: tuple) -> tuple:
+    """attrs ci_low / ci_high of the values' shape (pair sweeps, multi-seed traces), else (None, None)."""
+    lo, hi = res.attrs.get("ci_low"), res.attrs.get("ci_high")
+    if lo is None or hi is None:
+        return None, None
+    lo, hi = torch.as_tensor(lo).float(), torch.as_tensor(hi).float()
+    lo, hi = (lo[None], hi[None]) if lo.dim() == 1 else (lo, hi)
+    return (lo, hi) if tuple(lo.shape) == shape == tuple(hi.shape) else (None, None)
 
 
 def png_data_uri(image) -> str:

@@ -136,3 +136,11 @@ def test_report_dir_collects_results_pngs_and_the_command(tmp_path):
     with pytest.raises(InterpError, match="no saved interp Result"):
         (tmp_path / "empty").mkdir()
         report_dir(tmp_path / "empty")
+
+
+def test_html_hover_shows_the_confidence_interval():
+    res = _labelled()
+    res.attrs.update(ci_low=res.values - 0.5, ci_high=res.values + 0.25, level=0.95)
+    html = res.to_html()
+    v = float(res.values[1, 2])
+    assert f'data-v="{v:.6g} [{v - 0.5:.4g}, {v + 0.25:.4g}]"' in html
