@@ -162,6 +162,16 @@ class Result:
         return cls(values, tuple(meta["axes"]), meta["coords"], meta["attrs"])
 
     # -- pictures ------------------------------------------------------------------------------
+    def _ci_note(self) -> str:
+        """' (mean; 95% CI half-width up to x)' when attrs hold ci_low / ci_high, else ''."""
+        lo, hi = self.attrs.get("ci_low"), self.attrs.get("ci_high")
+        if lo is None or hi is None:
+            return ""
+        width = (torch.as_tensor(hi).float() - torch.as_tensor(lo).float()).abs()
+        if width.numel() == 0:
+            return ""
+        return f" (mean; {float(self.attrs.get('level', 0.95)):.0%} CI half-width up to {float(width.max()) / 2:.3g})"
+
     def plot(self, path: str | os.PathLike, title: str | None = None, cmap: str = "RdBu_r",
              center: bool = True) -> Path:
         """Heatmap PNG of a 2-D result (rows = first axis), or an image grid of [n, C, H, W] images.
@@ -190,7 +200,7 @@ class Result:
         ax.set_xlabel(self.axes[-1])
         if self.values.dim() == 2:
             ax.set_ylabel(self.axes[0])
-        fig.colorbar(im, ax=ax, label=_wrap(str(self.attrs.get("metric", "value")), 40))
+        fig.colorbar(im, ax=ax, label=_wrap(str(self.attrs.get("metric", "value")) + self._ci_note(), 40))
         ax.set_title(_wrap(title, max(40, int(fig.get_figwidth() * 14))), fontsize=8)
         fig.savefig(path, dpi=120, bbox_inches="tight")
         return path

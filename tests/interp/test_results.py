@@ -144,3 +144,11 @@ def test_html_hover_shows_the_confidence_interval():
     html = res.to_html()
     v = float(res.values[1, 2])
     assert f'data-v="{v:.6g} [{v - 0.5:.4g}, {v + 0.25:.4g}]"' in html
+
+
+def test_plot_names_the_interval(tmp_path):
+    res = _labelled()
+    assert res._ci_note() == ""
+    res.attrs.update(ci_low=res.values - 0.5, ci_high=res.values + 0.25, level=0.9)
+    assert res._ci_note() == " (mean; 90% CI half-width up to 0.375)"
+    res.plot(tmp_path / "ci.png")
