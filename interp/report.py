@@ -26,7 +26,8 @@ STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
 h1{font-size:20px}h2{font-size:16px;margin-top:28px}code,pre{background:#f4f4f4;padding:2px 4px;border-radius:3px}
 pre{padding:8px;overflow-x:auto;white-space:pre-wrap}
-.interp-result{margin:12px 0 28px 0}.interp-axes{font-size:12px;color:#555}.interp-hover{font:13px monospace;min-height:18px;color:#333;margin:4px 0}
+.interp-result{margin:12px 0 28px 0}.interp-axes{font-size:12px;color:#555}
+.interp-hover{font:13px monospace;min-height:18px;color:#333;margin:4px 0}
 table.interp-settings{border-collapse:collapse;font-size:12px;margin-top:8px}
 table.interp-settings td{border:1px solid #ddd;padding:2px 6px;vertical-align:top}
 .interp-images{display:flex;flex-wrap:wrap;gap:8px}.interp-images figure{margin:0;text-align:center;font-size:11px}
@@ -42,7 +43,8 @@ document.addEventListener('mouseover', function (e) {
   var box = t.closest('.interp-result');
   if (!box) return;
   var out = box.querySelector('.interp-hover');
-  if (out) out.textContent = t.getAttribute('data-r') + ' | ' + t.getAttribute('data-c') + ' : ' + t.getAttribute('data-v');
+  if (out) out.textContent = t.getAttribute('data-r') + ' | ' + t.getAttribute('data-c') + ' : ' +
+    t.getAttribute('data-v');
 });
 """
 

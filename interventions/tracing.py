@@ -201,7 +201,8 @@ def trace(lm: interp.Instrumented, prompt, subject, target: str | int | None = N
                              "window": 1 if k == "hidden" else window, "p_clean": p_clean, "p_corrupted": p_corr,
                              "noise_std": sigma, "samples": samples, "seed": seed, "subject_positions": subj,
                              "seeds": seed_list, "level": level, "p_corrupted_per_seed": p_corrs,
-                             "ci_low": lo[i:i + n].reshape(len(layers), T), "ci_high": hi[i:i + n].reshape(len(layers), T),
+                             "ci_low": lo[i:i + n].reshape(len(layers), T),
+                             "ci_high": hi[i:i + n].reshape(len(layers), T),
                              "per_seed_peak": [float(v[i:i + n].max()) for v in per_seed],
                              "title": _title(prompt, target_str, what, p_clean, p_corr, samples, noise if std is None
                                              else None, sigma, seed_list)})

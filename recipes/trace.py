@@ -194,7 +194,8 @@ def _trace(lm, args, layers):
                      f"{args.seeds} seeds) at layer {layer}, token {tok!r}")
     summary = {"mode": "causal tracing", "model": args.model, "prompt": args.prompt, "subject": args.subject,
                "target": tr.target, "p_clean": tr.p_clean, "p_corrupted": tr.p_corrupted, "samples": args.samples,
-               "noise": args.noise, "seed": args.seed, "seeds": args.seeds, "window": args.window, "peaks": peaks, "grid": tr.stats,
+               "noise": args.noise, "seed": args.seed, "seeds": args.seeds, "window": args.window, "peaks": peaks,
+               "grid": tr.stats,
                "trace_seconds": round(seconds, 2), "torch_threads": __import__("torch").get_num_threads(),
                "lines": lines}
     return tr.results, summary

@@ -209,5 +209,5 @@ def test_a_diffusion_command_prints_nothing_but_its_error(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "recipes", "trace", "--model", "shapes-diffusion", "--subject", "purple",
                         "--out", str(tmp_path)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        "interp trace: error: --subject 'purple' is not in the prompt 'a large red circle on the left, solid'"], r.stderr
+    want = "interp trace: error: --subject 'purple' is not in the prompt 'a large red circle on the left, solid'"
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [want], r.stderr
