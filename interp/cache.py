@@ -13,6 +13,15 @@ class ActivationCache(dict):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.axes: dict[str, tuple[str, ...]] = {}
+        self.aliases: dict[str, str] = {}  # other names of a site (TransformerLens hook names) -> its key
+
+    def __missing__(self, key):  # cache["blocks.1.hook_resid_pre"] on a TL model: the site captured under it
+        if key in self.aliases and dict.__contains__(self, self.aliases[key]):
+            return self[self.aliases[key]]
+        raise KeyError(key)
+
+    def __contains__(self, key) -> bool:
+        return dict.__contains__(self, key) or dict.__contains__(self, self.aliases.get(key, None))
 
     @property
     def memory_bytes(self) -> int:

@@ -513,6 +513,7 @@ class Engine:
         ctx = ctx or RunContext()
         bound = self.bind(ops, prepared, 0, 1)
         cache = ActivationCache()
+        cache.aliases = dict(ad.site_table().aliases)
         entries = self.entries(bound, ctx)
         for pattern in ([capture] if isinstance(capture, str) else capture):
             for site in ad.site_table().resolve(pattern):

@@ -5,6 +5,8 @@ from typing import Callable, Sequence
 
 import torch
 
+from .errors import InterpError
+
 
 def _last(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1] if logits.dim() == 3 else logits
@@ -87,6 +89,9 @@ def denoiser_distance(reference: torch.Tensor) -> Callable[[torch.Tensor], torch
 
 def token_id(tokenizer, word: str) -> int:
     """The single token id of `word` (e.g. ' Paris'); errors if it takes several tokens."""
+    if tokenizer is None:
+        raise InterpError(f"cannot turn {word!r} into a token id: this model was attached without a tokenizer; "
+                          "use interp.attach(model, tokenizer=...) or pass the token id as an int")
     ids = tokenizer(word, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:
         raise ValueError(f"{word!r} is {len(ids)} tokens ({ids}); metrics need a single-token target: "

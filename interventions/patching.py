@@ -20,6 +20,7 @@ import torch
 
 import interp
 from interp import Patch, Result, at
+from interp.adapters.base import PromptLengthError
 from interp.metrics import kl_to, logit_diff, normalized, prob
 
 KINDS = ("resid_pre", "resid_mid", "resid_post", "attn.out", "mlp.out")
@@ -70,6 +71,7 @@ def _equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _sweep(lm, clean, corrupted, cells, metric, *, direction, normalize, progress, desc, skip_equal, grid_kw):
     """cells: list of [(site, where_kw)] (one list of patches per row) -> (values [n_cells], attrs, tokens)."""
+    _check_lengths(lm, clean, corrupted)
     source_input, base_input = _runs(lm, clean, corrupted, direction)
     sites = sorted({s for cell in cells for s, _ in cell})
     shared = list(grid_kw.get("shared", ()))
@@ -96,6 +98,15 @@ def _sweep(lm, clean, corrupted, cells, metric, *, direction, normalize, progres
              "grid": stats}
     tokens = grid.tokens[0] if grid.tokens else (source.tokens[0] if source.tokens else None)
     return vals, attrs, tokens
+
+
+def _check_lengths(lm, clean, corrupted) -> None:
+    """Patching compares positions one to one: clean and corrupted must have the same number of tokens."""
+    pc, pk = lm.adapter.prepare(clean), lm.adapter.prepare(corrupted)
+    if pc.seq_len != pk.seq_len:
+        raise PromptLengthError(
+            f"clean and corrupted inputs have different token lengths (clean {pc.seq_len}, corrupted {pk.seq_len}): "
+            "patching compares positions one to one; rephrase them to the same number of tokens")
 
 
 def _may_agree(lm, a, b) -> bool:
@@ -186,3 +197,91 @@ def sweep_all(lm: interp.Instrumented, clean, corrupted, metric: Callable | None
         kw.pop("positions", None)
         out["attn.z"] = head_sweep(lm, clean, corrupted, metric, **kw)
     return out
+
+
+# -- many prompt pairs -------------------------------------------------------------------------------------------
+def pair_sweep(lm: interp.Instrumented, pairs, kind: str = "resid_pre", metric="logit_diff", *,
+               direction: str = "denoise", layers=None, window: int = 1, level: float = 0.95, n_boot: int = 2000,
+               seed: int = 0, progress: bool = True, **grid_kw) -> Result:
+    """Patching over a dataset of prompt pairs (a list, a .csv / .jsonl file or `pairs.from_template(...)`), each
+    with its own answer: the mean per-item normalised effect with a bootstrap confidence interval.
+
+    kind: a residual / sublayer kind (axes layer x pos: every pair must have the same token length) or "attn.z"
+    (axes layer x head: lengths may differ between pairs). metric: "logit_diff" (target - foil), "prob" (of
+    target) or a callable metric(logits, answers) -> [N] that gets each row's answer ids (interventions.pairs).
+    Result.attrs: ci_low / ci_high (same shape as the values), level, n_items, per_item_clean / _corrupted."""
+    from . import pairs as P
+
+    items = P.load_pairs(pairs)
+    answers = P.answer_ids(lm.tokenizer, items)
+    fn = P.ITEM_METRICS.get(metric) if isinstance(metric, str) else metric
+    if fn is None:
+        raise ValueError(f"unknown pair metric {metric!r}; choose one of {list(P.ITEM_METRICS)} or pass "
+                         "metric(logits, answers)")
+    if metric == "logit_diff" and "foil" not in answers:
+        raise ValueError("metric 'logit_diff' needs a foil in every pair (or use metric='prob')")
+    layers = list(range(lm.n_layers)) if layers is None else list(layers)
+    groups = _length_groups(lm, items, by_position=kind != "attn.z")
+    if kind == "attn.z":
+        H = lm.capture(items[0].clean, "blocks.0.attn.z")["blocks.0.attn.z"].shape[2]
+        cells = [[(f"blocks.{l}.attn.z", {"heads": h})] for l in layers for h in range(H)]
+        axes, coords = ("layer", "head"), {"layer": layers, "head": list(range(H))}
+    else:
+        _check_kind(lm, kind)
+        T = next(iter(groups))
+        cells = [[(f"blocks.{j}.{kind}", {"pos": p}) for j in layer_window(l, window, lm.n_layers)]
+                 for l in layers for p in range(T)]
+        axes = ("layer", "pos")
+    effects = torch.zeros(len(items), len(cells), dtype=torch.float64)
+    clean_m, corr_m, tokens = torch.zeros(len(items)), torch.zeros(len(items)), None
+    for idx in groups.values():
+        sub = [items[i] for i in idx]
+        ans = {k: v[idx] for k, v in answers.items()}
+        vals, src, base, tokens = _item_sweep(lm, [p.clean for p in sub], [p.corrupted for p in sub], cells,
+                                              P.per_item(fn, ans), direction, progress, f"patch {kind} (pairs)",
+                                              grid_kw)
+        denom = src - base
+        if bool((denom.abs() < 1e-12).any()):
+            bad = [idx[i] for i in torch.nonzero(denom.abs() < 1e-12).flatten().tolist()]
+            raise ValueError(f"pairs {bad}: clean and corrupted metrics are equal, so the normalised effect is "
+                             "undefined; drop them or choose a metric on which they differ")
+        effects[idx] = ((vals - base) / denom).T.double()
+        clean_m[idx], corr_m[idx] = (src, base) if direction == "denoise" else (base, src)
+    mean, lo, hi = P.bootstrap_ci(effects, level, n_boot, seed)
+    shape = (len(layers), -1)
+    if kind != "attn.z":
+        coords = {"layer": layers, "pos": [f"{p}:{t}" for p, t in enumerate(tokens)]}
+    name = metric if isinstance(metric, str) else getattr(metric, "__name__", "metric")
+    attrs = {"kind": kind, "direction": direction, "window": window, "metric": f"mean normalised {name}",
+             "n_items": len(items), "level": level, "ci_low": lo.reshape(shape).float(),
+             "ci_high": hi.reshape(shape).float(), "per_item_clean": clean_m, "per_item_corrupted": corr_m,
+             "title": f"{kind} patching over {len(items)} pairs (e.g. {items[0].clean!r} -> {items[0].corrupted!r}): "
+                      f"mean normalised {name}, {level:.0%} bootstrap CI in the report"}
+    return Result(mean.reshape(shape).float(), axes, coords, attrs)
+
+
+def _length_groups(lm, items, by_position: bool) -> dict[int, list[int]]:
+    """Item indices by token length; each pair's prompts must have equal lengths (and, by position, all pairs)."""
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(items):
+        a, b = lm.adapter.prepare(p.clean).seq_len, lm.adapter.prepare(p.corrupted).seq_len
+        if a != b:
+            raise PromptLengthError(f"pair {i}: clean {p.clean!r} has {a} tokens, corrupted {p.corrupted!r} {b}; "
+                                    "patching compares positions one to one")
+        groups.setdefault(a, []).append(i)
+    if by_position and len(groups) > 1:
+        raise PromptLengthError(f"pairs have different token lengths ({sorted(groups)}): a layer x position map needs "
+                                "one length; use a template of fixed length, or kind='attn.z' (no positions)")
+    return groups
+
+
+def _item_sweep(lm, clean: list, corrupted: list, cells, metric, direction, progress, desc, grid_kw):
+    """cells on a batch of items -> (values [n_cells, B], source metric [B], base metric [B], tokens of item 0)."""
+    source_input, base_input = _runs(lm, clean, corrupted, direction)
+    sites = sorted({s for cell in cells for s, _ in cell})
+    source = lm.run(source_input, capture=sites, last_only=True)
+    rows = [[Patch(s, source.cache[s], where=at(**w)) for s, w in cell] for cell in cells]
+    grid = lm.run_grid(base_input, rows, metric, progress=progress, desc=desc, **grid_kw)
+    vals = grid.values.float().reshape(len(rows), len(clean)).cpu()
+    tokens = grid.tokens[0] if grid.tokens else None
+    return vals, metric(source.logits).float().cpu(), grid.base.float().reshape(-1).cpu(), tokens

@@ -13,6 +13,8 @@ States: single hidden states (`resid_post` or `resid_pre` per layer x token) and
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -87,15 +89,54 @@ def _repeat(prompt, n: int):
     raise TypeError(f"trace() takes a prompt string or a [1, pos] tensor of token ids, not {type(prompt).__name__}")
 
 
+def seed_interval(values: torch.Tensor, level: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student-t interval of the mean over axis 0 (the noise seeds); one seed gives the point itself."""
+    n = values.shape[0]
+    mean = values.mean(0)
+    if n < 2:
+        return mean.clone(), mean.clone()
+    half = t_quantile(0.5 + level / 2, n - 1) * values.std(0) / n ** 0.5
+    return mean - half, mean + half
+
+
+def t_quantile(q: float, df: int) -> float:
+    """Quantile of Student's t with `df` degrees of freedom (q in (0.5, 1)): the CDF is integrated numerically in
+    x = tan(theta), where the density is smooth for every df >= 1, then inverted by interpolation."""
+    if not 0.5 < q < 1 or df < 1:
+        raise ValueError(f"t_quantile needs 0.5 < q < 1 and df >= 1, not q={q}, df={df}")
+    theta = torch.linspace(0, math.pi / 2, 200_001, dtype=torch.float64)[:-1]
+    x = torch.tan(theta)
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    dens = torch.exp(log_c - (df + 1) / 2 * torch.log1p(x * x / df)) / torch.cos(theta) ** 2
+    cdf = 0.5 + torch.cat([torch.zeros(1, dtype=torch.float64),
+                           torch.cumsum((dens[1:] + dens[:-1]) / 2 * (theta[1] - theta[0]), 0)])
+    k = int(torch.searchsorted(cdf, torch.tensor([q], dtype=torch.float64)))
+    k = min(max(k, 1), len(cdf) - 1)
+    w = (q - float(cdf[k - 1])) / float(cdf[k] - cdf[k - 1])
+    return float(math.tan(float(theta[k - 1]) + w * float(theta[1] - theta[0])))
+
+
+def _title(prompt, target, what, p_clean, p_corr, samples, noise, sigma, seeds) -> str:
+    text = prompt if isinstance(prompt, str) else "token ids"
+    how = f"noise {noise:g} x emb. std" if noise is not None else f"noise std {sigma:.3g}"
+    over = f"mean of {len(seeds)} seeds" if len(seeds) > 1 else f"seed {seeds[0]}"
+    return (f"{text!r} -> {target!r}: restore {what}; p(target) clean {p_clean:.3f}, corrupted {p_corr:.3f}; "
+            f"{samples} samples, {how}, {over}")
+
+
 def trace(lm: interp.Instrumented, prompt, subject, target: str | int | None = None, *,
           kinds: Sequence[str] = ("hidden", "mlp", "attn"), state: str = "resid_post", window: int = 10,
           samples: int = 10, noise: float = 3.0, std: float | None = None, seed: int = 0,
-          layers=None, progress: bool = True, **grid_kw) -> Trace:
+          layers=None, seeds: int | Sequence[int] | None = None, level: float = 0.95, progress: bool = True,
+          **grid_kw) -> Trace:
     """Causal trace of `prompt`: indirect effect of restoring each (layer, token) state.
 
     subject: its text in the prompt (or a list of token positions); target: the answer token
     (string, id, or None for the clean run's top token); noise: multiple of the embedding std
     (ignored when std= gives the absolute noise std); samples: noise draws held in one batch.
+    seeds: None = one noise draw (seed); k = seeds seed..seed+k-1; or a list: the trace is run once per seed and
+    each Result holds the mean over seeds, with attrs ci_low / ci_high (a t interval at `level` over the seeds),
+    per_seed_peak and p_corrupted_per_seed.
     """
     for k in kinds:
         if k not in KIND_SITES:
@@ -135,9 +176,21 @@ def trace(lm: interp.Instrumented, prompt, subject, target: str | int | None = N
                              for j in win])
                 index.append(k)
     batch = _repeat(prompt, samples)
-    grid = lm.run_grid(batch, rows, metric, shared=corrupt, progress=progress, desc="causal trace", **grid_kw)
-    p_corr = float(grid.base.float().mean())
-    ie = grid.values.float().mean(1) - p_corr
+    seed_list = [seed] if seeds is None else (list(range(seed, seed + seeds)) if isinstance(seeds, int)
+                                               else [int(x) for x in seeds])
+    if not seed_list:
+        raise ValueError("seeds must name at least one noise seed")
+    per_seed, p_corrs = [], []
+    for sd in seed_list:
+        corrupt = [Noise("embed", std=sigma, seed=sd, where=at(pos=subj))]
+        desc = "causal trace" if len(seed_list) == 1 else f"causal trace (seed {sd})"
+        grid = lm.run_grid(batch, rows, metric, shared=corrupt, progress=progress, desc=desc, **grid_kw)
+        p_corrs.append(float(grid.base.float().mean()))
+        per_seed.append(grid.values.float().mean(1) - p_corrs[-1])
+    p_corr = sum(p_corrs) / len(p_corrs)
+    ies = torch.stack(per_seed)
+    ie = ies.mean(0)
+    lo, hi = seed_interval(ies, level)
     results, i = {}, 0
     for k in kinds:
         n = len(layers) * T
@@ -147,6 +200,11 @@ def trace(lm: interp.Instrumented, prompt, subject, target: str | int | None = N
                             {"metric": f"indirect effect on p({target_str!r})", "kind": k, "state": state,
                              "window": 1 if k == "hidden" else window, "p_clean": p_clean, "p_corrupted": p_corr,
                              "noise_std": sigma, "samples": samples, "seed": seed, "subject_positions": subj,
-                             "title": f"restore {what}: p_clean {p_clean:.3f}, p_corrupted {p_corr:.3f}"})
+                             "seeds": seed_list, "level": level, "p_corrupted_per_seed": p_corrs,
+                             "ci_low": lo[i:i + n].reshape(len(layers), T),
+                             "ci_high": hi[i:i + n].reshape(len(layers), T),
+                             "per_seed_peak": [float(v[i:i + n].max()) for v in per_seed],
+                             "title": _title(prompt, target_str, what, p_clean, p_corr, samples, noise if std is None
+                                             else None, sigma, seed_list)})
         i += n
     return Trace(results, p_clean, p_corr, target_str, subj, dict(grid.stats))

@@ -168,11 +168,9 @@ def diffusion_probe_maps(pipe: interp.Instrumented, prompts: Sequence[str], labe
 
 
 def plot_maps(res: Result, path: str | Path, title: str | None = None, measures: Sequence[str] | None = None) -> Path:
-    """One PNG with a heatmap per (model, measure); accuracies share the 0..1 scale, chance marked in the title."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """One PNG with a heatmap per (model, measure); accuracies share the 0..1 scale, chance marked in the title.
+    Drawn on a Figure object (no pyplot: a notebook's backend is left alone), constrained layout, nothing clipped."""
+    from matplotlib.figure import Figure
 
     if "model" not in res.axes:
         res = Result(res.values[None], ("model", *res.axes), {"model": ["model"], **res.coords}, res.attrs)
@@ -180,8 +178,9 @@ def plot_maps(res: Result, path: str | Path, title: str | None = None, measures:
     measures = list(measures or res.coord("measure"))
     row_ax, col_ax = res.axes[2], res.axes[3]
     rows, cols = res.coord(row_ax), res.coord(col_ax)
-    fig, axes = plt.subplots(len(models), len(measures), squeeze=False,
-                             figsize=(1.2 + (0.45 * len(cols) + 1.6) * len(measures), 0.9 + (0.16 * len(rows) + 0.9) * len(models)))
+    fig = Figure(figsize=(1.2 + (0.45 * len(cols) + 1.6) * len(measures), 1.1 + (0.16 * len(rows) + 0.9) * len(models)),
+                 layout="constrained")
+    axes = fig.subplots(len(models), len(measures), squeeze=False)
     for a, model in enumerate(models):
         for b, meas in enumerate(measures):
             ax = axes[a][b]
@@ -199,11 +198,9 @@ def plot_maps(res: Result, path: str | Path, title: str | None = None, measures:
     chance = res.attrs.get("chance")
     fig.suptitle((title or f"probe map: {res.attrs.get('label', '')}") +
                  (f" (chance {chance:.2f})" if isinstance(chance, float) else ""), fontsize=9)
-    fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
 

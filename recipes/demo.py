@@ -36,7 +36,8 @@ def run(args) -> int:
     out = Path(args.out)
     json_path = res.save(out / "resid_pre_patching")
     png = res.plot(out / "resid_pre_patching.png",
-                   title=f"{args.model}: patch clean -> corrupted, normalised logit diff{args.target!r} - {args.foil!r}")
+                   title=f"{args.model}: resid_pre patching, clean {args.clean!r} -> corrupted {args.corrupted!r}; "
+                         f"normalised logit diff {args.target!r} - {args.foil!r} (1 = clean, 0 = corrupted)")
     (layer, pos), best = tuple(res.top(1)[0][0].values()), res.top(1)[0][1]
     print(f"clean    {args.clean!r}: logit diff {res.attrs['clean_metric']:+.3f}")
     print(f"corrupt  {args.corrupted!r}: logit diff {res.attrs['corrupted_metric']:+.3f}")

@@ -57,8 +57,8 @@ def read_jsonl(path: str) -> dict[str, list]:
             rows["prompt"].append(rec["prompt"])
             rows["label"].append(rec["label"])
         except (json.JSONDecodeError, KeyError) as e:
-            raise SystemExit(f"interp probe: {path}:{n}: each line must be a JSON object with 'prompt' and 'label' "
-                             f"(optional 'subject', 'group'): {e}")
+            raise ValueError(f"{path}:{n}: each line must be a JSON object with 'prompt' and 'label' "
+                             f"(optional 'subject', 'group'): {e}") from None
         rows["subject"].append(rec.get("subject"))
         rows["group"].append(rec.get("group", rec.get("subject", rec["prompt"])))
     if any(s is None for s in rows["subject"]):
@@ -79,7 +79,8 @@ def register(sub) -> None:
     p.add_argument("--no-random", action="store_true", help="skip the random-init baseline")
     p.add_argument("--das-layers", default="", help="comma list of layers for DAS/IIA at --das-pos")
     p.add_argument("--das-pos", default="-1", help="position for DAS (integer; default: last token)")
-    p.add_argument("--das-k", type=int, default=1, help="subspace size (default: %(default)s)")
+    p.add_argument("--das-k", type=int, default=16, help="subspace size (default: %(default)s; a 1-dimensional "
+                   "subspace often cannot carry a many-valued concept, and its low IIA reads as a misleading null)")
     p.add_argument("--das-pairs", type=int, default=240)
     p.add_argument("--das-epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
@@ -100,7 +101,7 @@ def _positions(spec: str | None, has_subjects: bool) -> dict:
     for name in [s.strip() for s in spec.split(",") if s.strip()]:
         if name.startswith("subject_"):
             if not has_subjects:
-                raise SystemExit(f"interp probe: position {name!r} needs a subject per prompt ('subject' in --data)")
+                raise ValueError(f"position {name!r} needs a subject per prompt ('subject' in --data)")
             out[name] = SubjectOf(name.split("_", 1)[1])
         elif name == "last":
             out[name] = -1
@@ -108,7 +109,7 @@ def _positions(spec: str | None, has_subjects: bool) -> dict:
             try:
                 out[name] = int(name)
             except ValueError:
-                raise SystemExit(f"interp probe: unknown position {name!r}: use subject_first, subject_last, "
+                raise ValueError(f"unknown position {name!r}: use subject_first, subject_last, "
                                  "subject_mean, last or an integer") from None
     return out
 
@@ -156,7 +157,7 @@ def run(args) -> int:
             print(f"{model:12s} {meas:15s} peak {val:.3f} at {cell}")
     if args.das_layers:
         if answers is None:
-            raise SystemExit("interp probe: DAS reads the label words as next tokens; they must be single tokens")
+            raise ValueError("DAS reads the label words as next tokens; they must be single tokens")
         summary["iia"] = _das(lm, rows, label, answers, args, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"chance {res.attrs['chance']:.3f}; heatmaps: {png}; numbers: {js}; {time.perf_counter() - t0:.0f} s")
@@ -203,7 +204,7 @@ def _das(lm, rows, label, answers: dict, args, out: Path) -> dict:
     random.Random(args.seed).shuffle(pairs)
     pairs = pairs[:args.das_pairs]
     if len(pairs) < 20:
-        raise SystemExit(f"interp probe: only {len(pairs)} same-length pairs the model answers correctly; DAS needs more")
+        raise ValueError(f"only {len(pairs)} same-length pairs the model answers correctly; DAS needs more")
     base = [rows["prompt"][b] for b, _ in pairs]
     source = [rows["prompt"][s] for _, s in pairs]
     targets = torch.tensor([classes.index(rows[label][s]) for _, s in pairs])

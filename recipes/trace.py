@@ -28,9 +28,12 @@ def register(sub) -> None:
                    "(default: %(default)s; required unless --corrupted is given)")
     p.add_argument("--target", default=None, help="answer token, e.g. ' Paris' (default: the clean run's top token)")
     p.add_argument("--out", default="interp-out/trace", help="output folder (default: %(default)s)")
-    p.add_argument("--samples", type=int, default=10, help="noise samples, held in one batch (default: %(default)s)")
+    p.add_argument("--samples", type=int, default=None, help="noise samples, held in one batch (default: 10 for a "
+                   "language model, 2 for a pipeline)")
     p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="noise seed (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="first noise seed (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=3, help="language models: noise seeds seed..seed+N-1; maps are the "
+                   "mean over seeds with a 95%% t interval (default: %(default)s)")
     p.add_argument("--window", type=int, default=10, help="consecutive MLP / attention layers restored at once (default: %(default)s)")
     p.add_argument("--state", default="resid_post", choices=("resid_post", "resid_pre"), help="hidden state restored (default: %(default)s)")
     p.add_argument("--kinds", default=None, help="comma list; tracing: hidden,mlp,attn; patching: "
@@ -52,7 +55,10 @@ def register(sub) -> None:
 
 
 def is_pipeline(obj) -> bool:
-    return type(obj).__module__.startswith("diffusers") and hasattr(obj, "components")
+    """A diffusers pipeline (stock or a subclass such as the zoo's): the adapter's own test, by class hierarchy."""
+    from interp.adapters.pipeline import is_pipeline as _is_pipeline
+
+    return _is_pipeline(obj)
 
 
 def parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
@@ -90,7 +96,23 @@ def run(args) -> int:
                   "(recipes/trace_diffusion.py) is not installed in this checkout")
             return 2
         return mod.run(args, obj)
+    if args.samples is None:
+        args.samples = 10
     return run_lm(args, obj)
+
+
+def check_word(tokenizer, word: str | None, option: str) -> None:
+    """Warn (stderr) when `word` has no leading space although ' word' is a single token too: in the middle of a
+    sentence the model predicts ' Paris', not 'Paris', and they are different tokens."""
+    import sys
+
+    if word is None or tokenizer is None or word.startswith(" ") or not word.strip():
+        return
+    ids = tokenizer(" " + word, add_special_tokens=False)["input_ids"]
+    if len(ids) == 1 and len(tokenizer(word, add_special_tokens=False)["input_ids"]) == 1:
+        print(f"interp trace: warning: {option} {word!r} has no leading space; {' ' + word!r} is a different "
+              f"single token (the usual one after a word). Pass {option} {' ' + word!r} if that is what you mean.",
+              file=sys.stderr)
 
 
 def _kinds(spec, allowed, default):
@@ -112,6 +134,8 @@ def run_lm(args, model) -> int:
     t0 = time.perf_counter()
     lm = interp.attach(model)
     layers = parse_layers(args.layers, lm.n_layers)
+    check_word(lm.tokenizer, args.target, "--target")
+    check_word(lm.tokenizer, args.foil, "--foil")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.corrupted is None:
@@ -132,6 +156,7 @@ def run_lm(args, model) -> int:
 
     pd.concat(frames).to_csv(out / "effects.csv", index=False)
     summary["seconds"] = round(time.perf_counter() - t0, 2)
+    summary["command"] = getattr(args, "command_line", None)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     for line in summary["lines"]:
         print(line)
@@ -147,21 +172,30 @@ def _trace(lm, args, layers):
                          "or --corrupted PROMPT for activation patching")
     kinds = _kinds(args.kinds, ("hidden", "mlp", "attn"), ("hidden", "mlp", "attn"))
     t0 = time.perf_counter()
+    if args.seeds < 1:
+        raise ValueError(f"--seeds {args.seeds}: give at least 1 noise seed")
     tr = trace(lm, args.prompt, args.subject, args.target, kinds=kinds, state=args.state, window=args.window,
-               samples=args.samples, noise=args.noise, seed=args.seed, layers=layers)
+               samples=args.samples, noise=args.noise, seed=args.seed, seeds=args.seeds, layers=layers)
     seconds = time.perf_counter() - t0
     lines = [f"prompt {args.prompt!r}, subject {args.subject!r}, target {tr.target!r}: "
-             f"p_clean {tr.p_clean:.4f}, p_corrupted {tr.p_corrupted:.4f} ({args.samples} noise samples)",
+             f"p_clean {tr.p_clean:.4f}, p_corrupted {tr.p_corrupted:.4f} ({args.samples} noise samples x "
+             f"{args.seeds} seeds)",
              f"traced {tr.stats['rows']} restorations x {args.samples} samples in {seconds:.1f} s "
              f"({tr.stats['forward_equivalents']:.0f} forward equivalents of the {args.samples}-prompt batch)"]
     peaks = {}
     for kind in kinds:
         layer, tok, v = tr.peak(kind)
-        peaks[kind] = {"layer": layer, "token": tok, "indirect_effect": v}
-        lines.append(f"largest {kind:6s} restoration effect {v:+.4f} at layer {layer}, token {tok!r}")
+        res = tr.results[kind]
+        li, pi = res.coord("layer").index(layer), res.coord("pos").index(tok)
+        lo, hi = float(res.attrs["ci_low"][li, pi]), float(res.attrs["ci_high"][li, pi])
+        peaks[kind] = {"layer": layer, "token": tok, "indirect_effect": v, "ci95": [lo, hi],
+                       "per_seed_peak": res.attrs["per_seed_peak"]}
+        lines.append(f"largest {kind:6s} restoration effect {v:+.4f} (95% CI {lo:+.4f}..{hi:+.4f} over "
+                     f"{args.seeds} seeds) at layer {layer}, token {tok!r}")
     summary = {"mode": "causal tracing", "model": args.model, "prompt": args.prompt, "subject": args.subject,
                "target": tr.target, "p_clean": tr.p_clean, "p_corrupted": tr.p_corrupted, "samples": args.samples,
-               "noise": args.noise, "seed": args.seed, "window": args.window, "peaks": peaks, "grid": tr.stats,
+               "noise": args.noise, "seed": args.seed, "seeds": args.seeds, "window": args.window, "peaks": peaks,
+               "grid": tr.stats,
                "trace_seconds": round(seconds, 2), "torch_threads": __import__("torch").get_num_threads(),
                "lines": lines}
     return tr.results, summary
@@ -183,7 +217,10 @@ def _patch(lm, args, layers):
             res = head_sweep(lm, args.prompt, args.corrupted, metric, layers=layers)
         else:
             res = patch_sweep(lm, args.prompt, args.corrupted, kind, metric, layers=layers)
-        res.attrs["title"] = f"patch {kind} clean -> corrupted: normalised {name}"
+        what = {"logit_diff": f"logit diff {target!r} - {args.foil!r}", "prob": f"p({target!r})",
+                "kl": "KL to the clean next-token distribution"}[name]
+        res.attrs["title"] = (f"patch {kind}, clean {args.prompt!r} -> corrupted {args.corrupted!r}: "
+                              f"normalised {what} (1 = clean, 0 = corrupted)")
         results[kind] = res
         where, v = res.top(1)[0]
         peaks[kind] = {**where, "normalised_effect": v}

@@ -16,16 +16,22 @@ import time
 from pathlib import Path
 
 LM_DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
-DEFAULT_PROMPT = "a small red circle on the left, solid"
+# a training caption of the zoo models (every attribute named, size word included); the held-out captions
+# (interp.zoo.shapes.held_out_attributes) include "a small red circle on the left, solid"
+DEFAULT_PROMPT = "a large red circle on the left, solid"
+# first-run defaults for pipelines: about a minute on two CPU cores (see the epilog for a full run)
+QUICK = {"samples": 2, "steps": 6, "windows": "2"}
+FULL_HINT = ("for a finer map ask for more: --steps 50 --windows steps --samples 8 --influence "
+             "(takes far longer; each option multiplies the work)")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Options for pipelines (added to `interp trace`)."""
     g = p.add_argument_group("diffusion pipelines")
-    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the pipeline's)")
+    g.add_argument("--steps", type=int, default=None, help=f"denoising steps (default: {QUICK['steps']})")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
-    g.add_argument("--windows", default="steps", help="step windows for denoiser restoration: 'steps' (each step), "
-                   "an int k (k windows) or '0-2,3-5' (default: %(default)s); all steps are always included")
+    g.add_argument("--windows", default=None, help="step windows for denoiser restoration: 'steps' (each step), "
+                   f"an int k (k windows) or '0-2,3-5' (default: {QUICK['windows']}); all steps are always included")
     g.add_argument("--components", default=None, help="denoiser sites or wildcards, comma separated "
                    "(default: ResNets, self- and cross-attention; DiT attention / MLP per stream)")
     g.add_argument("--text-kinds", default="resid_post", help="text-encoder states restored per layer x token, "
@@ -37,7 +43,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "of the images against --subject as the metric")
     g.add_argument("--budget-mb", type=int, default=1024, help="memory budget of one batched sampling loop "
                    "(default: %(default)s)")
-    g.add_argument("--no-influence", action="store_true", help="skip the per-token influence D_t map")
+    g.add_argument("--influence", action="store_true", help="also compute the per-token influence D_t map "
+                   "(one extra sampling loop per prompt token)")
+    g.add_argument("--no-influence", action="store_true", help=argparse.SUPPRESS)  # the old default; now implied
 
 
 def _windows(spec: str):
@@ -46,10 +54,24 @@ def _windows(spec: str):
     if spec.isdigit():
         return int(spec)
     out = []
-    for part in spec.split(","):
-        a, _, b = part.partition("-")
-        out.append((int(a), int(b or a) + 1))
+    try:
+        for part in spec.split(","):
+            a, _, b = part.partition("-")
+            out.append((int(a), int(b or a) + 1))
+    except ValueError:
+        raise ValueError(f"--windows {spec!r}: write 'steps', a number of windows (e.g. 3) or step ranges "
+                         "such as '0-2,3-5'") from None
     return out
+
+
+def quick_defaults(args) -> list[str]:
+    """Fill the pipeline defaults (QUICK) into options left unset; returns the names filled in."""
+    filled = []
+    for name, value in QUICK.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+            filled.append(name)
+    return filled
 
 
 def _metric(args, lm):
@@ -79,8 +101,11 @@ def run(args, pipe) -> int:
 
     prompt = DEFAULT_PROMPT if args.prompt in (None, LM_DEFAULT_PROMPT) else args.prompt
     if not args.subject:
-        raise SystemExit("interp trace: a pipeline needs --subject: the attribute words to corrupt, e.g. "
+        raise ValueError("a pipeline needs --subject: the attribute words to corrupt, e.g. "
                          f"--prompt {DEFAULT_PROMPT!r} --subject red")
+    if args.subject not in prompt:
+        raise ValueError(f"--subject {args.subject!r} is not in the prompt {prompt!r}")
+    quick = quick_defaults(args)
     lm = interp.attach(pipe)
     metric, metric_name = _metric(args, lm)
     comps = None
@@ -99,7 +124,7 @@ def run(args, pipe) -> int:
                          components=comps, windows=_windows(args.windows), memory_budget=args.budget_mb << 20)
     paths = {k: str(v) for k, v in tr.save(out).items()}
     influence = None
-    if not args.no_influence:
+    if args.influence and not args.no_influence:
         spec = Sampling([prompt] * min(args.samples, 4), seed=args.seed, steps=args.steps, guidance=args.guidance)
         influence = token_influence(pipe, spec)
         paths["influence"] = str(influence.save(out / "trace_influence"))
@@ -116,13 +141,16 @@ def run(args, pipe) -> int:
                "clean_metric": tr.clean_metric, "corrupted_metric": tr.corrupted_metric, "samples": args.samples,
                "noise": args.noise, "seconds": round(time.time() - t0, 1), "grid": tr.stats,
                "top": [{"map": m, **{k: str(v) for k, v in w.items()}, "effect": e} for m, w, e in tr.top(10)],
-               "influence_top": influence.top(5) if influence is not None else None, "files": paths}
+               "influence_top": influence.top(5) if influence is not None else None, "files": paths,
+               "command": getattr(args, "command_line", None)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     print(f"traced {args.subject!r} in {prompt!r}: {tr.stats['cells']} restorations in {summary['seconds']} s "
           f"(metric {metric_name}: clean {tr.clean_metric:.3f}, corrupted {tr.corrupted_metric:.3f})")
     for m, w, e in tr.top(5):
         print(f"  {e:+.3f}  {m}  {w}")
     print(f"wrote {out}/ (summary.json, heatmaps, trace_images.png)")
+    if quick:
+        print(f"quick defaults ({', '.join(f'--{k} {QUICK[k]}' for k in quick)}); {FULL_HINT}")
     return 0
 
 
@@ -132,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--subject", required=True, help="attribute words to corrupt, e.g. red")
     p.add_argument("--out", default="interp-out/trace-diffusion")
-    p.add_argument("--samples", type=int, default=4)
+    p.add_argument("--samples", type=int, default=None)
     p.add_argument("--noise", type=float, default=3.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", default=None)

@@ -134,3 +134,31 @@ def test_bad_input(lm, gpt2):
         trace(lm, PROMPT, [SUBJ], state="resid_mid")
     with pytest.raises(interp.PositionError, match="does not occur"):
         trace(interp.attach(gpt2), "The Eiffel Tower is in", "Colosseum")
+
+
+def test_seeds_give_the_mean_of_single_seed_traces_and_a_t_interval(lm):
+    from interventions.tracing import seed_interval
+
+    multi = trace(lm, PROMPT, [SUBJ, 3], window=3, samples=4, seed=5, seeds=3, noise=2.0, progress=False)
+    singles = [trace(lm, PROMPT, [SUBJ, 3], window=3, samples=4, seed=s, noise=2.0, progress=False) for s in (5, 6, 7)]
+    for kind in ("hidden", "mlp", "attn"):
+        stack = torch.stack([t[kind].values for t in singles])
+        torch.testing.assert_close(multi[kind].values, stack.mean(0), rtol=1e-5, atol=1e-6)
+        lo, hi = seed_interval(stack, 0.95)
+        torch.testing.assert_close(torch.as_tensor(multi[kind].attrs["ci_low"]), lo, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.as_tensor(multi[kind].attrs["ci_high"]), hi, rtol=1e-5, atol=1e-6)
+        assert multi[kind].attrs["seeds"] == [5, 6, 7]
+        assert multi[kind].attrs["per_seed_peak"] == pytest.approx([float(t[kind].values.max()) for t in singles])
+    # the noise draws differ between seeds, so the interval has width where the effect is not flat
+    assert float((torch.as_tensor(multi["mlp"].attrs["ci_high"]) - torch.as_tensor(multi["mlp"].attrs["ci_low"])).max()) > 0
+    assert multi.p_corrupted == pytest.approx(sum(t.p_corrupted for t in singles) / 3)
+
+
+def test_t_quantile_matches_the_table():
+    from interventions.tracing import t_quantile
+
+    for df, q975 in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):
+        assert t_quantile(0.975, df) == pytest.approx(q975, abs=2e-3)
+    assert t_quantile(0.95, 3) == pytest.approx(2.353, abs=2e-3)
+    with pytest.raises(ValueError):
+        t_quantile(0.3, 2)

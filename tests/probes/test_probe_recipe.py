@@ -34,9 +34,9 @@ def test_landmark_task_and_input_errors(tmp_path):
     assert all(s in p for p, s in zip(rows["prompt"], rows["subject"]))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x"}\n')
-    with pytest.raises(SystemExit, match="bad.jsonl:1"):
+    with pytest.raises(ValueError, match="bad.jsonl:1"):
         read_jsonl(str(bad))
-    with pytest.raises(SystemExit, match="needs a subject"):
+    with pytest.raises(ValueError, match="needs a subject"):
         _positions("subject_last", has_subjects=False)
-    with pytest.raises(SystemExit, match="unknown position"):
+    with pytest.raises(ValueError, match="unknown position"):
         _positions("middle", has_subjects=True)
