@@ -16,6 +16,11 @@ $(STAMP): pyproject.toml Makefile
 	-@command -v chromium >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 && \
 	  { apt-get install -y -q chromium >/dev/null 2>&1 || sudo -n apt-get install -y -q chromium >/dev/null 2>&1; }; } || \
 	  echo "chromium not installed (apt-get unavailable): tests/interp/test_report_browser.py will be skipped"
+	@# Debian's fortunes: the offline English prose the SmolLM2 dictionary recipe trains on (optional: its tests skip)
+	-@test -d /usr/share/games/fortunes || { command -v apt-get >/dev/null 2>&1 && \
+	  { apt-get install -y -q fortunes >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q fortunes >/dev/null 2>&1; }; }; } || \
+	  echo "fortunes not installed: the SmolLM2 dictionary recipe tests will be skipped"
 	touch $(STAMP)
 
 venv: $(STAMP)
