@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from . import kernels as K
 from .adapters.base import Prepared
 from .cache import ActivationCache, capture_entry
-from .errors import OpNeverFiredError, PositionError, SiteShapeError, SpecError
+from .errors import InterpError, OpNeverFiredError, PositionError, SiteShapeError, SpecError
 from .hooks import Entry, StopForward, attached, read_input
 from .ops import Add, Op, Positions, Subject, Target, Where
 from .sites import Site
@@ -228,6 +228,50 @@ def _expand_batch(obj, b: int, n: int):
     return obj
 
 
+def _check_rows(rows, shared, chunk_rows) -> None:
+    if isinstance(rows, Op) or any(isinstance(r, Op) or not isinstance(r, (list, tuple)) for r in rows):
+        raise SpecError("run_grid takes rows, each a list of ops (rows=[[op1], [op2, op3]]), not a flat list of ops")
+    bad = next((o for r in [*rows, shared] for o in r if not isinstance(o, Op)), None)
+    if bad is not None:
+        raise SpecError(f"expected an op (Patch, Add, ...) in a grid row, got {type(bad).__name__}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise SpecError(f"chunk_rows={chunk_rows!r}: give a positive int (rows per chunk) or None (fit the budget)")
+
+
+def _checked_input(ad, prepared: Prepared) -> Prepared:
+    """Refuse an empty input, token ids beyond the vocabulary and sequences beyond the context window."""
+    if prepared.seq_len == 0:
+        raise SpecError("the input is empty (0 tokens): give at least one token")
+    ids = prepared.kwargs.get("input_ids")
+    emb = ad.model.get_input_embeddings() if isinstance(ids, torch.Tensor) and hasattr(
+        ad.model, "get_input_embeddings") else None
+    if isinstance(emb, torch.nn.Embedding) and ids.numel():
+        top, low = int(ids.max()), int(ids.min())
+        if top >= emb.num_embeddings or low < 0:
+            raise SpecError(f"token id {top if top >= emb.num_embeddings else low} is outside the vocabulary "
+                            f"(0..{emb.num_embeddings - 1}) of this model")
+        cfg = getattr(ad.model, "config", None)
+        ctx_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        if isinstance(ctx_len, int) and ids.shape[-1] > ctx_len:
+            raise SpecError(f"the input has {ids.shape[-1]} tokens, beyond this model's context of {ctx_len}")
+    return prepared
+
+
+def _check_values(val: Any, b: int, rows: Sequence[Sequence[Op]], chunk: Sequence[int] | None) -> None:
+    """A metric gives a tensor of one value per item ([n * batch, ...]) with finite values; `chunk` names
+    the grid rows of this call (None: the base run)."""
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or val.shape[0] % b:
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+        raise SpecError(f"the metric returned {shape}: it must return one value per item, a tensor of shape "
+                        f"[batch, ...] (here batch = {b} per row); do not reduce over the batch")
+    if val.is_floating_point() and not bool(torch.isfinite(val).all()):
+        where = "the base run"
+        if chunk is not None:
+            bad = int(torch.isfinite(val.reshape(len(chunk), -1)).all(1).logical_not().nonzero()[0])
+            where = f"row {chunk[bad]} ({' + '.join(o.describe() for o in rows[chunk[bad]])})"
+        raise InterpError(f"the metric returned NaN or inf values for {where}: check the metric and that row's ops")
+
+
 NO_CACHE = {"cache": None, "past_key_values": None, "layer_past": None, "past_key_value": None, "use_cache": False}
 
 
@@ -308,7 +352,7 @@ class Engine:
             offload: str | None = None, pad: bool = False, last_only: bool = False, grad: bool = False,
             ctx: RunContext | None = None) -> RunOutput:
         ad = self.adapter
-        prepared = ad.prepare(inputs, pad=pad)
+        prepared = _checked_input(ad, ad.prepare(inputs, pad=pad))
         ctx = ctx or RunContext()
         bound = self.bind(ops, prepared, 0, 1)
         cache = ActivationCache()
@@ -333,7 +377,8 @@ class Engine:
         # runs here; row_groups: one key per row, rows with different keys never share a chunk
         # (interp.diffusion.sample_grid uses the three for its step-prefix reuse).
         ad = self.adapter
-        prepared = ad.prepare(inputs)
+        _check_rows(rows, shared, chunk_rows)
+        prepared = _checked_input(ad, ad.prepare(inputs))
         b = prepared.batch
         ctx = ctx or RunContext()
         metric = metric or (lambda logits: logits[:, -1])
@@ -364,6 +409,7 @@ class Engine:
             on_base(base_out)
         base_logits = ad.main_output(base_out)
         base_val = metric(base_logits)
+        _check_values(base_val, b, rows, None)
         if can_replay and self._replay_ok is None:
             self._replay_ok = self._validate_replay(block_in, base_logits, b, last_only, shared, prepared, ctx)
         replay = can_replay and bool(self._replay_ok)
@@ -429,6 +475,7 @@ class Engine:
                             val = metric(ad.main_output(out))
                             forwards += n
                     self.check_fired(bound + sbound)
+                    _check_values(val, b, rows, chunk)
                     val = val.reshape(n, b, *val.shape[1:])
                     if chunk_hook is not None:
                         chunk_hook.after(chunk, val)
@@ -465,6 +512,7 @@ class Engine:
                     bar.update(len(chunk))
             with torch.no_grad():  # the head runs once over many packs' final states
                 for chunk, val in (pre.tails(pending, metric) if pending else ()):
+                    _check_values(val.reshape(len(chunk) * b, *val.shape[2:]), b, rows, chunk)
                     if chunk_hook is not None:
                         chunk_hook.after(chunk, val)
                     for j, r in enumerate(chunk):
