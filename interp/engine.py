@@ -449,6 +449,14 @@ class Engine:
                 values[r] = got[j].to(base_val.device)
             bar.update(len(chunk))
             return True
+        def finish(pending: list) -> None:
+            with torch.no_grad():  # the head runs once over many packs' final states
+                for chunk, val in (pre.tails(pending, metric) if pending else ()):
+                    _check_values(val.reshape(len(chunk) * b, *val.shape[2:]), b, rows, chunk)
+                    if chunk_hook is not None:
+                        chunk_hook.after(chunk, val)
+                    for j, r in enumerate(chunk):
+                        values[r] = val[j]
         try:
             for gkey, members in sorted(groups.items()):
                 start = gkey if row_groups is None else gkey[1]
@@ -510,13 +518,10 @@ class Engine:
                     forwards += (pack.Q * (L - start - cut) + cut * len(chunk)) / (L * T)
                     self.check_fired(bound)
                     bar.update(len(chunk))
-            with torch.no_grad():  # the head runs once over many packs' final states
-                for chunk, val in (pre.tails(pending, metric) if pending else ()):
-                    _check_values(val.reshape(len(chunk) * b, *val.shape[2:]), b, rows, chunk)
-                    if chunk_hook is not None:
-                        chunk_hook.after(chunk, val)
-                    for j, r in enumerate(chunk):
-                        values[r] = val[j]
+                    if chunk_hook is not None:  # a resumable / sharded sweep keeps each pack as it finishes
+                        finish(pending)
+                        pending = []
+            finish(pending)
         finally:
             bar.close()
         if chunk_hook is not None:  # rows another process computes

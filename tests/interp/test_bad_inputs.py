@@ -159,3 +159,13 @@ def test_add_on_a_feature_map_without_spatial_is_an_error():
     with pytest.raises(SiteShapeError, match="spatial='average'"):
         _check_axes(Add("unet.mid", torch.ones(8)), site)
     _check_axes(Add("unet.mid", torch.ones(8), spatial="average"), site)  # accepted
+
+
+@pytest.mark.parametrize("kw", [dict(steps=-2), dict(steps=0), dict(steps=2.5), dict(guidance=math.nan), dict(prompt=[])])
+def test_malformed_sampling_requests_are_refused(kw):
+    """Sampling(steps=-2) used to return an undenoised image, steps=0 a ZeroDivisionError."""
+    from interp.diffusion import Sampling
+
+    with pytest.raises(SpecError) as e:
+        Sampling(**{"prompt": "a red circle", **kw})
+    _one_line(e)
