@@ -193,7 +193,8 @@ class Positions:
                                     f"(valid: 0..{T - 1} or -{T}..-1)")
         return [p % T for p in self.index]
 
-    def absolute(self, tokens: Sequence[str] | None, P: int, site: str = "") -> tuple[list[int], tuple[int, int] | None]:
+    def absolute(self, tokens: Sequence[str] | None, P: int,
+                 site: str = "") -> tuple[list[int], tuple[int, int] | None]:
         """For a sequence growing past a prompt of P positions (generate): fixed positions, and an open
         progression (start, step) reaching into generated tokens, or None. Negative ints and slices with
         a negative part count from the end of the prompt, so the edited set does not depend on how the

@@ -161,7 +161,8 @@ def test_add_on_a_feature_map_without_spatial_is_an_error():
     _check_axes(Add("unet.mid", torch.ones(8), spatial="average"), site)  # accepted
 
 
-@pytest.mark.parametrize("kw", [dict(steps=-2), dict(steps=0), dict(steps=2.5), dict(guidance=math.nan), dict(prompt=[])])
+@pytest.mark.parametrize("kw", [dict(steps=-2), dict(steps=0), dict(steps=2.5), dict(guidance=math.nan),
+                                dict(prompt=[])])
 def test_malformed_sampling_requests_are_refused(kw):
     """Sampling(steps=-2) used to return an undenoised image, steps=0 a ZeroDivisionError."""
     from interp.diffusion import Sampling

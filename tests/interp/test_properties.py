@@ -245,7 +245,8 @@ def pos_spec(draw, tokens0: list[str], T: int):
     j = tokens0.index(word)
     k = draw(st.integers(1, 2))
     text = "".join(tokens0[j:j + k])
-    return Subject(text, which=draw(st.sampled_from(["last", "first", "all"])), occurrence=draw(st.sampled_from([0, -1])))
+    which = draw(st.sampled_from(["last", "first", "all"]))
+    return Subject(text, which=which, occurrence=draw(st.sampled_from([0, -1])))
 
 
 SITES = {"gpt2": ["resid_pre", "attn.out", "attn.z", "resid_mid", "mlp.out", "resid_post", "embed"],
