@@ -33,3 +33,7 @@ class OfflineModelError(InterpError, RuntimeError):
 
 class SpecError(InterpError, ValueError):
     """An op, a position / step spec or a run option is malformed (refused where it is written)."""
+
+
+class PositionSpecError(SpecError, PositionError):
+    """A malformed position spec (a SpecError that is also a PositionError)."""

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from .errors import PositionError, SiteShapeError, SpecError
+from .errors import PositionError, PositionSpecError, SiteShapeError, SpecError
 
 GENERATED = "generated"
 PosSpec = Any  # None | int | Sequence[int] | slice | range | Tokens | Subject | "generated"
@@ -150,16 +150,19 @@ class Positions:
         if isinstance(spec, str):
             if spec == GENERATED:
                 return Positions("generated")
-            raise SpecError(f"pos={spec!r}: the only string position is {GENERATED!r} (tokens made by generate "
+            raise PositionSpecError(f"pos={spec!r}: the only string position is {GENERATED!r} (tokens made by generate "
                             "inside lm.applied); use ints (pos=-1 is the last position) or Tokens(text) for text")
         if isinstance(spec, (Tokens, Subject)):
             return Positions("tokens", select=spec)
         if isinstance(spec, slice):
             b = tuple(None if v is None else _as_int(v, "slice bound") for v in (spec.start, spec.stop, spec.step))
             if b[2] == 0:
-                raise SpecError("pos=slice(..., step=0): a slice step cannot be zero")
+                raise PositionSpecError("pos=slice(..., step=0): a slice step cannot be zero")
             return Positions("slice", bounds=b)
-        return Positions("index", index=_int_tuple(spec, "pos"))
+        try:
+            return Positions("index", index=_int_tuple(spec, "pos"))
+        except SpecError as e:
+            raise PositionSpecError(str(e)) from None
 
     @property
     def spec(self) -> PosSpec:
