@@ -7,10 +7,10 @@
 """
 from .attach import Instrumented, attach
 from .engine import GridOutput, RunContext, RunOutput
-from .errors import (InterpError, OfflineModelError, OpNeverFiredError, PositionError, SiteShapeError,
+from .errors import (InterpError, OfflineModelError, OpNeverFiredError, PositionError, SiteShapeError, SpecError,
                      UnknownSiteError, UnsupportedModelError)
 from .hooks import hook_count
-from .ops import ALL, Ablate, Add, Noise, Op, Patch, Project, Replace, Subject, Tokens, Where, at
+from .ops import ALL, Ablate, Add, Noise, Op, Patch, Positions, Project, Replace, Steps, Subject, Tokens, Where, at
 from .results import Result, image_grid
 from .sites import Site
 from . import zoo
@@ -20,6 +20,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "Instrumented", "RunOutput", "GridOutput", "RunContext", "Result", "image_grid", "Site",
     "Op", "Patch", "Add", "Ablate", "Noise", "Project", "Replace", "Where", "Tokens", "Subject", "at", "ALL",
-    "InterpError", "UnknownSiteError", "SiteShapeError", "PositionError", "OpNeverFiredError",
+    "Positions", "Steps", "SpecError", "InterpError", "UnknownSiteError", "SiteShapeError", "PositionError", "OpNeverFiredError",
     "UnsupportedModelError", "OfflineModelError", "hook_count",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .errors import SiteShapeError
 from .hooks import Entry
 from .sites import Site
 
@@ -31,21 +32,34 @@ class ActivationCache(dict):
         return f"{len(self)} sites, {self.memory_bytes / 2**20:.2f} MiB"
 
     def _store(self, site: Site, t: torch.Tensor, calls: dict[str, list]) -> None:
-        calls.setdefault(site.name, []).append(t)
-        seen = calls[site.name]
-        if len({tuple(x.shape) for x in seen}) > 1:
-            from .errors import SiteShapeError
-
-            raise SiteShapeError(f"site {site.name!r} (module {site.module!r}) ran {len(seen)} times in one forward "
-                                 f"with different shapes {[tuple(x.shape) for x in seen]}, so its calls cannot be "
-                                 "stacked into one capture: capture a site inside the module or one that runs once")
-        self[site.name] = seen[0] if len(seen) == 1 else torch.stack(seen)
-        self.axes[site.name] = site.axes if len(seen) == 1 else ("call", *site.axes)
+        """Append one call's tensor: the first is stored as is, later ones stack on a new axis 0 in a buffer
+        that doubles when full (linear in the number of calls; `self[name]` is a view of the filled part)."""
+        seen = calls.setdefault(site.name, [None, 0])
+        if seen[1] == 0:
+            self[site.name], self.axes[site.name] = t, site.axes
+            seen[:] = [t, 1]
+            return
+        first = seen[0] if seen[1] == 1 else seen[0][0]
+        if t.shape != first.shape:
+            raise SiteShapeError(f"site {site.name!r} (module {site.module!r}) ran {seen[1] + 1} times in one forward "
+                                 f"with different shapes ({tuple(first.shape)}, then {tuple(t.shape)}), so its calls "
+                                 "cannot be stacked into one capture: capture a site inside the module or one that "
+                                 "runs once")
+        if seen[1] == 1:
+            buf = torch.empty((4, *t.shape), dtype=t.dtype, device=t.device)
+            buf[0] = first
+            seen[0] = buf
+        elif seen[1] == seen[0].shape[0]:
+            seen[0] = torch.cat([seen[0], torch.empty_like(seen[0])])
+        seen[0][seen[1]] = t
+        seen[1] += 1
+        self[site.name], self.axes[site.name] = seen[0][:seen[1]], ("call", *site.axes)
 
 
 def capture_entry(site: Site, cache: ActivationCache, dtype: torch.dtype | None = None,
-                  offload: str | None = None, grad: bool = False) -> Entry:
-    """An Entry that records what flows at `site` (after any edits there)."""
+                  offload: str | None = None, grad: bool = False, store=None) -> Entry:
+    """An Entry that records what flows at `site` (after any edits there); `store(site, tensor)` replaces
+    the default (stack repeated calls), e.g. sessions assembling a generated sequence."""
     calls: dict[str, list] = {}
 
     def fn(t: torch.Tensor):
@@ -60,7 +74,10 @@ def capture_entry(site: Site, cache: ActivationCache, dtype: torch.dtype | None 
             kept = kept.to(offload) if offload else kept
             if kept.data_ptr() == t.data_ptr():
                 kept = kept.clone()
-        cache._store(site, kept, calls)
+        if store is not None:
+            store(site, kept)
+        else:
+            cache._store(site, kept, calls)
         return None
 
     return Entry(site, fn)

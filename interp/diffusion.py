@@ -25,9 +25,9 @@ import torch
 from .adapters.pipeline import PipelineAdapter, SampleOutput, Sampling
 from .adapters.unet import BATCHED
 from .attach import Instrumented, attach
-from .engine import GridOutput, RunOutput, _step_list
+from .engine import GridOutput, RunOutput
 from .errors import InterpError, PositionError
-from .ops import Ablate, Op, Patch, at
+from .ops import Ablate, Op, Patch, Steps, at
 from .results import Result
 
 __all__ = ["Sampling", "SampleOutput", "Recording", "sample", "record", "restore", "sample_grid", "item_bytes",
@@ -100,20 +100,9 @@ def record(model, spec: Sampling | str, sites: Sequence[str] | str, ops: Sequenc
 
 
 def _step_set(steps, n: int, site: str) -> list[int]:
-    if steps is None:
-        return list(range(n))
-    if isinstance(steps, tuple) and len(steps) == 2:
-        lo, hi = steps
-        if not (0 <= lo < hi <= n):
-            raise PositionError(f"step window {steps!r} for {site!r} is out of range: the recording has {n} "
-                                f"denoising steps (a window is (start, stop) with 0 <= start < stop <= {n})")
-        return list(range(lo, hi))
-    out = [steps] if isinstance(steps, int) else list(steps)
-    bad = [s for s in out if not 0 <= s < n]
-    if bad:
-        raise PositionError(f"steps {bad} for {site!r} are out of range: the recording has {n} denoising steps "
-                            f"(0..{n - 1})")
-    return out
+    """A step spec (None = every step, ints, a (start, stop) window or Steps) -> the run's step indices."""
+    got = Steps.of(steps)
+    return list(range(n)) if got is None else got.indices(n, site)
 
 
 def restore(site: str, rec: Recording, steps=None, branch: str = "both", pos=None, alpha: float = 1.0) -> list[Patch]:
@@ -170,13 +159,8 @@ def item_bytes(model, spec: Sampling) -> int:
 def first_step(ops: Sequence[Op], n_steps: int) -> int:
     """The first denoising step at which any of `ops` can act: 0 for an op without a step selection (or on a
     component that runs before the loop), n_steps for no ops (the row is the base run)."""
-    first = n_steps
-    for op in ops:
-        s = op.where.steps
-        if s is None:
-            return 0
-        first = min(first, *_step_list(s))  # a (start, stop) window gives [start, stop - 1]
-    return max(0, first)
+    firsts = [n_steps] + [0 if op.where.steps is None else op.where.steps.first() for op in ops]
+    return min(firsts)
 
 
 def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]], metric: Callable[[SampleOutput], torch.Tensor],

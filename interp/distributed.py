@@ -25,6 +25,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .errors import InterpError
+from .ops import Op
 from .results import atomic_write
 
 FORMAT = "interp.sweep/1"
@@ -124,14 +125,14 @@ class _Hasher:
             self.add(("slice", obj.start, obj.stop, obj.step), depth + 1)
         elif isinstance(obj, torch.Generator):
             self.add(("generator", obj.get_state()), depth + 1)
+        elif isinstance(obj, Op):  # an op says what decides its effect
+            h.update(f"{type(obj).__qualname__}(".encode())
+            self.add(obj.fingerprint(), depth + 1)
+            h.update(b")")
         elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
             h.update(f"{type(obj).__qualname__}(".encode())
-            factors = getattr(obj, "factors", None)
             for f in dataclasses.fields(obj):
-                v = getattr(obj, f.name)
-                if f.name == "eraser" and callable(factors):  # Project: the factors are what matters
-                    v = factors()
-                self.add((f.name, v), depth + 1)
+                self.add((f.name, getattr(obj, f.name)), depth + 1)
             h.update(b")")
         elif isinstance(obj, functools.partial):
             self.add(("partial", obj.func, obj.args, obj.keywords), depth + 1)

@@ -16,13 +16,10 @@ from tqdm.auto import tqdm
 from . import kernels as K
 from .adapters.base import Prepared
 from .cache import ActivationCache, capture_entry
-from .errors import OpNeverFiredError, PositionError, SiteShapeError
+from .errors import InterpError, OpNeverFiredError, PositionError, SiteShapeError, SpecError
 from .hooks import Entry, StopForward, attached, read_input
-from .ops import Ablate, Add, Noise, Op, Patch, Project, Replace, Subject, Tokens, Where
+from .ops import Add, Op, Positions, Subject, Target, Where
 from .sites import Site
-
-_MIX = 0x9E3779B97F4A7C15 % (1 << 61)
-
 
 def _layer(site: Site) -> int:
     return -1 if site.layer is None else site.layer
@@ -32,52 +29,15 @@ def _layer(site: Site) -> int:
 # positions and selections
 # ---------------------------------------------------------------------------------------------
 
-def subject_positions(tokens: Sequence[str], text: str) -> list[int]:
-    """Token positions whose characters overlap the last occurrence of `text` in the decoded prompt."""
-    starts, s = [], 0
-    for t in tokens:
-        starts.append(s)
-        s += len(t)
-    full = "".join(tokens)
-    at = full.rfind(text)
-    if at < 0:
-        at = full.rfind(text.strip())
-        text = text.strip()
-    if at < 0:
-        raise PositionError(f"subject {text!r} does not occur in the prompt {full!r} (tokens: {list(tokens)})")
-    end = at + len(text)
-    return [i for i, (st, t) in enumerate(zip(starts, tokens)) if st < end and st + len(t) > at]
+def subject_positions(tokens: Sequence[str], text: str, occurrence: int = 0) -> list[int]:
+    """Token positions whose characters overlap `text` in the decoded prompt (its first occurrence by
+    default, as in ROME; -1 is the last)."""
+    return Subject(text, "all", occurrence).find(tokens)
 
 
 def resolve_positions(spec: Any, tokens: Sequence[str] | None, T: int, site: str = "") -> list[int]:
-    """A position spec (None, int, list, slice, Tokens, Subject) -> sorted position list for one item."""
-    if spec is None:
-        return list(range(T))
-    if isinstance(spec, Tokens):
-        if not tokens:
-            raise PositionError(f"Tokens({spec.text!r}) needs token strings: run on prompts with a tokenizer")
-        hits = [i for i, t in enumerate(tokens) if t.strip() == spec.text.strip()]
-        if not hits:
-            raise PositionError(f"token {spec.text!r} is not in the prompt; its tokens are {list(tokens)}")
-        return hits if spec.occurrence is None else [hits[spec.occurrence]]
-    if isinstance(spec, Subject):
-        if not tokens:
-            raise PositionError(f"Subject({spec.text!r}) needs token strings: run on prompts with a tokenizer")
-        pos = subject_positions(tokens, spec.text)
-        return {"last": pos[-1:], "first": pos[:1], "all": pos}[spec.which]
-    if isinstance(spec, slice):
-        return list(range(T))[spec]
-    if isinstance(spec, range):
-        spec = list(spec)
-    items = [spec] if isinstance(spec, int) else list(spec)
-    out = []
-    for p in items:
-        p = int(p)
-        if not -T <= p < T:
-            raise PositionError(f"position {p} is out of range for {site or 'the site'}: the input has "
-                                f"{T} positions (valid: 0..{T - 1} or -{T}..-1)")
-        out.append(p % T)
-    return out
+    """A position spec (None, int, list, slice, Tokens, Subject) -> position list for one item (Positions.resolve)."""
+    return Positions.of(spec).resolve(tokens, T, site)
 
 
 def resolve_heads(spec: Any, n_heads: int | None, site: Site) -> list[int] | None:
@@ -87,7 +47,7 @@ def resolve_heads(spec: Any, n_heads: int | None, site: Site) -> list[int] | Non
         raise PositionError(f"heads= was given for {site.name!r}, which has no head axis "
                             f"(axes {site.axes}); use a per-head site such as 'blocks.0.attn.z'")
     hs = [spec] if isinstance(spec, int) else list(spec)
-    for h in hs:
+    for h in hs:  # Where normalised them to ints >= 0
         if not 0 <= h < n_heads:
             raise PositionError(f"head {h} is out of range for {site.name!r}, which has {n_heads} heads")
     return hs
@@ -108,33 +68,32 @@ class Bound:
     pos_shift: int = 0              # packed rows (interp.prefix): destination position = position + pos_shift
     full_len: int | None = None     # packed rows: the unpacked sequence length that sources carry
 
-    def items(self, ctx: "RunContext | None" = None) -> list[int]:
+    def items(self, ctx: RunContext | None = None) -> list[int]:
         return [row for _, row in self.rows(ctx)]
 
-    def rows(self, ctx: "RunContext | None" = None) -> list[tuple[int, int]]:
+    def rows(self, ctx: RunContext | None = None) -> list[tuple[int, int]]:
         """(base row, tensor row) pairs. With classifier-free guidance (ctx.branches), base row r sits at
         tensor row ctx.branches[branch][r] for each branch the op selects."""
-        w = self.op.where.items
+        keep = self.op.where.items
         rows = range(self.start, self.stop)
-        if w is not None:
-            keep = {w} if isinstance(w, int) else set(w)
+        if keep is not None:
             rows = [r for r in rows if (r - self.start) % self.base_batch in keep]
         if ctx is None or ctx.branches is None:
             return [(r, r) for r in rows]
         names = ("uncond", "cond") if self.op.where.branch == "both" else (self.op.where.branch,)
         return [(r, ctx.branches[n][r]) for n in names if n in ctx.branches for r in rows]
 
-    def index(self, heads: list[int] | None, dev, ctx: "RunContext | None" = None) -> torch.Tensor:
-        """[K, 2] (item, pos) or [K, 3] (item, pos, head) destination index."""
-        rows = []
+    def target(self, heads: list[int] | None, dev, ctx: RunContext | None = None) -> Target:
+        """The destinations in the site tensor: [K, 2] (row, pos) or [K, 3] (row, pos, head)."""
+        dest, rows = [], []
         for r, row in self.rows(ctx):
-            for p in self.positions[(r - self.start) % self.base_batch % len(self.positions)]:
-                if heads is None:
-                    rows.append((row, p + self.pos_shift))
-                else:
-                    rows.extend((row, p + self.pos_shift, h) for h in heads)
-        width = 2 if heads is None else 3
-        return torch.tensor(rows, dtype=torch.long, device=dev).reshape(-1, width)
+            ps = [p + self.pos_shift for p in self.positions[(r - self.start) % self.base_batch % len(self.positions)]]
+            rows.append((row, ps))
+            for p in ps:
+                dest.extend([(row, p)] if heads is None else [(row, p, h) for h in heads])
+        idx = torch.tensor(dest, dtype=torch.long, device=dev).reshape(-1, 2 if heads is None else 3)
+        return Target(self.site, idx, (idx[:, 0] - self.start) % self.base_batch, idx[:, 1] - self.pos_shift,
+                      rows, heads, self.full_len, self.base_batch)
 
 
 @dataclass
@@ -146,31 +105,19 @@ class RunContext:
     n_steps: int | None = None  # denoising steps of the sampling run in flight (range checks)
 
 
-def _step_list(s) -> list[int]:
-    if isinstance(s, tuple) and len(s) == 2:
-        return [s[0], s[1] - 1]
-    return list(s) if isinstance(s, (range, list, set, tuple)) else [s]
-
-
 def _step_ok(where: Where, ctx: RunContext, site: Site) -> bool:
     if where.steps is None:
         return True
     if ctx.n_steps is not None:
-        s = where.steps
-        if any(not 0 <= int(v) < ctx.n_steps for v in _step_list(s)) or (isinstance(s, tuple) and len(s) == 2 and s[1] <= s[0]):
-            raise PositionError(f"steps={s!r} for an op at {site.name!r} is out of range: this run has "
-                                f"{ctx.n_steps} denoising steps (indices 0..{ctx.n_steps - 1}; a window is (start, stop))")
+        where.steps.indices(ctx.n_steps, site.name)  # range check against the run in flight
         if ctx.step is None:
-            raise PositionError(f"an op at {site.name!r} selects steps={s!r}, but {site.name!r} runs before the "
-                                "denoising loop (once per sampling run); to edit the text conditioning inside a step "
-                                "window use the denoiser's context site ('unet.context' / 'transformer.context')")
+            raise PositionError(f"an op at {site.name!r} selects steps={where.steps!r}, but {site.name!r} runs before "
+                                "the denoising loop (once per sampling run); to edit the text conditioning inside a "
+                                "step window use the denoiser's context site ('unet.context' / 'transformer.context')")
     if ctx.step is None:
         raise PositionError(f"an op at {site.name!r} selects steps={where.steps!r}, but this run has no "
                             "denoising steps; use interp.diffusion for step-aware runs")
-    s = where.steps
-    if isinstance(s, tuple) and len(s) == 2:
-        return s[0] <= ctx.step < s[1]
-    return ctx.step in (s if isinstance(s, (range, list, set, tuple)) else [s])
+    return where.steps.contains(ctx.step)
 
 
 def _stream_site(site: Site, stream: str, table) -> Site:
@@ -188,38 +135,12 @@ def _stream_site(site: Site, stream: str, table) -> Site:
 # applying ops at a site
 # ---------------------------------------------------------------------------------------------
 
-def _source_for(op_source: torch.Tensor, x: torch.Tensor, site: Site, what: str, T: int | None = None) -> torch.Tensor:
-    """Check a source/pool tensor against the site tensor x [N, T, *F]; returns it as [B, T, *F]."""
-    feat, T = tuple(x.shape[2:]), (x.shape[1] if T is None else T)
-    src = op_source
-    if site.heads is not None and tuple(src.shape[-len(feat):]) != feat and tuple(src.shape[-1:]) == (math.prod(feat),):
-        src = src.unflatten(-1, feat)  # merged-head source for a per-head site
-    if tuple(src.shape[-len(feat):] if feat else ()) != feat or src.dim() not in (len(feat) + 1, len(feat) + 2):
-        raise SiteShapeError(f"{what} for {site.name!r} has shape {tuple(op_source.shape)}, but the site carries "
-                             f"[batch, {T}, {', '.join(map(str, feat))}] ({', '.join(site.axes)}): pass a tensor "
-                             f"of shape [{T}, {', '.join(map(str, feat))}] or [batch, {T}, ...] captured at this site")
-    if src.dim() == len(feat) + 1:
-        src = src[None]
-    if src.shape[1] != T:
-        raise SiteShapeError(f"{what} for {site.name!r} has {src.shape[1]} positions, the running input has {T}: "
-                             "clean and corrupted prompts must have the same token length")
-    if src.dtype != x.dtype:
-        raise SiteShapeError(f"{what} for {site.name!r} has dtype {src.dtype}, the site carries {x.dtype}: "
-                             f"cast it with .to({x.dtype})")
-    return src.to(x.device)
-
-
-def _flat_heads(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """[N, T, H, D] with [K, 3] index -> [N, T*H, D] view with [K, 2] index."""
-    H = x.shape[2]
-    return x.flatten(1, 2), torch.stack([idx[:, 0], idx[:, 1] * H + idx[:, 2]], 1)
-
-
-def _as_rows(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A [N, T, *F] tensor and index -> [N, T', F'] view and [K, 2] index for the row kernels."""
-    if idx.shape[1] == 3:
-        x, idx = _flat_heads(x, idx)
-    return x.flatten(2) if x.dim() > 3 else x, idx
+def _check_axes(op: Op, site: Site) -> None:
+    """An op that indexes positions on a site whose axis 1 is not a position axis (conv maps)."""
+    if len(site.axes) > 1 and site.axes[1] == "channel" and isinstance(op, Add) and op.uses_positions():
+        raise SiteShapeError(f"{op.describe()}: {site.name!r} is a feature map {site.axes}, where axis 1 holds "
+                             "channels, not positions; pass spatial='average' (one channel vector added at every "
+                             "location) or spatial='keep' (a vector of the item's full shape)")
 
 
 def _branch_ok(where: Where, ctx: RunContext, site: Site) -> bool:
@@ -232,11 +153,11 @@ def _branch_ok(where: Where, ctx: RunContext, site: Site) -> bool:
 
 
 def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.Tensor | None:
-    """Apply every bound op to the site tensor x; returns the edited tensor or None if none applied.
+    """Apply every bound op to the site tensor x, in order; returns the edited tensor or None if none applied.
 
-    The kernels are called with check=False: the indices are built here from positions and heads that
-    resolve_positions / resolve_heads already checked on the host, so the kernels' range check (one
-    device-to-host sync per call on a GPU) would only repeat it."""
+    Consecutive ops with one batch key (patches from one source) apply in one kernel call. The kernels
+    are called with check=False: positions and heads were range-checked on the host when the ops were
+    bound, so the kernels' check (one device-to-host sync per call on a GPU) would only repeat it."""
     active = [b for b in bound if _step_ok(b.op.where, ctx, b.site) and _branch_ok(b.op.where, ctx, b.site)]
     if not active:
         return None
@@ -251,128 +172,27 @@ def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.T
     x = x[:, None] if flat else x
     site = active[0].site
     n_heads = x.shape[2] if site.heads is not None or "head" in site.axes else None
-    patches: dict[int, list[tuple[Bound, torch.Tensor, torch.Tensor]]] = {}
+    group: list[tuple[Op, Target]] = []
     for b in active:
         b.fired = True
-        op = b.op
         if b.lazy_tokens is not None:
-            b.positions = [resolve_positions(op.where.pos, t, x.shape[1], site.name) for t in b.lazy_tokens]
-        if isinstance(op, Add) and op.spatial is not None:
-            if op.alpha != 0:
-                _add_spatial(x, op, b.items(ctx), site)
-            continue
-        heads = resolve_heads(op.where.heads, n_heads, site)
+            b.positions = [b.op.where.pos.resolve(t, x.shape[1], site.name) for t in b.lazy_tokens]
         top = max((max(p) for p in b.positions if p), default=-1) + b.pos_shift  # host-side: no device sync
         if top >= x.shape[1]:
-            raise PositionError(f"{op.describe()}: position {top - b.pos_shift} is out of range for {site.name!r}, "
+            raise PositionError(f"{b.op.describe()}: position {top - b.pos_shift} is out of range for {site.name!r}, "
                                 f"whose tensor has {x.shape[1]} positions on axis 1 (shape {tuple(x.shape)}; the "
                                 f"input has {b.full_len or 'more'}): pass positions 0..{x.shape[1] - 1} of this site")
-        idx = b.index(heads, x.device, ctx)
-        if idx.numel() == 0:
+        t = b.target(resolve_heads(b.op.where.heads, n_heads, site), x.device, ctx)
+        if t.idx.numel() == 0 and b.op.uses_positions():
             continue
-        if isinstance(op, Patch):
-            source = op.source
-            if flat and source.dim() in (1, 2) and source.shape[-1] == x.shape[-1]:
-                source = source.reshape(-1, 1, x.shape[-1])  # a [batch, d] site: one position per item
-            src = _source_for(source, x, site, "patch source", b.full_len)
-            rows = (idx[:, 0] - b.start) % b.base_batch % src.shape[0]
-            sidx = idx.clone()
-            sidx[:, 0] = rows
-            sidx[:, 1] -= b.pos_shift
-            patches.setdefault(id(op.source), []).append((b, idx, sidx, src))
-        elif isinstance(op, Add):
-            if op.alpha == 0:
-                continue
-            v = op.vector.to(device=x.device, dtype=x.dtype)
-            xr, ridx = _as_rows(x, idx)
-            if v.numel() != xr.shape[-1]:
-                raise SiteShapeError(f"steering vector for {site.name!r} has {v.numel()} elements, the site's "
-                                     f"feature size is {xr.shape[-1]} (axes {site.axes})")
-            K.add_scaled(xr, v.reshape(-1), ridx, float(op.alpha), norm=op.norm, renorm=op.renorm, check=False)
-        elif isinstance(op, Noise):
-            xr, ridx = _as_rows(x, idx)
-            item = (idx[:, 0] - b.start) % b.base_batch
-            seeds = (((op.seed * _MIX) % (1 << 62) + item * 1_000_003 + ridx[:, 1]) % (1 << 62)).to(torch.long)
-            K.noise(xr, ridx, float(op.std), seeds, check=False)
-        elif isinstance(op, Ablate):
-            _ablate(x, op, b, idx, site)
-        elif isinstance(op, Project):
-            L, R, mu = op.factors()
-            xr, ridx = _as_rows(x, idx)
-            K.project(xr, L.to(x.device, x.dtype), R.to(x.device, x.dtype),
-                      None if mu is None else mu.to(x.device, x.dtype), ridx, check=False)
-        elif isinstance(op, Replace):
-            items = torch.tensor(b.items(ctx), device=x.device)
-            pos = torch.tensor(b.positions[0], device=x.device)
-            sel = x[items][:, pos]
-            new = op.fn(sel)
-            if not isinstance(new, torch.Tensor) or new.shape != sel.shape:
-                raise SiteShapeError(f"Replace fn at {site.name!r} must return a tensor of shape {tuple(sel.shape)}, "
-                                     f"got {getattr(new, 'shape', type(new).__name__)}")
-            x[items[:, None], pos[None, :]] = new.to(x.dtype)
-    for group in patches.values():
-        src = group[0][3]
-        didx = torch.cat([g[1] for g in group])
-        sidx = torch.cat([g[2] for g in group])
-        alphas = [g[0].op.alpha for g in group]
-        alpha = None if all(a == 1.0 for a in alphas) else torch.cat(
-            [torch.full((g[1].shape[0],), float(g[0].op.alpha), device=x.device) for g in group])
-        K.row_patch(x, src, didx, sidx, alpha, check=False)
+        if group and not (type(group[-1][0]) is type(b.op) and b.op.batch_key() is not None
+                          and group[-1][0].batch_key() == b.op.batch_key()):
+            type(group[0][0]).apply_many(x, group)
+            group = []
+        group.append((b.op, t))
+    if group:
+        type(group[0][0]).apply_many(x, group)
     return x[:, 0] if flat else x
-
-
-def _add_spatial(x: torch.Tensor, op: Add, items: list[int], site: Site) -> None:
-    """Add.spatial on a grid tensor: "keep" = one row per item; "average" = one row per location."""
-    N = x.shape[0]
-    if op.spatial == "keep":
-        rows = x.reshape(N, 1, -1).contiguous()
-    elif x.dim() >= 4:  # channels first: [N, C, *S] -> [N, prod(S), C]
-        rows = x.movedim(1, -1).reshape(N, -1, x.shape[1]).contiguous()
-    else:
-        rows = x.reshape(N, -1, x.shape[-1]).contiguous()
-    v = op.vector.to(device=x.device, dtype=x.dtype).reshape(-1)
-    if v.numel() != rows.shape[-1]:
-        want = "the item's full shape " + str(tuple(x.shape[1:])) if op.spatial == "keep" else f"{rows.shape[-1]} channels"
-        raise SiteShapeError(f"steering vector for {site.name!r} has {v.numel()} elements, but spatial={op.spatial!r} "
-                             f"on a tensor of shape {tuple(x.shape)} needs {want}")
-    idx = torch.tensor([(r, p) for r in items for p in range(rows.shape[1])], dtype=torch.long,
-                       device=x.device).reshape(-1, 2)
-    K.add_scaled(rows, v, idx, float(op.alpha), norm=op.norm, renorm=op.renorm, check=False)
-    if op.spatial == "average" and x.dim() >= 4:
-        x.copy_(rows.reshape(N, *x.shape[2:], x.shape[1]).movedim(-1, 1))
-    else:
-        x.copy_(rows.reshape(x.shape))
-
-
-def _ablate(x: torch.Tensor, op: Ablate, b: Bound, idx: torch.Tensor, site: Site) -> None:
-    feat = x.shape[2:]
-    if op.mode == "zero":
-        src = torch.zeros((1, 1, *feat), dtype=x.dtype, device=x.device)
-        sidx = torch.zeros_like(idx)
-        if idx.shape[1] == 3:
-            sidx[:, 2] = idx[:, 2]
-            src = torch.zeros((1, 1, *feat), dtype=x.dtype, device=x.device)
-        K.row_patch(x, src, idx, sidx, check=False)
-        return
-    if op.values is None:
-        raise SiteShapeError(f"Ablate(mode={op.mode!r}) at {site.name!r} needs values=: the mean activation "
-                             "([*F] or [T, *F]) or a pool of activations ([B, T, *F]) from a reference dataset")
-    vals = op.values.to(x.device, x.dtype)
-    if op.mode == "mean":
-        if vals.dim() == len(feat):
-            src = vals.expand(1, x.shape[1], *feat)
-        else:
-            src = _source_for(vals, x, site, "mean values")
-        sidx = idx.clone()
-        sidx[:, 0] = 0
-        K.row_patch(x, src.contiguous(), idx, sidx, check=False)
-    else:  # resample: each destination item takes a seeded random item of the pool
-        pool = _source_for(vals, x, site, "resample pool")
-        g = torch.Generator().manual_seed(op.seed)
-        pick = torch.randint(0, pool.shape[0], (b.stop - b.start,), generator=g).to(x.device)
-        sidx = idx.clone()
-        sidx[:, 0] = pick[(idx[:, 0] - b.start) % (b.stop - b.start)]
-        K.row_patch(x, pool, idx, sidx, check=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,6 +239,50 @@ def _expand_batch(obj, b: int, n: int):
     return obj
 
 
+def _check_rows(rows, shared, chunk_rows) -> None:
+    if isinstance(rows, Op) or any(isinstance(r, Op) or not isinstance(r, (list, tuple)) for r in rows):
+        raise SpecError("run_grid takes rows, each a list of ops (rows=[[op1], [op2, op3]]), not a flat list of ops")
+    bad = next((o for r in [*rows, shared] for o in r if not isinstance(o, Op)), None)
+    if bad is not None:
+        raise SpecError(f"expected an op (Patch, Add, ...) in a grid row, got {type(bad).__name__}")
+    if chunk_rows is not None and (isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1):
+        raise SpecError(f"chunk_rows={chunk_rows!r}: give a positive int (rows per chunk) or None (fit the budget)")
+
+
+def _checked_input(ad, prepared: Prepared) -> Prepared:
+    """Refuse an empty input, token ids beyond the vocabulary and sequences beyond the context window."""
+    if prepared.seq_len == 0:
+        raise SpecError("the input is empty (0 tokens): give at least one token")
+    ids = prepared.kwargs.get("input_ids")
+    emb = ad.model.get_input_embeddings() if isinstance(ids, torch.Tensor) and hasattr(
+        ad.model, "get_input_embeddings") else None
+    if isinstance(emb, torch.nn.Embedding) and ids.numel():
+        top, low = int(ids.max()), int(ids.min())
+        if top >= emb.num_embeddings or low < 0:
+            raise SpecError(f"token id {top if top >= emb.num_embeddings else low} is outside the vocabulary "
+                            f"(0..{emb.num_embeddings - 1}) of this model")
+        cfg = getattr(ad.model, "config", None)
+        ctx_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+        if isinstance(ctx_len, int) and ids.shape[-1] > ctx_len:
+            raise SpecError(f"the input has {ids.shape[-1]} tokens, beyond this model's context of {ctx_len}")
+    return prepared
+
+
+def _check_values(val: Any, b: int, rows: Sequence[Sequence[Op]], chunk: Sequence[int] | None) -> None:
+    """A metric gives a tensor of one value per item ([n * batch, ...]) with finite values; `chunk` names
+    the grid rows of this call (None: the base run)."""
+    if not isinstance(val, torch.Tensor) or val.dim() == 0 or val.shape[0] % b:
+        shape = tuple(val.shape) if isinstance(val, torch.Tensor) else type(val).__name__
+        raise SpecError(f"the metric returned {shape}: it must return one value per item, a tensor of shape "
+                        f"[batch, ...] (here batch = {b} per row); do not reduce over the batch")
+    if val.is_floating_point() and not bool(torch.isfinite(val).all()):
+        where = "the base run"
+        if chunk is not None:
+            bad = int(torch.isfinite(val.reshape(len(chunk), -1)).all(1).logical_not().nonzero()[0])
+            where = f"row {chunk[bad]} ({' + '.join(o.describe() for o in rows[chunk[bad]])})"
+        raise InterpError(f"the metric returned NaN or inf values for {where}: check the metric and that row's ops")
+
+
 def replay_starts(adapter, block_in: dict, lowest: int = 1) -> list[int]:
     """Blocks to validate replays from: the middle one, and the first (>= lowest) of each kind of block
     call (block type, attention type, the attention mask it was given), so every layer type starts one."""
@@ -451,39 +315,41 @@ class Engine:
     # -- binding -------------------------------------------------------------------------------
     def bind(self, ops: Sequence[Op], prepared: Prepared, start: int, n_rows: int) -> list[Bound]:
         table = self.adapter.site_table()
-        out = []
+        out, sites = [], []
         for op in ops:
-            items = op.where.items
-            bad = [i for i in ([items] if isinstance(items, int) else (items or ())) if not 0 <= int(i) < prepared.batch]
+            if not isinstance(op, Op):
+                raise SpecError(f"expected an op (Patch, Add, ...), got {type(op).__name__}: a grid takes rows, "
+                                "each a list of ops (rows=[[op1], [op2, op3]])")
+            bad = [i for i in (op.where.items or ()) if i >= prepared.batch]
             if bad:
-                raise PositionError(f"items={items!r} for an op at {op.site!r}: {bad} out of range, this input has "
-                                    f"{prepared.batch} item(s) (0..{prepared.batch - 1}); items index the batch "
-                                    "of the input (the prompts, or one sampling request's images)")
+                raise PositionError(f"items={list(op.where.items)} for an op at {op.site!r}: {bad} out of range, this "
+                                    f"input has {prepared.batch} item(s) (0..{prepared.batch - 1}); items index the "
+                                    "batch of the input (the prompts, or one sampling request's images)")
+            site = table.get(op.site)
+            if op.where.stream is not None:
+                site = _stream_site(site, op.where.stream, table)
+            _check_axes(op, site)
+            view = getattr(prepared, "site_view", None)  # diffusers inputs: per-component token axes
+            lazy = view(site) if view is not None else None
+            sites.append((site, lazy, None if lazy is not None else self._positions(op, prepared, site)))
         for j in range(n_rows):
-            for op in ops:
-                site = table.get(op.site)
-                if op.where.stream is not None:
-                    site = _stream_site(site, op.where.stream, table)
-                view = getattr(prepared, "site_view", None)  # diffusers inputs: per-component token axes
-                lazy = view(site) if view is not None else None
-                positions = None if lazy is not None else self._positions(op.where.pos, prepared, site, op.where.items)
+            for op, (site, lazy, positions) in zip(ops, sites):
                 out.append(Bound(op, site, start + j * prepared.batch, start + (j + 1) * prepared.batch,
                                  prepared.batch, positions, lazy_tokens=lazy))
         return out
 
-    def _positions(self, spec, prepared: Prepared, site: Site, where_items=None) -> list[list[int]]:
-        T = prepared.seq_len
+    @staticmethod
+    def _positions(op: Op, prepared: Prepared, site: Site) -> list[list[int]]:
+        spec, T = op.where.pos, prepared.seq_len
         if T is None:
-            if spec is not None:
+            if spec.kind != "all":
                 raise PositionError(f"positions were given for {site.name!r} but the input has no sequence axis")
             return [[]]
-        toks = prepared.tokens or [None]
-        if isinstance(spec, (Tokens, Subject)):
-            items = where_items
-            keep = None if items is None else ({items} if isinstance(items, int) else set(items))
-            return [resolve_positions(spec, t, T, site.name) if keep is None or i in keep else []
-                    for i, t in enumerate(toks)]
-        return [resolve_positions(spec, None, T, site.name)]
+        if spec.kind != "tokens":
+            return [spec.resolve(None, T, site.name)]
+        keep = op.where.items
+        return [spec.resolve(t, T, site.name) if keep is None or i in keep else []
+                for i, t in enumerate(prepared.tokens or [None])]
 
     def entries(self, bound: list[Bound], ctx: RunContext) -> list[Entry]:
         by_site: dict[str, list[Bound]] = {}
@@ -495,21 +361,27 @@ class Engine:
 
     @staticmethod
     def check_fired(bound: list[Bound]) -> None:
-        missing = {b.site.name: b.op for b in bound if not b.fired}
-        if missing:
-            name, op = next(iter(missing.items()))
-            raise OpNeverFiredError(
-                f"{op.describe()} never fired: site {name!r} (module {next(b.site.module for b in bound if b.site.name == name)!r}) "
-                f"did not run during this forward pass{'' if op.where.steps is None else f' within steps {op.where.steps!r}'}. "
-                f"Unfired sites: {sorted(missing)}. Check that the site is on the path of this input "
-                "(e.g. a cross-attention or a branch the model skipped), or drop the op.")
+        missing = {b.site.name: b for b in bound if not b.fired}
+        if not missing:
+            return
+        name, b = next(iter(missing.items()))
+        w = b.op.where
+        why = f"site {name!r} (module {b.site.module!r}) did not run during this forward pass"
+        if w.steps is not None:
+            why += f" within steps {w.steps!r}"
+        if w.branch != "both":
+            why += (f", or had no rows of branch {w.branch!r} there (without classifier-free guidance a run has "
+                    "only 'cond' rows)")
+        raise OpNeverFiredError(
+            f"{b.op.describe()} never fired: {why}. Unfired sites: {sorted(missing)}. Check that the site is on the "
+            "path of this input (e.g. a cross-attention or a branch the model skipped), or drop the op.")
 
     # -- one experiment ------------------------------------------------------------------------
     def run(self, inputs, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), *, capture_dtype=None,
             offload: str | None = None, pad: bool = False, last_only: bool = False, grad: bool = False,
             ctx: RunContext | None = None) -> RunOutput:
         ad = self.adapter
-        prepared = ad.prepare(inputs, pad=pad)
+        prepared = _checked_input(ad, ad.prepare(inputs, pad=pad))
         ctx = ctx or RunContext()
         bound = self.bind(ops, prepared, 0, 1)
         cache = ActivationCache()
@@ -535,7 +407,8 @@ class Engine:
         # runs here; row_groups: one key per row, rows with different keys never share a chunk
         # (interp.diffusion.sample_grid uses the three for its step-prefix reuse).
         ad = self.adapter
-        prepared = ad.prepare(inputs)
+        _check_rows(rows, shared, chunk_rows)
+        prepared = _checked_input(ad, ad.prepare(inputs))
         b = prepared.batch
         ctx = ctx or RunContext()
         metric = metric or (lambda logits: logits[:, -1])
@@ -566,6 +439,7 @@ class Engine:
             on_base(base_out)
         base_logits = ad.main_output(base_out)
         base_val = metric(base_logits)
+        _check_values(base_val, b, rows, None)
         if can_replay and self._replay_ok is None:
             self._replay_ok = self._validate_replay(block_in, base_logits, b, last_only, shared, prepared, ctx)
         replay = can_replay and bool(self._replay_ok)
@@ -605,6 +479,14 @@ class Engine:
                 values[r] = got[j].to(base_val.device)
             bar.update(len(chunk))
             return True
+        def finish(pending: list) -> None:
+            with torch.no_grad():  # the head runs once over many packs' final states
+                for chunk, val in (pre.tails(pending, metric) if pending else ()):
+                    _check_values(val.reshape(len(chunk) * b, *val.shape[2:]), b, rows, chunk)
+                    if chunk_hook is not None:
+                        chunk_hook.after(chunk, val)
+                    for j, r in enumerate(chunk):
+                        values[r] = val[j]
         try:
             for gkey, members in sorted(groups.items()):
                 start = gkey if row_groups is None else gkey[1]
@@ -631,6 +513,7 @@ class Engine:
                             val = metric(ad.main_output(out))
                             forwards += n
                     self.check_fired(bound + sbound)
+                    _check_values(val, b, rows, chunk)
                     val = val.reshape(n, b, *val.shape[1:])
                     if chunk_hook is not None:
                         chunk_hook.after(chunk, val)
@@ -665,12 +548,10 @@ class Engine:
                     forwards += (pack.Q * (L - start - cut) + cut * len(chunk)) / (L * T)
                     self.check_fired(bound)
                     bar.update(len(chunk))
-            with torch.no_grad():  # the head runs once over many packs' final states
-                for chunk, val in (pre.tails(pending, metric) if pending else ()):
-                    if chunk_hook is not None:
-                        chunk_hook.after(chunk, val)
-                    for j, r in enumerate(chunk):
-                        values[r] = val[j]
+                    if chunk_hook is not None:  # a resumable / sharded sweep keeps each pack as it finishes
+                        finish(pending)
+                        pending = []
+            finish(pending)
         finally:
             bar.close()
         if chunk_hook is not None:  # rows another process computes
@@ -698,24 +579,18 @@ class Engine:
         logits = ad.tail(hidden, last_only)
         return logits if metric is None else metric(logits)
 
-    _PACK_OPS = (Patch, Add, Project)
-
     def _pack_start(self, ops, start: int, shared, prepared: Prepared, table) -> int | None:
         """The first position a row's edits touch, if the row can run on positions >= it only (else None)."""
         if not ops or start < 0 or any(_layer(table.get(o.site)) >= 0 for o in shared):
             return None  # shared ops inside the blocks would also shape the recorded keys/values
         first = None
         for op in ops:
-            if not (isinstance(op, self._PACK_OPS) or (isinstance(op, Ablate) and op.mode == "zero")):
-                return None
             site = table.get(op.site)
-            if op.where.pos is None or op.where.steps is not None or len(site.axes) < 2 or site.axes[1] != "pos" \
+            if not op.can_pack() or op.where.pos.kind == "all" or op.where.steps is not None \
+                    or len(site.axes) < 2 or site.axes[1] != "pos" \
                     or site.layer is None or not 0 <= site.layer < len(self.adapter.block_paths):
                 return None
-            if isinstance(op, Add) and getattr(op, "spatial", None) is not None:
-                return None
-            pos = self._positions(op.where.pos, prepared, site, op.where.items)
-            lo = min((min(p) for p in pos if p), default=None)
+            lo = min((min(p) for p in self._positions(op, prepared, site) if p), default=None)
             if lo is None:
                 return None
             first = lo if first is None else min(first, lo)

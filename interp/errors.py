@@ -29,3 +29,11 @@ class UnsupportedModelError(InterpError, TypeError):
 
 class OfflineModelError(InterpError, RuntimeError):
     """A model cannot be loaded on this machine (package missing, hub unreachable)."""
+
+
+class SpecError(InterpError, ValueError):
+    """An op, a position / step spec or a run option is malformed (refused where it is written)."""
+
+
+class PositionSpecError(SpecError, PositionError):
+    """A malformed position spec (a SpecError that is also a PositionError)."""

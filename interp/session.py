@@ -5,10 +5,14 @@
 
 `Engine.run` is one forward; a session keeps the ops attached while the user's own loop calls the
 model many times. Positions refer to the full sequence: each call's offset is read from the KV
-cache it is given (`cache` / `past_key_values`, else `cache_position`), so `pos=5`, slices,
-`Tokens(...)` / `Subject(...)` (resolved on the prompt) and `pos="generated"` (every position after
-the first call's prompt) mean the same with and without a KV cache. Negative ints count from the
-end of the sequence so far (-1 = the newest token of every call). `steps_from` names a module
+cache it is given (`cache` / `past_key_values`, else `cache_position`), and every spec resolves to
+one fixed set of absolute positions per prompt (`Positions.absolute`), so greedy `generate` gives
+the same tokens with and without a KV cache: ints, `Tokens(...)` / `Subject(...)` and negative ints
+resolve on the prompt (the first call; -1 = the prompt's last token, as in `run`); `pos=None`,
+`pos="generated"` (every position after the prompt) and open slices with a non-negative start
+(`slice(3, None)`) reach into the generated tokens. A capture of a site with a position axis holds
+the whole sequence of the last prompt, `[batch, prompt + generated, ...]`, the same with and without
+the cache; other sites (diffusers, rollouts) stack their calls on a new axis 0. `steps_from` names a module
 (""  = the root) whose every call is one step: `RunContext.step` counts them, so `where.steps`
 windows work in a denoising loop or a physics rollout. At a clean exit every op must have edited
 something at least once, else OpNeverFiredError.
@@ -22,13 +26,11 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from .cache import ActivationCache, capture_entry
-from .engine import Bound, RunContext, apply_bound, resolve_positions
+from .engine import Bound, RunContext, apply_bound
 from .errors import OpNeverFiredError, PositionError
 from .hooks import Entry, attached
-from .ops import Add, Op, Subject, Tokens
+from .ops import GENERATED, Add, Op, Positions
 from .sites import Site
-
-GENERATED = "generated"
 
 
 @dataclass
@@ -44,6 +46,7 @@ class Session:
     prompt_ids: torch.Tensor | None = None
     prompt_tokens: list[list[str]] | None = None
     edits: list[int] = field(default_factory=list)  # per op: calls in which it edited something
+    prompts: int = 0                 # prompts seen (a new one restarts sequence captures)
 
     def fired(self) -> list[bool]:
         return [n > 0 for n in self.edits]
@@ -68,35 +71,56 @@ def _ids(args: tuple, kwargs: dict) -> torch.Tensor | None:
 
 
 class _Positions:
-    """Resolves one op's `where.pos` for a call covering sequence positions [offset, offset + T)."""
+    """One op's `where.pos` as absolute positions of the current prompt, cut to the call in flight."""
 
-    def __init__(self, spec: Any, site: Site):
-        self.spec, self.site = spec, site
-        self.absolute: list[list[int]] | None = None  # Tokens / Subject, resolved on the prompt
-        if isinstance(spec, str) and spec != GENERATED:
-            raise PositionError(f"position {spec!r} for {site.name!r}: the only string position is {GENERATED!r}; "
-                                "use Tokens(...) to select tokens by text")
+    def __init__(self, spec: Positions, site: Site, items: tuple[int, ...] | None = None):
+        self.spec, self.site, self.items = spec, site, items
+        self.fixed: list[list[int]] | None = None  # per item, absolute
+        self.open: tuple[int, int] | None = None   # (start, step) reaching into generated tokens
 
-    def __call__(self, s: Session, T: int) -> list[list[int]]:
-        spec, o, full = self.spec, s.offset, s.offset + T
-        if spec is None:
-            return [list(range(T))]
-        if spec == GENERATED:
-            start = s.prompt_len if s.prompt_len is not None else full
-            return [list(range(max(start, o) - o, T))]
-        if isinstance(spec, (Tokens, Subject)):
-            if self.absolute is None:
-                if not s.prompt_tokens:
-                    raise PositionError(f"{type(spec).__name__}({spec.text!r}) at {self.site.name!r} needs token "
-                                        "strings: attach the model with its tokenizer and pass input_ids")
-                self.absolute = [resolve_positions(spec, t, len(t), self.site.name) for t in s.prompt_tokens]
-            return [[p - o for p in ps if o <= p < full] for ps in self.absolute]
-        if isinstance(spec, slice):
-            wanted = range(full)[spec]
-        else:
-            items = [spec] if isinstance(spec, int) else list(spec)
-            wanted = [p if p >= 0 else full + p for p in map(int, items)]
-        return [[p - o for p in wanted if o <= p < full]]
+    def __call__(self, s: Session, T: int, n: int) -> list[list[int]]:
+        o, end = s.offset, s.offset + T
+        if self.fixed is None:
+            P = s.prompt_len if s.prompt_len is not None else end
+            toks = s.prompt_tokens or [None]
+            if self.spec.kind == "tokens" and not s.prompt_tokens:
+                raise PositionError(f"{self.spec!r} at {self.site.name!r} needs token strings: attach the model with "
+                                    "its tokenizer and pass input_ids")
+            keep = None if self.spec.kind != "tokens" else self.items  # other specs: one list for every item
+            got = [self.spec.absolute(t, P, self.site.name) if keep is None or i in keep else ([], None)
+                   for i, t in enumerate(toks if self.spec.kind == "tokens" else [None])]
+            self.fixed, self.open = [g[0] for g in got], next((g[1] for g in got if g[1] is not None), None)
+        out = []
+        for fixed in self.fixed:
+            ps = [p - o for p in fixed if o <= p < end]
+            if self.open is not None:
+                a, step = self.open
+                first = a if a >= o else a + -(-(o - a) // step) * step
+                ps = sorted(set(ps) | {p - o for p in range(first, end, step)})
+            out.append(ps)
+        return out
+
+
+class _SequenceStore:
+    """Session captures: a site with a position axis, called on token ids, keeps the last prompt's whole
+    sequence [batch, positions so far, ...] (positions [offset, offset + T) of each call written in place,
+    so cached and cache-less generation give one tensor); any other site stacks its calls."""
+
+    def __init__(self, s: Session):
+        self.s, self.calls, self.prompt = s, {}, {}
+
+    def __call__(self, site: Site, t: torch.Tensor) -> None:
+        s = self.s
+        if s.prompt_len is None or t.dim() < 2 or len(site.axes) < 2 or site.axes[1] != "pos":
+            s.cache._store(site, t, self.calls)
+            return
+        buf = s.cache.get(site.name)
+        if self.prompt.get(site.name) != s.prompts or buf is None or s.offset > buf.shape[1]:
+            buf = t[:, :0]
+        o, T = s.offset, t.shape[1]
+        s.cache[site.name] = torch.cat([buf[:, :o], t, buf[:, o + T:]], 1)
+        s.cache.axes[site.name] = site.axes
+        self.prompt[site.name] = s.prompts
 
 
 @contextlib.contextmanager
@@ -114,7 +138,7 @@ def applied(adapter, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), 
         site = table.get(op.site)
         sites[site.name] = site
         by_site.setdefault(site.name, []).append(i)
-    resolvers = [_Positions(op.where.pos, sites[table.get(op.site).name]) for op in ops]
+    resolvers = [_Positions(op.where.pos, sites[table.get(op.site).name], op.where.items) for op in ops]
 
     def on_call(io):
         args, kwargs, _ = io
@@ -124,12 +148,12 @@ def applied(adapter, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), 
                               or ids.shape[0] != s.prompt_ids.shape[0]
                               or not torch.equal(ids[:, :s.prompt_len], s.prompt_ids)):
             s.prompt_len = None if ids is None else ids.shape[1]  # a new prompt (not a cache-less re-run)
+            s.prompts += 1
             s.prompt_ids = None if ids is None else ids.detach().clone()
             s.prompt_tokens = None
             for r in resolvers:
-                r.absolute = None
-            if ids is not None and adapter.tokenizer is not None and any(
-                    isinstance(op.where.pos, (Tokens, Subject)) for op in ops):
+                r.fixed = None
+            if ids is not None and adapter.tokenizer is not None and any(op.where.pos.kind == "tokens" for op in ops):
                 tok = adapter.tokenizer
                 s.prompt_tokens = [[tok.decode([int(t)]) for t in row] for row in ids]
         s.calls += 1
@@ -150,7 +174,7 @@ def applied(adapter, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), 
                 if isinstance(op, Add) and op.spatial is not None:
                     pos = [[0]]
                 elif seq:
-                    pos = resolvers[i](s, x.shape[1])
+                    pos = resolvers[i](s, x.shape[1], n)
                 else:
                     raise PositionError(f"{op.describe()} at {name!r}: the site's tensor {tuple(x.shape)} has no "
                                         "position axis; for grid activations use Add(..., spatial='average'|'keep')")
@@ -169,9 +193,10 @@ def applied(adapter, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), 
         table.resolve(f"module:{steps_from}") if steps_from else None  # a clear error for an unknown path
         entries.append(Entry(step_site, on_step, raw_io=True))
     entries += [Entry(sites[name], site_fn(name)) for name in by_site]
+    store = _SequenceStore(s)
     for pattern in ([capture] if isinstance(capture, str) else capture):
         for site in table.resolve(pattern):
-            entries.append(capture_entry(site, s.cache))
+            entries.append(capture_entry(site, s.cache, store=store))
     with attached(adapter.root, entries):
         yield s
     if check:

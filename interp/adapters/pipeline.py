@@ -21,13 +21,14 @@ of a batched grid start from the same noise.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from ..errors import InterpError
+from ..errors import InterpError, SpecError
 from ..hooks import Entry
 from ..sites import Site, SiteTable
 from .base import Adapter, Prepared, module_paths
@@ -59,6 +60,15 @@ class Sampling:
     height: int | None = None
     width: int | None = None
     options: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                       or self.steps < 1):
+            raise SpecError(f"Sampling(steps={self.steps!r}): the number of denoising steps is an int >= 1")
+        if self.guidance is not None and not math.isfinite(float(self.guidance)):
+            raise SpecError(f"Sampling(guidance={self.guidance!r}) is not finite")
+        if not self.prompts() or any(not isinstance(p, str) for p in self.prompts()):
+            raise SpecError("Sampling(prompt=...) takes a prompt string or a non-empty list of strings")
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

@@ -10,7 +10,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_diffusion_helpers import FLUX_OPTIONS, SD3_OPTIONS, tiny_flux, tiny_sd, tiny_sd3, tiny_sdxl  # noqa: E402
 
 import interp  # noqa: E402
-from interp import Add, Noise, OpNeverFiredError, PositionError, Replace, Tokens, at  # noqa: E402
+from interp import Ablate, Add, Noise, OpNeverFiredError, PositionError, Replace, Tokens, at  # noqa: E402
 from interp.diffusion import (Sampling, pred_distance, record, restore, sample_grid,  # noqa: E402
                               token_influence)
 
@@ -56,12 +56,12 @@ def test_restoring_clean_into_clean_is_bitwise_identity(build, options, guidance
 
 
 def test_step_window_op_touches_only_those_steps(sd, spec, clean):
-    v = torch.randn(16)
-    out = sd.run(spec, ops=[Add("unet.mid", v, alpha=2.0, where=at(steps=(1, 2)))], capture="unet.mid")
-    got, ref = out.cache["unet.mid"], torch.stack([c[1] for c in clean.calls("unet.mid")])
+    ref = torch.stack([c[1] for c in clean.calls("unet.mid")])
+    v = torch.randn(ref.shape[2:])
+    out = sd.run(spec, ops=[Add("unet.mid", v, alpha=2.0, spatial="keep", where=at(steps=(1, 2)))], capture="unet.mid")
+    got = out.cache["unet.mid"]
     assert torch.equal(got[0], ref[0])                      # step 0: untouched
-    # step 1: exactly the add (a conv map's rows are channels, its features the 4x4 spatial grid)
-    assert torch.allclose(got[1], ref[1] + 2.0 * v.view(1, 1, 4, 4), atol=1e-6)
+    assert torch.allclose(got[1], ref[1] + 2.0 * v, atol=1e-6)  # step 1: exactly the add
     assert not torch.allclose(got[2], ref[2])               # step 2 differs only through the new trajectory
     fired = []
     sd.run(spec, ops=[Replace("unet.mid", lambda x: fired.append(1) or x, where=at(steps=[0, 2]))])
@@ -71,12 +71,14 @@ def test_step_window_op_touches_only_those_steps(sd, spec, clean):
 def test_cfg_branch_selection_edits_only_those_rows(sd, clean):
     two = Sampling([PROMPT, PROMPT.replace("red", "blue")], seed=3, steps=1, guidance=3.0)
     base = sd.run(two, capture="unet.mid").cache["unet.mid"]  # [4 rows: uncond 0, 1, cond 0, 1, ...]
-    v = torch.ones(16)
+    v = torch.ones(base.shape[1:])
     for branch, rows in (("cond", [2, 3]), ("uncond", [0, 1])):
-        got = sd.run(two, ops=[Add("unet.mid", v, where=at(branch=branch))], capture="unet.mid").cache["unet.mid"]
+        got = sd.run(two, ops=[Add("unet.mid", v, spatial="keep", where=at(branch=branch))],
+                     capture="unet.mid").cache["unet.mid"]
         changed = [r for r in range(4) if not torch.equal(got[r], base[r])]
         assert changed == rows, branch
-    got = sd.run(two, ops=[Add("unet.mid", v, where=at(branch="cond", items=1))], capture="unet.mid").cache["unet.mid"]
+    got = sd.run(two, ops=[Add("unet.mid", v, spatial="keep", where=at(branch="cond", items=1))],
+                 capture="unet.mid").cache["unet.mid"]
     assert [r for r in range(4) if not torch.equal(got[r], base[r])] == [3]
     # text-encoder ops: branch="cond" edits the prompt call only, the negative prompt's call stays clean
     # (CLIP is causal: positions before the noised token 3 keep their values)
@@ -101,17 +103,17 @@ def test_streams_select_the_joint_block_output():
 
 def test_out_of_range_steps_and_misplaced_selectors_are_clear_errors(sd, spec):
     with pytest.raises(PositionError, match=r"out of range: this run has 3 denoising steps"):
-        sd.run(spec, ops=[Add("unet.mid", torch.ones(16), where=at(steps=(2, 5)))])
+        sd.run(spec, ops=[Ablate("unet.mid", where=at(steps=(2, 5)))])
     with pytest.raises(PositionError, match="runs before the denoising loop"):
         sd.run(spec, ops=[Add("text_encoder.final", torch.ones(32), where=at(steps=(0, 1)))])
     flux = interp.attach(tiny_flux())
-    with pytest.raises(OpNeverFiredError, match="never fired"):  # no CFG: there are no uncond rows
+    with pytest.raises(OpNeverFiredError, match="no rows of branch 'uncond'"):  # no CFG: there are no uncond rows
         flux.run(Sampling(PROMPT, steps=1, options=FLUX_OPTIONS),
                  ops=[Add("transformer.single.0", torch.ones(16), where=at(branch="uncond"))])
     gpt = torch.nn.Sequential(torch.nn.Linear(4, 4))
     with pytest.raises(PositionError, match="no classifier-free-guidance branches"):
         interp.attach(gpt).run(torch.randn(2, 3, 4), ops=[interp.Ablate("module:0", where=at(branch="cond"))])
-    with pytest.raises(PositionError, match="step window"):
+    with pytest.raises(PositionError, match=r"steps=\(0, 4\) for .unet.mid. are out of range"):
         restore("unet.mid", record(sd, spec, "unet.mid"), steps=(0, 4))
 
 

@@ -211,3 +211,19 @@ def test_unwritable_resume_dir_is_a_clear_error(lm, tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(DistributedError, match="resume_dir"):
         lm.run_grid(W.prompts()[1], _rows(lm)[:2], resume_dir=blocker / "sub")
+
+
+def test_positional_packs_are_saved_as_they_finish(lm, tmp_path):
+    """With prefix reuse on, rows run as positional packs; a sweep stopped mid-way must have kept the
+    packs that finished (they used to be saved only once every pack had run)."""
+    rows, base = _rows(lm), W.prompts()[1]
+    kw = dict(progress=False, memory_budget=1 << 14)  # a small budget: many packs
+    ref = lm.run_grid(base, rows, Flaky(logit_diff(5, 9)), **kw)
+    assert ref.stats["packed_rows"] > 0
+    with pytest.raises(KeyboardInterrupt):
+        lm.run_grid(base, rows, Flaky(logit_diff(5, 9), fail_after=6), resume_dir=tmp_path, **kw)
+    saved = len(list(tmp_path.glob("chunk-*.safetensors")))
+    assert saved >= 2
+    g = lm.run_grid(base, rows, Flaky(logit_diff(5, 9)), resume_dir=tmp_path, **kw)
+    assert g.stats["resumed_rows"] > 0
+    torch.testing.assert_close(g.values, ref.values, rtol=1e-5, atol=1e-6)
