@@ -15,6 +15,19 @@ COMMANDS = ("recipes.demo", "recipes.sites", "recipes.zoo", "recipes.zoo_train",
             "recipes.circuit", "recipes.saliency", "recipes.report")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line (what was wrong, and where the help is), exit code 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
+# Errors that mean "the user asked for something that cannot be done": one line, exit code 2. Anything else is
+# a bug in interp or a dependency: one line naming it, exit code 1, and the traceback with --debug.
+USER_ERRORS = (InterpError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="interp", description="Causal interpretability through one hook engine.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
