@@ -65,7 +65,7 @@ class SolverConfig:
     l2: float = 10.0                 # AlphaEdit: ridge term
     null_threshold: float = 2e-2     # AlphaEdit: eigenvalues of C below this span the null space
     null_energy: float | None = None  # AlphaEdit: or the smallest eigenvectors holding this fraction of E||k||^2
-    ridge: float = 1e-6              # ROME: C + ridge * mean eigenvalue * I
+    ridge: float = 1e-6              # ROME, MEMIT: C + ridge * mean eigenvalue * I (invertible from short texts)
 
 
 def _ids(tok, text: str) -> list[int]:
@@ -250,7 +250,7 @@ def solve_update(K: torch.Tensor, R: torch.Tensor, stats: KeyStats, method: str,
         A = Ci @ K                                        # [in, n]
         return R @ torch.linalg.solve(K.T @ A, A.T)       # R (K^T C^-1 K)^-1 K^T C^-1
     if method == "memit":
-        return torch.linalg.solve(cfg.lam * C + K @ K.T, K @ R.T).T
+        return torch.linalg.solve(cfg.lam * stats.regularised(cfg.ridge) + K @ K.T, K @ R.T).T
     if method == "alphaedit":
         eye = torch.eye(C.shape[0], dtype=C.dtype)
         X = torch.linalg.solve(P @ (K @ K.T) + cfg.l2 * eye, P @ K @ R.T)  # lies in range(P)
@@ -361,7 +361,10 @@ def _edit_layer(lm, p: Projection, facts, context, targets: Targets, stats: KeyS
     extra = {}
     P = None
     if method == "alphaedit":
-        P, extra = null_space(stats.C, cfg.null_threshold, cfg.null_energy)
+        key = (cfg.null_threshold, cfg.null_energy)
+        if key not in stats.null_cache:
+            stats.null_cache[key] = null_space(stats.C, cfg.null_threshold, cfg.null_energy)
+        P, extra = stats.null_cache[key]
     dW = solve_update(K, R, stats, method, cfg, P)
     W = p.weight(lm.model).detach()
     _write(lm.model, p, W.double() + dW.to(W.device))

@@ -80,6 +80,7 @@ class KeyStats:
     C: torch.Tensor
     n_tokens: int
     record: dict = field(default_factory=dict)
+    null_cache: dict = field(default_factory=dict, repr=False)  # AlphaEdit projectors by (threshold, energy)
 
     def regularised(self, eps: float = 1e-6) -> torch.Tensor:
         """C + eps * mean eigenvalue * I (invertible even from a short text)."""
