@@ -29,6 +29,7 @@ class StudyConfig:
     n_tokens: int = 20_000
     text: str = "licenses"
     fluency_prompts: int = 10
+    value_steps: int = 20
     seed: int = 0
     methods: dict = field(default_factory=lambda: {"rome": {}, "memit": {}, "alphaedit": {},
                                                    "alphaedit-energy1%": {"null_energy": 0.01}})
@@ -84,7 +85,7 @@ def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
         d = torch.load(tfile)
         targets = Targets(L, facts, d["deltas"], d["z"], d["info"])
     else:
-        targets = compute_targets(lm, facts, L, context, ValueConfig(), progress)
+        targets = compute_targets(lm, facts, L, context, ValueConfig(steps=cfg.value_steps), progress)
         torch.save({"texts": [f.text() + f.target for f in facts], "deltas": targets.deltas, "z": targets.z,
                     "info": targets.info}, tfile)
     t_values = time.perf_counter() - t0
