@@ -8,7 +8,7 @@ import sys
 
 # Recipe modules that add a subcommand through `register(subparsers)`; each sets `func` on its parser.
 COMMANDS = ("recipes.demo", "recipes.sites", "recipes.zoo", "recipes.zoo_train", "recipes.trace",
-            "recipes.steer", "recipes.erase", "recipes.probe")
+            "recipes.steer", "recipes.erase", "recipes.probe", "recipes.edit")
 
 
 def build_parser() -> argparse.ArgumentParser:

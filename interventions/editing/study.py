@@ -28,7 +28,8 @@ class StudyConfig:
     n_prefixes: int = 2
     n_tokens: int = 20_000
     text: str = "licenses"
-    fluency_prompts: int = 10
+    fluency_prompts: int = 5
+    fluency_tokens: int = 30
     value_steps: int = 20
     seed: int = 0
     methods: dict = field(default_factory=lambda: {"rome": {}, "memit": {}, "alphaedit": {},
@@ -53,7 +54,7 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def _run_batches(lm, cases: list[Case], idx: list[int], size: int, method: str, layers: list[int], targets: Targets,
-                 stats, context, cfg: SolverConfig, flu_prompts: list[str] | None) -> dict:
+                 stats, context, cfg: SolverConfig, flu_prompts: list[str] | None, flu_tokens: int = 30) -> dict:
     rows, seconds, flu = [], [], None
     for s in range(0, len(idx), size):
         part = idx[s:s + size]
@@ -65,7 +66,7 @@ def _run_batches(lm, cases: list[Case], idx: list[int], size: int, method: str, 
         with edited(lm.model, e):
             rows += score(lm, [cases[i] for i in part])
             if flu_prompts is not None and s == 0:
-                flu = fluency(lm, flu_prompts)
+                flu = fluency(lm, flu_prompts, n_tokens=flu_tokens)
     return {"summary": summarize(rows), "rows": rows, "solve_seconds": seconds, "fluency": flu}
 
 
@@ -94,7 +95,7 @@ def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
     report = {"config": asdict(cfg), "n_candidates_known": len(known), "n_edited": len(cases),
               "n_reserved_neighbours": len(reserve), "context_templates": context,
               "key_statistics": {str(l): s.record for l, s in stats.items()},
-              "unedited": {"summary": summarize(base_rows), "fluency": fluency(lm, flu_prompts)},
+              "unedited": {"summary": summarize(base_rows), "fluency": fluency(lm, flu_prompts, n_tokens=cfg.fluency_tokens)},
               "seconds_to_targets": t_values, "runs": {}}
     for name, over in cfg.methods.items():
         layers = [L] if name == "rome" else list(cfg.layers)
@@ -103,7 +104,7 @@ def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
             idx = list(range(cfg.singles)) if size == 1 else list(range(len(cases)))
             n = size or len(cases)
             run = _run_batches(lm, cases, idx, n, name, layers, targets, stats, context, scfg,
-                               flu_prompts if n == len(cases) else None)
+                               flu_prompts if n == len(cases) else None, cfg.fluency_tokens)
             report["runs"][f"{name}/{n}"] = {"method": name, "batch_size": n, "layers": layers, "solver": asdict(scfg), **run}
             if progress:
                 print(f"{name} batch {n}: {run['summary']}", flush=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -214,11 +214,18 @@ def heldout_probe(x_fit: torch.Tensor, z_fit: torch.Tensor, x_test: torch.Tensor
     return out
 
 
-def splits(n: int, seed: int = 0, parts=(0.4, 0.3, 0.3)) -> list[torch.Tensor]:
-    """Disjoint random index sets: eraser fit / probe fit / probe score."""
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    cuts = [0, *[round(sum(parts[:i + 1]) * n) for i in range(len(parts))]]
-    return [perm[cuts[i]:cuts[i + 1]] for i in range(len(parts))]
+def splits(n: int, seed: int = 0, parts=(0.4, 0.3, 0.3), groups: Sequence | None = None) -> list[torch.Tensor]:
+    """Disjoint random index sets: eraser fit / probe fit / probe score. With `groups` (one id per row) whole
+    groups go to one split (e.g. every sentence about one name), so no split sees another's groups."""
+    if groups is None:
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        cuts = [0, *[round(sum(parts[:i + 1]) * n) for i in range(len(parts))]]
+        return [perm[cuts[i]:cuts[i + 1]] for i in range(len(parts))]
+    ids = sorted(set(groups), key=str)
+    order = [ids[i] for i in torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()]
+    cuts = [0, *[round(sum(parts[:i + 1]) * len(order)) for i in range(len(parts))]]
+    where = {g: i for i in range(len(parts)) for g in order[cuts[i]:cuts[i + 1]]}
+    return [torch.tensor([r for r, g in enumerate(groups) if where[g] == i], dtype=torch.long) for i in range(len(parts))]
 
 
 ERASERS: dict[str, Callable] = {
@@ -232,9 +239,9 @@ NEEDS_LABELS = ("oracle_leace", "quadratic_leace")
 
 
 def evaluate(x: torch.Tensor, z: torch.Tensor, methods=("none", *ERASERS), seed: int = 0, quadratic: bool = False,
-             **kw) -> dict:
+             groups: Sequence | None = None, **kw) -> dict:
     """Fit each eraser on split A, erase B and C, fit a fresh probe on B and score it on C."""
-    A, B, C = splits(len(x), seed)
+    A, B, C = splits(len(x), seed, groups=groups)
     z = torch.as_tensor(z).long()
     out = {}
     for m in methods:

@@ -115,3 +115,29 @@ def test_folds_that_are_not_exact_are_refused(gpt2_tokenizer):
         e2 = _eraser(lm, site)
         with pytest.raises(EditError, match="norm is not linear|no single linear layer"):
             fold_eraser_edit(lm, site, e2)
+
+
+def test_cli_edit_fact_writes_a_stock_checkpoint(tmp_path, gpt2_tokenizer, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from recipes.cli import main
+
+    src = tmp_path / "src"
+    tiny_gpt2(gpt2_tokenizer).save_pretrained(src)
+    gpt2_tokenizer.save_pretrained(src)
+    before = folder_hash(src)
+    out = tmp_path / "out"
+    rc = main(["edit", "fact", "--model", str(src), "--prompt", "I visited the {}", "--subject", "Eiffel Tower",
+               "--target", " Rome", "--method", "rome", "--layers", "1", "--tokens", "1000", "--out", str(out)])
+    assert rc == 0
+    msg = capsys.readouterr().out
+    assert "p(target)" in msg and "within 1e-5" in msg
+    assert folder_hash(src) == before and read_manifest(out)["method"] == "rome"
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = gpt2_tokenizer("I visited the Eiffel Tower", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        p = plain(ids).logits[0, -1].softmax(-1)[gpt2_tokenizer(" Rome")["input_ids"][0]]
+    assert float(p) > 0.5
+    rc = main(["edit", "fact", "--model", str(src), "--prompt", "no subject slot", "--subject", "x", "--target", " y",
+               "--out", str(tmp_path / "bad")])
+    assert rc == 2 and "no '{}'" in capsys.readouterr().err
