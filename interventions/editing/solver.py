@@ -321,7 +321,10 @@ def edit(lm, facts: Sequence[Fact], method: str = "memit", layers: Sequence[int]
     layers = _check_request(lm, facts, method, layers)
     t0 = time.perf_counter()
     projs = [down_proj(lm, l) for l in layers]
-    stats = stats if stats is not None else key_stats(lm, projs, text, n_tokens, seed=seed, progress=progress)
+    stats = dict(stats or {})
+    missing = [p for p in projs if p.layer not in stats]
+    if missing:
+        stats.update(key_stats(lm, missing, text, n_tokens, seed=seed, progress=progress))
     context = list(context) if context is not None else prefixes(lm, seed=seed)
     t1 = time.perf_counter()
     if targets is None:
