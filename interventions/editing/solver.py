@@ -246,7 +246,9 @@ def solve_update(K: torch.Tensor, R: torch.Tensor, stats: KeyStats, method: str,
     K, R = K.T, R.T  # columns are facts
     C = stats.C
     if method == "rome":
-        Ci = torch.linalg.inv(stats.regularised(cfg.ridge))
+        if ("inv", cfg.ridge) not in stats.null_cache:
+            stats.null_cache[("inv", cfg.ridge)] = torch.linalg.inv(stats.regularised(cfg.ridge))
+        Ci = stats.null_cache[("inv", cfg.ridge)]
         A = Ci @ K                                        # [in, n]
         return R @ torch.linalg.solve(K.T @ A, A.T)       # R (K^T C^-1 K)^-1 K^T C^-1
     if method == "memit":

@@ -24,7 +24,7 @@ class StudyConfig:
     layers: list = field(default_factory=lambda: [2, 3, 4, 5, 6])   # MEMIT / AlphaEdit range; ROME: the last
     max_facts: int = 100
     singles: int = 10
-    batch_sizes: list = field(default_factory=lambda: [1, 10, 0])    # 0: every fact in one batch
+    batch_sizes: list = field(default_factory=lambda: [0, 10, 1])    # 0: every fact in one batch
     n_prefixes: int = 2
     n_tokens: int = 20_000
     text: str = "licenses"
@@ -97,10 +97,10 @@ def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
               "key_statistics": {str(l): s.record for l, s in stats.items()},
               "unedited": {"summary": summarize(base_rows), "fluency": fluency(lm, flu_prompts, n_tokens=cfg.fluency_tokens)},
               "seconds_to_targets": t_values, "runs": {}}
-    for name, over in cfg.methods.items():
-        layers = [L] if name == "rome" else list(cfg.layers)
-        scfg = replace(SolverConfig(), **over)
-        for size in cfg.batch_sizes:
+    for size in cfg.batch_sizes:  # the largest batch of every method first
+        for name, over in cfg.methods.items():
+            layers = [L] if name == "rome" else list(cfg.layers)
+            scfg = replace(SolverConfig(), **over)
             idx = list(range(cfg.singles)) if size == 1 else list(range(len(cases)))
             n = size or len(cases)
             run = _run_batches(lm, cases, idx, n, name, layers, targets, stats, context, scfg,
