@@ -87,9 +87,10 @@ def run(args) -> int:
         return 0
     from interventions.erasure.lm_baselines import study
 
-    report = study(lm, args.site, seed=args.seed)
+    report = study(lm, args.site, seed=args.seed, acts_file=out / "activations.pt")
     (out / "erasure_baselines.json").write_text(json.dumps(report, indent=1))
-    for m, r in report["one_site"].items():
-        print(f"{m:16s} held-out probe accuracy {r['accuracy']:.3f} (95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}; "
-              f"chance {r['chance_range'][0]:.3f}-{r['chance_range'][1]:.3f})")
+    for split in ("by_prompt", "by_name"):
+        for m, r in report[split]["one_site"].items():
+            print(f"{split:9s} {m:16s} held-out probe accuracy {r['accuracy']:.3f} (95% CI {r['ci95'][0]:.3f}-"
+                  f"{r['ci95'][1]:.3f}; chance {r['chance_range'][0]:.3f}-{r['chance_range'][1]:.3f})")
     return 0

@@ -21,7 +21,9 @@ FEMALE = ["Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susa
           "Amanda", "Melissa", "Rebecca", "Laura", "Helen", "Anna", "Emma", "Olivia", "Sophia"]
 TEMPLATES = ["{} said that", "Yesterday {} told me that", "When {} woke up,", "{} went to the store because",
              "After dinner, {} realised that", "{} called the office and said that", "At the party {} announced that",
-             "{} finished the report and then"]
+             "{} finished the report and then", "Everyone agreed that {} was right, because", "{} smiled and said",
+             "On Monday {} decided that", "Later that night {} wrote that", "{} looked at the sky and thought that",
+             "The teacher asked {} why", "{} opened the door and", "Before leaving, {} promised that"]
 
 
 def gender_data() -> tuple[list[str], torch.Tensor, list[str]]:
@@ -52,13 +54,23 @@ def last_token_acts(lm, prompts: Sequence[str], sites: Sequence[str], batch: int
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def study(lm, site: str = "blocks.15.resid_post", seed: int = 0, rlace_steps: int = 300) -> dict:
-    """Every eraser at `site` and LEACE at every block's resid_post, each judged by held-out probes."""
+def study(lm, site: str = "blocks.15.resid_post", seed: int = 0, rlace_steps: int = 300, acts_file=None) -> dict:
+    """Every eraser at `site` and LEACE at every block's resid_post, each judged by held-out probes, on two splits:
+    by prompt (40/30/30% of the prompts) and by name (40/30/30% of the names: no scored name was seen in fitting)."""
+    from pathlib import Path
+
     prompts, z, names = gender_data()
     sites = [f"blocks.{i}.resid_post" for i in range(lm.n_layers)]
-    acts = last_token_acts(lm, prompts, sorted(set(sites) | {site}))
-    one = evaluate(acts[site], z, seed=seed, groups=names, rlace_steps=rlace_steps)
-    layers = {s: evaluate(acts[s], z, methods=("none", "leace"), seed=seed, groups=names) for s in sites}
-    return {"concept": "gender of a first name (0 male, 1 female)", "n_prompts": len(prompts), "n_names": len(set(names)),
-            "templates": TEMPLATES, "site": site, "one_site": one, "every_layer": layers,
-            "split": "by name: eraser fit 40% / probe fit 30% / probe score 30% of the names"}
+    if acts_file is not None and Path(acts_file).exists():
+        acts = torch.load(acts_file)
+    else:
+        acts = last_token_acts(lm, prompts, sorted(set(sites) | {site}))
+        if acts_file is not None:
+            torch.save(acts, acts_file)
+    out = {"concept": "gender of a first name (0 male, 1 female)", "n_prompts": len(prompts),
+           "n_names": len(set(names)), "templates": TEMPLATES, "site": site, "d": int(acts[site].shape[1])}
+    for split, groups in (("by_prompt", None), ("by_name", names)):
+        out[split] = {"one_site": evaluate(acts[site], z, seed=seed, groups=groups, rlace_steps=rlace_steps),
+                      "every_layer": {s: evaluate(acts[s], z, methods=("none", "leace"), seed=seed, groups=groups)
+                                      for s in tqdm(sites, desc=f"layers ({split})")}}
+    return out
