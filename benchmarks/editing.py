@@ -59,7 +59,8 @@ def main() -> None:
         t = time.perf_counter()
         e = edit(lm, [fact], "rome", [args.layer], stats=stats, context=context, value_cfg=ValueConfig(steps=15),
                  progress=False)
-        edits.append({"total": time.perf_counter() - t, **e.info["seconds"], "value_steps": e.info["values"][0]["steps"]})
+        edits.append({"total": time.perf_counter() - t, **e.info["seconds"],
+                      "value_steps": e.info["values"][0]["steps"]})
     seqs, owner, sub, _, _ = _value_batch(lm.tokenizer, [fact], context, "{} is a")
     batch = batch_ids(seqs, _pad_id(lm.tokenizer))
     onehot = torch.zeros(batch["input_ids"].shape)

@@ -19,7 +19,7 @@ import torch
 
 from ..erasure.core import Edit
 from .facts import Candidate, candidates
-from .solver import Fact, Targets, _pad_id, batch_ids, edit
+from .solver import Fact, _pad_id, batch_ids
 
 
 @dataclass
@@ -103,7 +103,8 @@ def score(lm, cases: Sequence[Case]) -> list[dict]:
                     "efficacy": float(P[0, new] > P[0, old]), "p_new": float(P[0, new]), "p_old": float(P[0, old]),
                     "generalisation": float((para[:, new] > para[:, old]).float().mean()),
                     "specificity": float(sum(spec) / len(spec)) if spec else float("nan"),
-                    "neighbour_p_true": float(nb[torch.arange(len(true_nb)), true_nb].mean()) if spec else float("nan")})
+                    "neighbour_p_true": float(nb[torch.arange(len(true_nb)), true_nb].mean())
+                    if spec else float("nan")})
         start = end
     return out
 

@@ -14,8 +14,8 @@ RELATIONS = {
                                                         "{} is one of the largest cities in"]),
     "landmark_city": ("The {} is located in the city of", ["The {} can be found in the city of",
                                                            "Tourists visit the {} in the city of"]),
-    "company_country": ("The company {} is headquartered in the country of", ["{} is a company from the country of",
-                                                                              "The firm {} was founded in the country of"]),
+    "company_country": ("The company {} is headquartered in the country of",
+                        ["{} is a company from the country of", "The firm {} was founded in the country of"]),
     "person_country": ("{} was born in the country of", ["{} came from the country of",
                                                          "The birthplace of {} is the country of"]),
 }

@@ -13,12 +13,12 @@ the engine (Replace at the layer output for the delta, raw-site capture for keys
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from interp import Replace
@@ -192,7 +192,8 @@ def optimise_values(lm, layer: int, facts: Sequence[Fact], context: Sequence[str
     kr, ks = torch.tensor(kl_rows, device=dev), torch.tensor([sub[k] for k in kl_rows], device=dev)
     delta = torch.zeros(n, z_init.shape[-1], device=dev, requires_grad=True)
     opt = torch.optim.Adam([delta], lr=cfg.lr)
-    op = Replace(f"blocks.{layer}.mlp.out", fn=lambda s: s + onehot[..., None].to(s.dtype) * delta[own][:, None].to(s.dtype))
+    op = Replace(f"blocks.{layer}.mlp.out",
+                 fn=lambda s: s + onehot[..., None].to(s.dtype) * delta[own][:, None].to(s.dtype))
     with torch.no_grad():
         base = lm.run(batch).logits[kr, ks].float().log_softmax(-1)
     norm0 = z_init.float().norm(dim=-1).to(dev)
@@ -219,7 +220,7 @@ def optimise_values(lm, layer: int, facts: Sequence[Fact], context: Sequence[str
                 delta[done] = keep[done]
                 scale = (cfg.clamp * norm0 / delta.norm(dim=-1).clamp_min(1e-12)).clamp(max=1.0)
                 delta.mul_(scale[:, None])
-    info = [{"nll": h, "steps": len(h), "delta_norm": float(d.norm()), "exp_neg_nll": float(torch.exp(torch.tensor(-h[-1])))}
+    info = [{"nll": h, "steps": len(h), "delta_norm": float(d.norm()), "exp_neg_nll": math.exp(-h[-1])}
             for h, d in zip(hist, delta.detach())]
     return delta.detach().double().cpu(), info
 
@@ -313,7 +314,7 @@ def edit(lm, facts: Sequence[Fact], method: str = "memit", layers: Sequence[int]
          n_tokens: int = 20_000, seed: int = 0, context: Sequence[str] | None = None,
          value_cfg: ValueConfig = ValueConfig(), solver_cfg: SolverConfig = SolverConfig(),
          progress: bool = True) -> Edit:
-    """Rewrite `facts` in the MLP down-projections of `layers`; returns an Edit (new weights) and leaves the model as it was.
+    """Rewrite `facts` in the MLP down-projections of `layers`; returns an Edit (new weights), model left as it was.
 
     Apply it with `edit.apply(model)`, write it with interventions.checkpoint.write_checkpoint(model, dest, edit).
     `targets` (from compute_targets at the last layer) and `stats` (from key_stats) may be shared between calls."""

@@ -25,7 +25,8 @@ LICENSES = Path("/usr/share/common-licenses")
 
 
 def cache_root() -> Path:
-    root = os.environ.get("INTERP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "interp")
+    xdg = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    root = os.environ.get("INTERP_CACHE") or os.path.join(xdg, "interp")
     return Path(root) / "editing"
 
 

@@ -95,7 +95,8 @@ def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
     report = {"config": asdict(cfg), "n_candidates_known": len(known), "n_edited": len(cases),
               "n_reserved_neighbours": len(reserve), "context_templates": context,
               "key_statistics": {str(l): s.record for l, s in stats.items()},
-              "unedited": {"summary": summarize(base_rows), "fluency": fluency(lm, flu_prompts, n_tokens=cfg.fluency_tokens)},
+              "unedited": {"summary": summarize(base_rows),
+                           "fluency": fluency(lm, flu_prompts, n_tokens=cfg.fluency_tokens)},
               "seconds_to_targets": t_values, "runs": {}}
     for size in cfg.batch_sizes:  # the largest batch of every method first
         for name, over in cfg.methods.items():
@@ -105,7 +106,8 @@ def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
             n = size or len(cases)
             run = _run_batches(lm, cases, idx, n, name, layers, targets, stats, context, scfg,
                                flu_prompts if n == len(cases) else None, cfg.fluency_tokens)
-            report["runs"][f"{name}/{n}"] = {"method": name, "batch_size": n, "layers": layers, "solver": asdict(scfg), **run}
+            report["runs"][f"{name}/{n}"] = {"method": name, "batch_size": n, "layers": layers,
+                                             "solver": asdict(scfg), **run}
             if progress:
                 print(f"{name} batch {n}: {run['summary']}", flush=True)
             (out / "editing_study.json").write_text(json.dumps(report, indent=1, default=str))

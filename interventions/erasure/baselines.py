@@ -13,8 +13,9 @@ INLP and RLACE return `LeaceEraser`s (L = U, R = U^T, mu = 0): they apply throug
 
 `heldout_probe` fits a fresh logistic probe on one part of the data and scores it on another, with a Wilson
 interval; "at chance" means the interval meets the range a predictor that ignores x can score (from the rarest
-to the commonest class rate of the scored data); `evaluate` splits the data three ways (eraser fit / probe fit / probe score), never scoring on data an
-eraser or a probe was fitted on, and warns when a probe is below chance beyond its interval.
+to the commonest class rate of the scored data); `evaluate` splits the data three ways (eraser fit / probe fit /
+probe score), never scoring on data an eraser or a probe was fitted on, and warns when a probe is below chance
+beyond its interval.
 """
 from __future__ import annotations
 
@@ -209,7 +210,8 @@ def heldout_probe(x_fit: torch.Tensor, z_fit: torch.Tensor, x_test: torch.Tensor
            "n_test": n, "chance_in_ci": lo <= chance and hi >= chance_low, "quadratic": quadratic}
     if hi < chance_low:
         warnings.warn(f"held-out probe accuracy {correct / n:.3f} (95% CI {lo:.3f}-{hi:.3f}) is below chance "
-                      f"({chance_low:.3f}-{chance:.3f}): the probe learned an anti-correlated rule, so the eraser's statistics and the "
+                      f"({chance_low:.3f}-{chance:.3f}): the probe learned an anti-correlated rule, so the eraser's "
+                      "statistics and the "
                       "scored data are not independent (fit and score on disjoint splits drawn the same way)")
     return out
 
@@ -225,7 +227,8 @@ def splits(n: int, seed: int = 0, parts=(0.4, 0.3, 0.3), groups: Sequence | None
     order = [ids[i] for i in torch.randperm(len(ids), generator=torch.Generator().manual_seed(seed)).tolist()]
     cuts = [0, *[round(sum(parts[:i + 1]) * len(order)) for i in range(len(parts))]]
     where = {g: i for i in range(len(parts)) for g in order[cuts[i]:cuts[i + 1]]}
-    return [torch.tensor([r for r, g in enumerate(groups) if where[g] == i], dtype=torch.long) for i in range(len(parts))]
+    return [torch.tensor([r for r, g in enumerate(groups) if where[g] == i], dtype=torch.long)
+            for i in range(len(parts))]
 
 
 ERASERS: dict[str, Callable] = {

@@ -59,7 +59,8 @@ def tiny_llama(tok, seed: int = 0):
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=False)
     m = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # a head that can be confident (random init keeps every logit near 0)
         m.lm_head.weight.mul_(HEAD_SCALE)
