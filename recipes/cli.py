@@ -12,7 +12,7 @@ from recipes.models import DTYPES
 # Recipe modules that add a subcommand through `register(subparsers)`; each sets `func` on its parser.
 COMMANDS = ("recipes.demo", "recipes.sites", "recipes.zoo", "recipes.zoo_train", "recipes.trace",
             "recipes.steer", "recipes.erase", "recipes.probe", "recipes.check", "recipes.sae", "recipes.lens",
-            "recipes.circuit", "recipes.saliency", "recipes.report")
+            "recipes.circuit", "recipes.saliency", "recipes.report", "recipes.edit")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,6 +9,7 @@ interventions.checkpoint.
 """
 from __future__ import annotations
 
+from .baselines import OracleLeace, QuadraticLeace, heldout_probe, inlp, rlace  # noqa: F401 (baselines)
 from .core import Concept, Edit, capture, edit_start, tokenize_like_pipeline
 from .hirm import hirm
 from .leace import (ErasureGuaranteeError, ErasureInputError, LeaceEraser, LeaceFitter, fit_at_site, fold_eraser,
