@@ -12,6 +12,11 @@ def _last(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, -1] if logits.dim() == 3 else logits
 
 
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """At least float32: 16-bit logits are widened, float64 logits keep their precision."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class ColumnMetric:
     """A metric that reads only a few vocabulary columns of the last position's logits.
 
@@ -26,10 +31,10 @@ class ColumnMetric:
         self.fn, self.name = fn, name
 
     def on_columns(self, sub: torch.Tensor) -> torch.Tensor:
-        return self.fn(_last(sub).float())
+        return self.fn(_up(_last(sub)))
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        return self.fn(_last(logits)[:, list(self.columns)].float())
+        return self.fn(_up(_last(logits)[:, list(self.columns)]))
 
     def __repr__(self) -> str:
         return f"{self.name}(columns={self.columns})"
@@ -48,24 +53,24 @@ def logit(target: int) -> ColumnMetric:
 def prob(target: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """Softmax probability of `target` at the last position."""
     def f(logits):
-        return _last(logits).float().softmax(-1)[:, target]
+        return _up(_last(logits)).softmax(-1)[:, target]
     return f
 
 
 def logprob(target: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def f(logits):
-        return _last(logits).float().log_softmax(-1)[:, target]
+        return _up(_last(logits)).log_softmax(-1)[:, target]
     return f
 
 
 def kl_to(reference_logits: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """KL(reference || run) of the last-position distributions; reference is [vocab] or [1, vocab]."""
-    ref = _last(reference_logits.reshape(-1, reference_logits.shape[-1])[None] if reference_logits.dim() == 1
-                else reference_logits).float().log_softmax(-1)
+    ref = _up(_last(reference_logits.reshape(-1, reference_logits.shape[-1])[None] if reference_logits.dim() == 1
+                    else reference_logits)).log_softmax(-1)
 
     def f(logits):
-        lp = _last(logits).float().log_softmax(-1)
-        return (ref.exp() * (ref - lp)).sum(-1)
+        lp = _up(_last(logits)).log_softmax(-1)
+        return (ref.exp() * (ref.to(lp.dtype) - lp)).sum(-1)
     return f
 
 
