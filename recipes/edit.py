@@ -87,7 +87,7 @@ def run(args) -> int:
         return 0
     from interventions.erasure.lm_baselines import study
 
-    report = study(lm, args.site, seed=args.seed, acts_file=out / "activations.pt")
+    report = study(lm, args.site, seed=args.seed, acts_file=out / "activations.safetensors")
     (out / "erasure_baselines.json").write_text(json.dumps(report, indent=1))
     for split in ("by_prompt", "by_name"):
         for m, r in report[split]["one_site"].items():

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
-import torch
+from interp.io import load_state, save_state
 
 from .evaluate import Case, edited, fluency, known_facts, make_cases, score
 from .layers import down_proj
@@ -71,7 +71,7 @@ def _run_batches(lm, cases: list[Case], idx: list[int], size: int, method: str, 
 
 
 def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: bool = True) -> dict:
-    """Run the whole study and write `out/editing_study.json` (targets are cached in `out/targets.pt`)."""
+    """Run the whole study and write `out/editing_study.json` (targets are cached in `out/targets.safetensors`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -80,15 +80,15 @@ def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: b
     L = cfg.layers[-1]
     stats = key_stats(lm, [down_proj(lm, l) for l in cfg.layers], cfg.text, cfg.n_tokens, seed=cfg.seed)
     context = prefixes(lm, n=cfg.n_prefixes, seed=cfg.seed)
-    tfile = out / "targets.pt"
+    tfile = out / "targets.safetensors"  # safetensors + JSON: nothing is unpickled
     facts = [c.fact for c in cases]
-    if tfile.exists() and torch.load(tfile)["texts"] == [f.text() + f.target for f in facts]:
-        d = torch.load(tfile)
+    texts = [f.text() + f.target for f in facts]
+    d = load_state(tfile) if tfile.exists() else None
+    if d is not None and d["texts"] == texts:
         targets = Targets(L, facts, d["deltas"], d["z"], d["info"])
     else:
         targets = compute_targets(lm, facts, L, context, ValueConfig(steps=cfg.value_steps), progress)
-        torch.save({"texts": [f.text() + f.target for f in facts], "deltas": targets.deltas, "z": targets.z,
-                    "info": targets.info}, tfile)
+        save_state(tfile, {"texts": texts, "deltas": targets.deltas, "z": targets.z, "info": targets.info})
     t_values = time.perf_counter() - t0
     flu_prompts = [c.fact.text() for c in cases[:cfg.fluency_prompts]]
     base_rows = score(lm, cases)

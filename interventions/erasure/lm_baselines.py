@@ -61,12 +61,14 @@ def study(lm, site: str = "blocks.15.resid_post", seed: int = 0, rlace_steps: in
 
     prompts, z, names = gender_data()
     sites = [f"blocks.{i}.resid_post" for i in range(lm.n_layers)]
+    from interp.io import load_state, save_state
+
     if acts_file is not None and Path(acts_file).exists():
-        acts = torch.load(acts_file)
+        acts = load_state(acts_file)  # safetensors + JSON: nothing is unpickled
     else:
         acts = last_token_acts(lm, prompts, sorted(set(sites) | {site}))
         if acts_file is not None:
-            torch.save(acts, acts_file)
+            save_state(acts_file, acts)
     out = {"concept": "gender of a first name (0 male, 1 female)", "n_prompts": len(prompts),
            "n_names": len(set(names)), "templates": TEMPLATES, "site": site, "d": int(acts[site].shape[1])}
     for split, groups in (("by_prompt", None), ("by_name", names)):

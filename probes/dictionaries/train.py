@@ -43,6 +43,9 @@ class TrainConfig:
     progress: bool = True
 
 
+TRAINER_STATE = "trainer.safetensors"  # optimizer state, step, log (interp.io.save_state; no pickle)
+
+
 @dataclass
 class TrainLog:
     steps: list[int] = field(default_factory=list)
@@ -255,29 +258,31 @@ class Trainer:
 
     def checkpoint(self) -> Path:
         """The dictionary (interp format, verified) plus the trainer state, both renamed into place."""
-        from interp.results import atomic_write
+        from interp.io import save_state
 
         from .formats import save
 
         d = Path(self.cfg.checkpoint_dir)
         save(self.sae, d / "dictionary", extra={"train": asdict(self.cfg), "log": self.log.to_json()})
-        state = {"step": self.step, "opt": self.opt.state_dict(), "since": self.since.cpu(), "log": self.log,
-                 "thr": self._thr[-200:]}
-        atomic_write(d / "trainer.pt", lambda p: torch.save(state, p))
+        state = {"step": self.step, "opt": self.opt.state_dict(), "since": self.since.cpu(), "log": asdict(self.log),
+                 "thr": [float(t) for t in self._thr[-200:]]}
+        save_state(d / TRAINER_STATE, state)  # safetensors + JSON: a resume never unpickles
         return d
 
     def _resume(self) -> None:
         c = self.cfg
-        if not c.checkpoint_dir or not (Path(c.checkpoint_dir) / "trainer.pt").exists() or self.step:
+        if not c.checkpoint_dir or not (Path(c.checkpoint_dir) / TRAINER_STATE).exists() or self.step:
             return
+        from interp.io import load_state
+
         from .formats import load
 
         loaded = load(Path(c.checkpoint_dir) / "dictionary")
         self.sae.load_state_dict(loaded.state_dict())
-        state = torch.load(Path(c.checkpoint_dir) / "trainer.pt", weights_only=False)
+        state = load_state(Path(c.checkpoint_dir) / TRAINER_STATE)
         self.opt.load_state_dict(state["opt"])
-        self.since, self.step = state["since"].to(c.device), state["step"]
-        self.log, self._thr = state["log"], state["thr"]
+        self.since, self.step = state["since"].to(c.device), int(state["step"])
+        self.log, self._thr = TrainLog(**state["log"]), list(state["thr"])
         self.scaled = True
 
 
