@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -232,7 +232,7 @@ class ActivationStore:
 
     # -- reading back ------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | Path) -> "ActivationStore":
+    def open(cls, directory: str | Path) -> ActivationStore:
         """A store written earlier (read-only use: batches, tensors)."""
         d = Path(directory)
         if not (d / "store.json").exists():
@@ -293,7 +293,7 @@ class ActivationStore:
                 yield from buf.drain(batch_size)
 
     # -- writing -----------------------------------------------------------------------------
-    def fill(self, inputs: Iterable, max_rows: int | None = None, progress: bool = True) -> "ActivationStore":
+    def fill(self, inputs: Iterable, max_rows: int | None = None, progress: bool = True) -> ActivationStore:
         """Run the model over `inputs` (an iterable of batches: [B, T] id tensors, prompt lists, ...) and keep
         the filtered rows. On disk, batches consumed by an earlier interrupted fill are skipped."""
         if self.collector is None:

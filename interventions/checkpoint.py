@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -309,9 +310,8 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
     import sys
     import tempfile
 
-    import numpy as np
-
     import diffusers
+    import numpy as np
 
     call = dict(getattr(pipe, "plain_call_kwargs", None) or {})
     stock = next((c for c in type(pipe).__mro__ if getattr(diffusers, c.__name__, None) is c), None)

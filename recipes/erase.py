@@ -27,8 +27,8 @@ TRANSFORMER_METHODS = ("context",)
 def _load(spec: str):
     """(pipeline, source folder) for a zoo name or a folder; a folder is checked before it is loaded
     (complete safetensors files, its manifest's hashes if interp wrote it, finite parameters)."""
-    from interventions.checkpoint import NotACheckpointError, check_finite, verify_folder
     from interp.zoo.catalog import ENTRIES, weights_path
+    from interventions.checkpoint import NotACheckpointError, check_finite, verify_folder
 
     if spec in ENTRIES:
         from interp import zoo
@@ -116,7 +116,7 @@ def _concept(args, pipe):
     try:
         return shapes_concept(args.concept, args.guide), True
     except ValueError as e:
-        raise SystemExit(f"interp erase: {e}. For a model other than the shapes zoo models pass --prompts and --guide.")
+        raise SystemExit(f"interp erase: {e}. For a model other than the shapes zoo models pass --prompts and --guide.") from None
 
 
 def _method_kwargs(method: str, args) -> dict:

@@ -34,8 +34,13 @@ NAMES = ("shapes-diffusion", "shapes-flow", "physics")
 
 # ============================================================================ architectures
 # (in interp/zoo/architectures.py; imported here for the trainers and for code that imported them from here)
-from interp.zoo.architectures import (MAX_TOKENS, build_diffusion_pipeline, build_flow_pipeline,  # noqa: E402,F401
-                                      build_tokenizer, identity_vae)
+from interp.zoo.architectures import (  # noqa: E402,F401
+    MAX_TOKENS,
+    build_diffusion_pipeline,
+    build_flow_pipeline,
+    build_tokenizer,
+    identity_vae,
+)
 
 
 # ============================================================================ helpers

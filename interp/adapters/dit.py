@@ -33,7 +33,6 @@ from torch import nn
 from ..sites import Site
 from .unet import HEADS, SEQ, TEXT, TEXT_HEADS, VEC, DenoiserAdapter, _Namer
 
-
 MMDIT = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 # the other diffusers transformers: block lists probed by name (module docstring of generic_dit_sites)
 BLOCK_LISTS = ("noise_refiner", "context_refiner", "transformer_blocks", "joint_transformer_blocks",

@@ -88,7 +88,7 @@ class HFEncoderAdapter(Adapter):
         self.prefix = self.blocks[: self.blocks.rfind(self.layout.lists[0])]
         self.n_layers = len(model.get_submodule(self.blocks))
         cfg = model.config
-        self.n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads")
+        self.n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
         self.block_paths = [f"{self.blocks}.{i}" for i in range(self.n_layers)]
         self._table = None
 

@@ -61,7 +61,7 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
     """Sites of a CLIP or T5 text encoder; names get `prefix`, module paths `module_prefix`."""
     kind = text_encoder_kind(model)
     cfg = model.config
-    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads")
+    n_heads = getattr(cfg, "num_attention_heads", None) or cfg.num_heads
     sites: list[Site] = []
     if kind == "clip":
         cp = clip_prefix(model)

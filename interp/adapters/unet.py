@@ -153,7 +153,7 @@ class DenoiserPrepared(Prepared):
     def site_view(self, site: Site):
         return [None]
 
-    def repeat(self, n: int) -> "DenoiserPrepared":
+    def repeat(self, n: int) -> DenoiserPrepared:
         if n == 1:
             return self
         kw = {k: (_repeat(v, self.batch, n) if k in BATCHED else v) for k, v in self.kwargs.items()}

@@ -215,7 +215,7 @@ class PhysicsSurrogate(nn.Module):
         atomic_write_text(path / "config.json", json.dumps(config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu") -> "PhysicsSurrogate":
+    def from_pretrained(cls, path, device="cpu") -> PhysicsSurrogate:
         from safetensors.torch import load_file
 
         from interp.io import check_safetensors

@@ -12,7 +12,8 @@ Physics: ``fit_kappa`` fits the diffusivity from the growth of a field's spatial
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -280,7 +281,7 @@ def score(images: Any, value_range=(0.0, 1.0)) -> list[dict[str, str]]:
     return [{k: cols[k][i] for k in cols} for i in range(len(x))]
 
 
-def accuracy(images: Any, target: "S.Attributes | dict | Sequence", value_range=(0.0, 1.0)) -> dict[str, float]:
+def accuracy(images: Any, target: S.Attributes | dict | Sequence, value_range=(0.0, 1.0)) -> dict[str, float]:
     """Per-attribute accuracy of images against one target (or one target per image)."""
     x = as_images(images, value_range)
     if isinstance(target, S.Attributes):
@@ -315,7 +316,7 @@ def field_moments(u: Any, length: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         mass = r.sum()
         mu = (r * x).sum() / mass
         var = (r * (x - mu) ** 2).sum() / mass
-        means.append(((mu - shift * dx) % length))
+        means.append((mu - shift * dx) % length)
         vars_.append(var)
     shape = u.shape[:-1]
     return np.asarray(means).reshape(shape), np.asarray(vars_).reshape(shape)

@@ -14,7 +14,7 @@ its own copy of the residual stream, as in TransformerLens's split q/k/v inputs.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -13,7 +13,7 @@ value (the corrupted run's, or a mean over reference inputs).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

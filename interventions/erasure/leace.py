@@ -14,8 +14,8 @@ features with z must vanish (relative to its size before), else ErasureGuarantee
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -70,7 +70,7 @@ class LeaceEraser:
     mu: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, z: torch.Tensor, n_classes: int | None = None, **kw) -> "LeaceEraser":
+    def fit(cls, x: torch.Tensor, z: torch.Tensor, n_classes: int | None = None, **kw) -> LeaceEraser:
         """Fit on features x [n, d] and labels z ([n] ints or [n, k] values) in one go."""
         x = torch.as_tensor(x)
         zz = _labels(z, n_classes)
@@ -94,7 +94,7 @@ class LeaceEraser:
         """The [d, d] oblique projection L R that the eraser removes (x' = x - L R (x - mu))."""
         return self.L @ self.R
 
-    def to(self, *args, **kw) -> "LeaceEraser":
+    def to(self, *args, **kw) -> LeaceEraser:
         return LeaceEraser(self.L.to(*args, **kw), self.R.to(*args, **kw), self.mu.to(*args, **kw))
 
     def op(self, site: str, where: Where | None = None) -> Project:
@@ -125,7 +125,7 @@ class LeaceFitter:
         self.m2_xz = torch.zeros(x_dim, z_dim, **kw)
         self.m2_zz = torch.zeros(z_dim, **kw)  # diagonal only: the variances of z, for the guarantee's noise floor
 
-    def update(self, x: torch.Tensor, z: torch.Tensor) -> "LeaceFitter":
+    def update(self, x: torch.Tensor, z: torch.Tensor) -> LeaceFitter:
         """Add a batch: x [..., d] (leading axes flattened) and labels / concept values for each row."""
         x = torch.as_tensor(x).detach()
         x = x.reshape(-1, x.shape[-1]).to(self.mean_x)

@@ -7,8 +7,9 @@ colours' accuracy, shape accuracy, ...), before and after. Written as JSON plus 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
