@@ -322,8 +322,8 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
         return {"checked": False, "why": f"{cls} is not a diffusers class, so plain diffusers cannot load it as such"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "imgs.npy"
-        args = {"cls": cls, "folder": str(folder), "prompts": list(prompts), "seed": seed, "steps": steps, "out": str(out),
-                "call": call}
+        args = {"cls": cls, "folder": str(folder), "prompts": list(prompts), "seed": seed, "steps": steps,
+                "out": str(out), "call": call}
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         r = subprocess.run([sys.executable, "-c", _PLAIN_SCRIPT, json.dumps(args)], cwd=tmp, env=env,
                            capture_output=True, text=True, timeout=timeout)
@@ -335,8 +335,8 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
         ours = pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                     output_type="np", **call).images
     diff = float(np.abs(plain - ours).max())
-    return {"checked": True, "class": cls, "call_kwargs": call, "n_images": len(prompts), "steps": steps, "max_abs_diff": diff,
-            "reproduces": diff < 1e-3}
+    return {"checked": True, "class": cls, "call_kwargs": call, "n_images": len(prompts), "steps": steps,
+            "max_abs_diff": diff, "reproduces": diff < 1e-3}
 
 
 __all__ = ["write_checkpoint", "check_destination", "load_checkpoint", "verify_folder", "check_finite",

@@ -48,7 +48,8 @@ class TransformerLensAdapter(Adapter):
             if tl_name not in hooks:
                 return
             heads = kind in HEAD_KINDS
-            n = self.model.cfg.n_key_value_heads or self.model.cfg.n_heads if kind in ("attn.k", "attn.v") else self.model.cfg.n_heads
+            cfg = self.model.cfg
+            n = (cfg.n_key_value_heads or cfg.n_heads) if kind in ("attn.k", "attn.v") else cfg.n_heads
             sites.append(Site(canonical, path_of[id(hooks[tl_name])], layer=layer, kind=kind,
                               heads=n if heads and self.flat_heads else None,
                               axes=("batch", "pos", "head", "d_head") if heads else ("batch", "pos", "d_model"),
@@ -88,7 +89,8 @@ class TransformerLensAdapter(Adapter):
         elif isinstance(inputs, torch.Tensor):
             ids = inputs if inputs.dim() == 2 else inputs[None]
         else:
-            raise TypeError(f"TransformerLens models take prompts or a [batch, pos] tensor of ids, not {type(inputs).__name__}")
+            raise TypeError(f"TransformerLens models take prompts or a [batch, pos] tensor of ids, "
+                            f"not {type(inputs).__name__}")
         return Prepared({}, ids.shape[0], ids.shape[1], ids_tokens(self.tokenizer, ids), (ids,))
 
     def forward(self, prepared: Prepared, last_only: bool = False):

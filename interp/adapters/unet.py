@@ -96,7 +96,8 @@ def _transformer2d_sites(nm: _Namer, name: str, path: str, t2d: nn.Module) -> No
         bn = name if len(blocks) == 1 else f"{name}.block.{k}"
         bp = f"{path}.transformer_blocks.{k}"
         if getattr(blk, "attn1", None) is not None:
-            _attention_sites(nm, bn, f"{bp}.attn1", blk.attn1, "cross" if getattr(blk, "only_cross_attention", False) else "self")
+            kind1 = "cross" if getattr(blk, "only_cross_attention", False) else "self"
+            _attention_sites(nm, bn, f"{bp}.attn1", blk.attn1, kind1)
         if getattr(blk, "attn2", None) is not None:
             _attention_sites(nm, bn, f"{bp}.attn2", blk.attn2, "cross" if blk.attn2.is_cross_attention else "self2")
         if getattr(blk, "ff", None) is not None:
@@ -216,7 +217,8 @@ class DenoiserAdapter(Adapter):
         return self.model(**prepared.kwargs, return_dict=False)[0]
 
     def describe(self) -> str:
-        return f"{self.family} ({type(self.model).__name__}, {sum(1 for s in self.site_table() if s.kind == 'block')} blocks)"
+        n_blocks = sum(1 for s in self.site_table() if s.kind == "block")
+        return f"{self.family} ({type(self.model).__name__}, {n_blocks} blocks)"
 
 
 class UNetAdapter(DenoiserAdapter):

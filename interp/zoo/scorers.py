@@ -29,7 +29,9 @@ def as_images(images: Any, value_range: tuple[float, float] = (0.0, 1.0)) -> np.
     if hasattr(images, "images"):  # a diffusers pipeline output
         images = images.images
     if isinstance(images, (list, tuple)):
-        return np.concatenate([as_images(im, value_range) for im in images]) if images else np.zeros((0, 1, 1, 3), np.float32)
+        if not images:
+            return np.zeros((0, 1, 1, 3), np.float32)
+        return np.concatenate([as_images(im, value_range) for im in images])
     if hasattr(images, "convert") and hasattr(images, "size"):  # PIL
         arr = np.asarray(images.convert("RGB"), dtype=np.float32) / 255.0
         return arr[None]

@@ -47,7 +47,8 @@ def _labels(z: torch.Tensor, n_classes: int | None) -> torch.Tensor:
     if z.dim() == 1 and not z.dtype.is_floating_point:
         k = int(n_classes if n_classes is not None else int(z.max()) + 1)
         if k < 2:
-            raise ValueError(f"concept labels have only {k} class; LEACE needs at least two (got labels {z.unique().tolist()})")
+            raise ValueError(f"concept labels have only {k} class; LEACE needs at least two "
+                             f"(got labels {z.unique().tolist()})")
         if int(z.min()) < 0 or int(z.max()) >= k:
             raise ValueError(f"labels must lie in 0..{k - 1}, got {int(z.min())}..{int(z.max())}")
         return (z == 1).double()[:, None] if k == 2 else nn.functional.one_hot(z.long(), k).double()
@@ -230,7 +231,8 @@ def fold_weights(weight: torch.Tensor, bias: torch.Tensor | None, eraser: LeaceE
     A = weight.double()
     dim = A.shape[1] if side == "before" else A.shape[0]
     if eraser.dim != dim:
-        raise ValueError(f"eraser acts on {eraser.dim}-dim features but the layer's {'input' if side == 'before' else 'output'} "
+        io = "input" if side == "before" else "output"
+        raise ValueError(f"eraser acts on {eraser.dim}-dim features but the layer's {io} "
                          f"has {dim} (weight {tuple(weight.shape)}): fold it on the other side or fit it at this site")
     P = eraser.projection().to(A)
     mu = eraser.mu.to(A)
