@@ -27,22 +27,24 @@ def is_transformer_lens(obj: Any) -> bool:
 
 class TransformerLensAdapter(Adapter):
     family = "transformer_lens"
+    model: Any  # a HookedTransformer / TransformerBridge: cfg, hook_dict and to_tokens are not nn.Module attributes
 
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__(model, tokenizer or getattr(model, "tokenizer", None))
-        self.n_layers = model.cfg.n_layers
+        self.n_layers: int = self.model.cfg.n_layers
         # the bridge's per-head hook points carry [batch, pos, heads * d_head]; HookedTransformer's are split
         self.flat_heads = type(model).__name__ != "HookedTransformer"
-        self._table = None
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is not None:
             return self._table
-        path_of = {}
+        path_of: dict[int, str] = {}
         for name, mod in self.model.named_modules(remove_duplicate=False):
             path_of.setdefault(id(mod), name)
         hooks = self.model.hook_dict
-        sites, aliases = [], {}
+        sites: list[Site] = []
+        aliases: dict[str, str] = {}
 
         def add(canonical: str, tl_name: str, layer: int, kind: str):
             if tl_name not in hooks:

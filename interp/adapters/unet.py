@@ -29,7 +29,8 @@ spatial tokens for attention sites, text tokens for `context` / `cross.k` / `cro
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -57,7 +58,8 @@ class _Namer:
     """Builds sites with a name prefix, a module prefix and a running forward-order index."""
 
     def __init__(self, prefix: str, module_prefix: str):
-        self.prefix, self.module_prefix, self.sites, self.order = prefix, module_prefix, [], 0
+        self.prefix, self.module_prefix, self.order = prefix, module_prefix, 0
+        self.sites: list[Site] = []
 
     def path(self, p: str) -> str:
         return (self.module_prefix + p) if p else self.module_prefix.rstrip(".")
@@ -134,11 +136,11 @@ def unet_sites(unet: nn.Module, prefix: str = "unet.", module_prefix: str = "") 
     nm.add("time_embed", "time_embedding", VEC, "time_embed")
     if getattr(unet, "add_embedding", None) is not None:
         nm.add("add_embed", "add_embedding", VEC, "add_embed")
-    for i, blk in enumerate(unet.down_blocks):
+    for i, blk in enumerate(cast(nn.ModuleList, unet.down_blocks)):
         _block_sites(nm, f"down.{i}", f"down_blocks.{i}", blk, "downsample")
     if unet.mid_block is not None:
-        _block_sites(nm, "mid", "mid_block", unet.mid_block, None)
-    for i, blk in enumerate(unet.up_blocks):
+        _block_sites(nm, "mid", "mid_block", cast(nn.Module, unet.mid_block), None)
+    for i, blk in enumerate(cast(nn.ModuleList, unet.up_blocks)):
         _block_sites(nm, f"up.{i}", f"up_blocks.{i}", blk, "upsample")
     nm.add("out", "conv_out", MAP, "out")
     return nm.sites
@@ -184,12 +186,12 @@ class DenoiserAdapter(Adapter):
     """Shared by the UNet and DiT adapters: inputs are the denoiser's call arguments (a dict, or a tuple
     of positional arguments); the main output is the prediction (`.sample`)."""
 
-    site_fn = staticmethod(unet_sites)
+    site_fn: Callable[..., list[Site]] = staticmethod(unet_sites)
     prefix = "unet."
 
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__(model, tokenizer)
-        self._table = None
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is None:
