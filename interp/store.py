@@ -227,7 +227,8 @@ class ActivationStore:
         self.collector = ActivationCollector(lm, sites, dtype=dtype, skip_first=skip_first, keep=keep,
                                              stop_early=stop_early) if lm is not None else None
         self.memory: list[dict[str, torch.Tensor]] = []
-        self.meta: dict[str, Any] = {"format": FORMAT, "sites": self.collector.names if self.collector else [], "shards": [],
+        self.meta: dict[str, Any] = {
+                     "format": FORMAT, "sites": self.collector.names if self.collector else [], "shards": [],
                      "rows": 0, "batches": 0, "items": 0, "dtype": str(dtype) if dtype else None,
                      "skip_first": skip_first,
                      "model": self.collector.lm.adapter.describe() if self.collector else None}

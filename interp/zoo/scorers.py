@@ -164,7 +164,9 @@ def _templates() -> dict[str, np.ndarray]:
         for shp in S.SHAPES:
             # render large on a big canvas so the template is clean, then crop like the images
             cover = S.shape_mask(shp, 32.0, 32.0, 24.0, resolution=64)
-            _TEMPLATES[shp] = _crop_resize(cover)
+            template = _crop_resize(cover)
+            assert template is not None, f"the {shp} template drew nothing"
+            _TEMPLATES[shp] = template
     return _TEMPLATES
 
 
@@ -197,7 +199,7 @@ def shape(images: Any, value_range=(0.0, 1.0)) -> list[str]:
     """Per-image shape class (one of ``shapes.SHAPES``, or "none" when nothing is drawn)."""
     res = []
     for sc in shape_scores(images, value_range):
-        best = max(sc, key=sc.get)
+        best = max(sc, key=lambda k: sc[k])
         res.append(best if sc[best] > 0 else "none")
     return res
 

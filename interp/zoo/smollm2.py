@@ -78,6 +78,8 @@ def load(dtype=None, device: str = "cpu"):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype or torch.float32).to(device).eval()
+    # Any: transformers wraps PreTrainedModel.to in a decorator whose stub signature mypy misreads
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype or torch.float32)
+    model = loaded.to(device).eval()
     model.tokenizer = AutoTokenizer.from_pretrained(str(cached))
     return model
