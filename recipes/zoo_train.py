@@ -162,7 +162,8 @@ def evaluate_image_pipeline(pipe, n_per_caption: int = 32, captions=None, seed: 
     kw = dict(call_kw)
     if num_inference_steps is not None:
         kw["num_inference_steps"] = num_inference_steps
-    per_caption, totals = {}, {k: [] for k in scorers.SCORERS}
+    per_caption: dict = {}
+    totals: dict[str, list] = {k: [] for k in scorers.SCORERS}
     pipe.set_progress_bar_config(disable=True)
     for ci, a in enumerate(attrs):
         imgs = []

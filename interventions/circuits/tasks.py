@@ -45,7 +45,8 @@ class Task:
         if len(lens) > 1:
             raise TaskTokenError(f"{self.name}: prompts have token lengths {sorted(lens)}; one batch needs one "
                                  "length: build the task from words of the same token length")
-        ans, foil = [], []
+        ans: list[int] = []
+        foil: list[int] = []
         for i, (a, f) in enumerate(zip(self.answers, self.foils)):
             for w, out in ((a, ans), (f, foil)):
                 t = enc(w)
