@@ -217,10 +217,10 @@ def _failure_message(e: BaseException, stage: str, dest: Path, src: Path | None,
     if src is None:
         return msg + "; no source folder was involved."
     now = folder_hash(src) if src.exists() else None
-    if now == src_hash:
+    if src_hash is not None and now == src_hash:
         return msg + f"; the source {src} is intact (sha256 {src_hash[:16]}... unchanged)."
     return msg + (f"; WARNING: the source {src} no longer matches its hash from before the write "
-                  f"(was {src_hash[:16]}..., now {str(now)[:16]}...): restore it from a backup beside it.")
+                  f"(was {str(src_hash)[:16]}..., now {str(now)[:16]}...): restore it from a backup beside it.")
 
 
 class NotACheckpointError(InterpError, FileNotFoundError):

@@ -161,8 +161,9 @@ def run(args) -> dict:
     probe = R.ValueProbe(pipe, args.concept, args.seed) if args.report is not None and is_shapes and \
         hasattr(pipe, "unet") and not args.no_probe else None
     if probe is not None:
-        report["value_probe"] = {"about": R.ValueProbe.__doc__.split(chr(10))[0] + " ...", "held_out_accuracy_original":
-                                 probe.held_out_accuracy, "original": probe.original}
+        about = (R.ValueProbe.__doc__ or "").split(chr(10))[0] + " ..."
+        report["value_probe"] = {"about": about, "held_out_accuracy_original": probe.held_out_accuracy,
+                                 "original": probe.original}
     if args.report is not None and not is_shapes:
         print("interp erase: --report needs a shapes zoo model (the scorers know its attributes); skipping the report")
     if evaluate:
