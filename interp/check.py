@@ -24,13 +24,14 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
 from .errors import InterpError
-from .ops import Add, Patch, at
+from .ops import Add, Op, Patch, at
 from .sites import Site
 
 
@@ -123,9 +124,9 @@ def default_seq_len(model) -> int:
     """Longer than every sliding / local attention window of the model's config, within its positions."""
     cfg = getattr(model, "config", None)
     cfg = getattr(cfg, "text_config", None) or cfg
-    windows = [getattr(cfg, k, None) for k in ("sliding_window", "attention_window", "local_attention",
-                                                 "window_size")]
-    windows = [int(w) for w in windows if isinstance(w, int) and w > 0]
+    found = [getattr(cfg, k, None) for k in ("sliding_window", "attention_window", "local_attention",
+                                               "window_size")]
+    windows = [int(w) for w in found if isinstance(w, int) and w > 0]
     T = (max(windows) + 8) if windows else 24
     limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
     return min(T, int(limit)) if limit else T
@@ -234,14 +235,14 @@ def _put(value, slot, new):
 def _edit(t: torch.Tensor, src: torch.Tensor, pos: list[int] | None, heads: int | None,
           head: int | None) -> torch.Tensor:
     """t with positions `pos` (all: None) and head `head` overwritten from src: the plain-torch reference edit."""
-    pos = slice(None) if pos is None else pos
+    idx: slice | list[int] = slice(None) if pos is None else pos
     new = t.clone()
     if heads:
         v, s = new.unflatten(-1, (heads, -1)), src.reshape(*src.shape[:2], heads, -1)
         sel = slice(None) if head is None else head
-        v[:, pos, sel] = s[:, pos, sel].to(v.dtype)
+        v[:, idx, sel] = s[:, idx, sel].to(v.dtype)
         return v.flatten(-2)
-    new[:, pos] = src[:, pos].to(new.dtype)
+    new[:, idx] = src[:, idx].to(new.dtype)
     return new
 
 
@@ -341,7 +342,8 @@ def _grid_rows(lm, other, T: int, layers: set[int]) -> tuple[list[list], list[st
     kinds = ("resid_pre", "attn.out", "mlp.out", "resid_mid", "attn.z", "resid_post")
     sites = [s for s in table if not s.is_raw and s.kind in kinds and s.layer in layers]
     src = lm.run(other, capture=[s.name for s in sites]).cache
-    rows, labels = [], []
+    rows: list[list[Op]] = []
+    labels: list[str] = []
     g = torch.Generator().manual_seed(1)
     for s in sites:
         x = src[s.name]
@@ -372,7 +374,7 @@ def _grids(lm, inputs, other, T: int, layers: Sequence[int], tab: dict[str, _Acc
     if base.dim() == 3:  # token logits: also the column head (only the metric's vocabulary rows)
         a, b = [int(i) for i in base[0, -1].topk(2).indices]
         metrics.insert(0, ("column head", logit_diff(a, b)))
-    per_cell = {name: [] for name, _ in metrics}
+    per_cell: dict[str, list[torch.Tensor]] = {name: [] for name, _ in metrics}
     for ops in rows:
         out = lm.run(inputs, ops).logits
         for name, metric in metrics:

@@ -18,9 +18,10 @@ import shutil
 import socket
 import struct
 import time
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 
@@ -61,7 +62,7 @@ def honour_umask(folder: str | os.PathLike) -> None:
     """Give every file under `folder` the mode a plain open() would (some writers, e.g. transformers'
     save_pretrained, leave 0600 temporary-file modes behind), and every folder 0777 minus the umask."""
     fmode, dmode = file_mode(), 0o777 & ~umask()
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in os.walk(str(folder)):
         for d in dirs:
             os.chmod(os.path.join(root, d), dmode)
         for f in files:

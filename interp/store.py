@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -153,7 +154,8 @@ class ShuffleBuffer:
     """A seeded shuffling buffer of rows: add() blocks of rows, pop() shuffled batches once it holds enough."""
 
     def __init__(self, capacity: int, seed: int = 0):
-        self.capacity, self.rows = int(capacity), None
+        self.capacity = int(capacity)
+        self.rows: dict[str, torch.Tensor] | None = None
         self.gen = torch.Generator().manual_seed(seed)
 
     def __len__(self) -> int:
@@ -164,6 +166,8 @@ class ShuffleBuffer:
 
     def pop(self, n: int) -> dict[str, torch.Tensor]:
         """n rows drawn uniformly from the buffer (removed from it)."""
+        if self.rows is None:
+            raise StoreError("ShuffleBuffer.pop on an empty buffer: add() rows first")
         perm = torch.randperm(len(self), generator=self.gen)
         take, rest = perm[:n], perm[n:]
         out = {k: v[take] for k, v in self.rows.items()}
@@ -223,7 +227,8 @@ class ActivationStore:
         self.collector = ActivationCollector(lm, sites, dtype=dtype, skip_first=skip_first, keep=keep,
                                              stop_early=stop_early) if lm is not None else None
         self.memory: list[dict[str, torch.Tensor]] = []
-        self.meta = {"format": FORMAT, "sites": self.collector.names if self.collector else [], "shards": [],
+        self.meta: dict[str, Any] = {
+                     "format": FORMAT, "sites": self.collector.names if self.collector else [], "shards": [],
                      "rows": 0, "batches": 0, "items": 0, "dtype": str(dtype) if dtype else None,
                      "skip_first": skip_first,
                      "model": self.collector.lm.adapter.describe() if self.collector else None}
@@ -232,7 +237,7 @@ class ActivationStore:
 
     # -- reading back ------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | Path) -> "ActivationStore":
+    def open(cls, directory: str | Path) -> ActivationStore:
         """A store written earlier (read-only use: batches, tensors)."""
         d = Path(directory)
         if not (d / "store.json").exists():
@@ -240,6 +245,7 @@ class ActivationStore:
         return cls(directory=d)
 
     def _resume(self) -> None:
+        assert self.directory is not None, "only a store on disk resumes"
         meta = json.loads((self.directory / "store.json").read_text())
         if meta.get("format") != FORMAT:
             raise StoreError(f"{self.directory}/store.json is not an interp store (format {meta.get('format')!r})")
@@ -293,7 +299,7 @@ class ActivationStore:
                 yield from buf.drain(batch_size)
 
     # -- writing -----------------------------------------------------------------------------
-    def fill(self, inputs: Iterable, max_rows: int | None = None, progress: bool = True) -> "ActivationStore":
+    def fill(self, inputs: Iterable, max_rows: int | None = None, progress: bool = True) -> ActivationStore:
         """Run the model over `inputs` (an iterable of batches: [B, T] id tensors, prompt lists, ...) and keep
         the filtered rows. On disk, batches consumed by an earlier interrupted fill are skipped."""
         if self.collector is None:

@@ -15,8 +15,9 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -216,10 +217,10 @@ def _failure_message(e: BaseException, stage: str, dest: Path, src: Path | None,
     if src is None:
         return msg + "; no source folder was involved."
     now = folder_hash(src) if src.exists() else None
-    if now == src_hash:
+    if src_hash is not None and now == src_hash:
         return msg + f"; the source {src} is intact (sha256 {src_hash[:16]}... unchanged)."
     return msg + (f"; WARNING: the source {src} no longer matches its hash from before the write "
-                  f"(was {src_hash[:16]}..., now {str(now)[:16]}...): restore it from a backup beside it.")
+                  f"(was {str(src_hash)[:16]}..., now {str(now)[:16]}...): restore it from a backup beside it.")
 
 
 class NotACheckpointError(InterpError, FileNotFoundError):
@@ -309,9 +310,8 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
     import sys
     import tempfile
 
-    import numpy as np
-
     import diffusers
+    import numpy as np
 
     call = dict(getattr(pipe, "plain_call_kwargs", None) or {})
     stock = next((c for c in type(pipe).__mro__ if getattr(diffusers, c.__name__, None) is c), None)
@@ -322,8 +322,8 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
         return {"checked": False, "why": f"{cls} is not a diffusers class, so plain diffusers cannot load it as such"}
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "imgs.npy"
-        args = {"cls": cls, "folder": str(folder), "prompts": list(prompts), "seed": seed, "steps": steps, "out": str(out),
-                "call": call}
+        args = {"cls": cls, "folder": str(folder), "prompts": list(prompts), "seed": seed, "steps": steps,
+                "out": str(out), "call": call}
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
         r = subprocess.run([sys.executable, "-c", _PLAIN_SCRIPT, json.dumps(args)], cwd=tmp, env=env,
                            capture_output=True, text=True, timeout=timeout)
@@ -335,8 +335,8 @@ def plain_diffusers_check(pipe: Any, folder: str | os.PathLike, prompts: list[st
         ours = pipe(list(prompts), num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
                     output_type="np", **call).images
     diff = float(np.abs(plain - ours).max())
-    return {"checked": True, "class": cls, "call_kwargs": call, "n_images": len(prompts), "steps": steps, "max_abs_diff": diff,
-            "reproduces": diff < 1e-3}
+    return {"checked": True, "class": cls, "call_kwargs": call, "n_images": len(prompts), "steps": steps,
+            "max_abs_diff": diff, "reproduces": diff < 1e-3}
 
 
 __all__ = ["write_checkpoint", "check_destination", "load_checkpoint", "verify_folder", "check_finite",

@@ -2,7 +2,8 @@
 
     interp erase shapes-diffusion --concept red --method uce --out erased/uce
     interp erase shapes-diffusion --concept red --method all --report interp-out/erase-red   # every method, report only
-    interp erase ./my-sd-folder --concept "van gogh" --guide "a painter" --prompts prompts.txt --method quickfix --out out/
+    interp erase ./my-sd-folder --concept "van gogh" --guide "a painter" --prompts prompts.txt \\
+        --method quickfix --out out/
 
 Methods: uce, time, locoedit (window chosen by an edit sweep unless --layers), quickfix (Diff-QuickFix), leace,
 hirm (UNet pipelines); context (SD3 / Flux). On the shapes zoo models the prompts are every caption and the
@@ -27,8 +28,8 @@ TRANSFORMER_METHODS = ("context",)
 def _load(spec: str):
     """(pipeline, source folder) for a zoo name or a folder; a folder is checked before it is loaded
     (complete safetensors files, its manifest's hashes if interp wrote it, finite parameters)."""
-    from interventions.checkpoint import NotACheckpointError, check_finite, verify_folder
     from interp.zoo.catalog import ENTRIES, weights_path
+    from interventions.checkpoint import NotACheckpointError, check_finite, verify_folder
 
     if spec in ENTRIES:
         from interp import zoo
@@ -111,12 +112,14 @@ def _concept(args, pipe):
         prompts = [l.strip() for l in Path(args.prompts).read_text().splitlines() if l.strip()]
         if not args.guide:
             raise SystemExit("interp erase: --guide is required with --prompts (what the concept should become)")
-        preserve = [l.strip() for l in Path(args.preserve).read_text().splitlines() if l.strip()] if args.preserve else ()
+        preserve = ([l.strip() for l in Path(args.preserve).read_text().splitlines() if l.strip()]
+                    if args.preserve else ())
         return Concept.from_prompts(args.concept, prompts, args.guide, preserve), False
     try:
         return shapes_concept(args.concept, args.guide), True
     except ValueError as e:
-        raise SystemExit(f"interp erase: {e}. For a model other than the shapes zoo models pass --prompts and --guide.")
+        raise SystemExit(f"interp erase: {e}. For a model other than the shapes zoo models "
+                         "pass --prompts and --guide.") from None
 
 
 def _method_kwargs(method: str, args) -> dict:
@@ -147,7 +150,8 @@ def run(args) -> dict:
         _destinations(args, args.method, early)
     pipe, source = _load(args.model)
     concept, is_shapes = _concept(args, pipe)
-    kind = TRANSFORMER_METHODS if hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None else UNET_METHODS
+    has_transformer = hasattr(pipe, "transformer") and getattr(pipe, "transformer", None) is not None
+    kind = TRANSFORMER_METHODS if has_transformer else UNET_METHODS
     methods = list(kind) if args.method == ["all"] else args.method
     _check_methods(args, methods, source)
     dests = _destinations(args, methods, source)
@@ -157,8 +161,9 @@ def run(args) -> dict:
     probe = R.ValueProbe(pipe, args.concept, args.seed) if args.report is not None and is_shapes and \
         hasattr(pipe, "unet") and not args.no_probe else None
     if probe is not None:
-        report["value_probe"] = {"about": R.ValueProbe.__doc__.split(chr(10))[0] + " ...", "held_out_accuracy_original":
-                                 probe.held_out_accuracy, "original": probe.original}
+        about = (R.ValueProbe.__doc__ or "").split(chr(10))[0] + " ..."
+        report["value_probe"] = {"about": about, "held_out_accuracy_original": probe.held_out_accuracy,
+                                 "original": probe.original}
     if args.report is not None and not is_shapes:
         print("interp erase: --report needs a shapes zoo model (the scorers know its attributes); skipping the report")
     if evaluate:
@@ -183,9 +188,10 @@ def run(args) -> dict:
                 def score(p, src=src):
                     from interp.zoo import scorers
 
-                    return scorers.colour_rate(R.generate(p, src, 2, args.seed + 7, args.steps), args.concept) \
-                        if R.shapes_attribute(args.concept) == "colour" else \
-                        float(sum(s == args.concept for s in scorers.shape(R.generate(p, src, 2, args.seed + 7, args.steps))) / (2 * len(src)))
+                    imgs = R.generate(p, src, 2, args.seed + 7, args.steps)
+                    if R.shapes_attribute(args.concept) == "colour":
+                        return scorers.colour_rate(imgs, args.concept)
+                    return float(sum(s == args.concept for s in scorers.shape(imgs)) / (2 * len(src)))
 
                 kw["layers"], trace = choose_window(pipe, concept, args.window, score, lam=kw.pop("lam", 0.5))
                 report.setdefault("locoedit_trace", trace)
@@ -210,8 +216,9 @@ def run(args) -> dict:
                 print(f"{method}: plain diffusers load: {chk}")
         if probe is not None:
             entry["value_probe"] = vp = probe.score(edited)
-            print(f"{method}: value probe {args.concept} rate {probe.original['concept_rate']:.3f} -> {vp['concept_rate']:.3f}, "
-                  f"other values' accuracy {probe.original['other_values_accuracy']:.3f} -> {vp['other_values_accuracy']:.3f}")
+            po = probe.original
+            print(f"{method}: value probe {args.concept} rate {po['concept_rate']:.3f} -> {vp['concept_rate']:.3f}, "
+                  f"other values' accuracy {po['other_values_accuracy']:.3f} -> {vp['other_values_accuracy']:.3f}")
         if evaluate:
             t1 = time.time()
             imgs = R.generate(edited, prompts, args.n_per_prompt, args.seed, args.steps)
@@ -220,9 +227,11 @@ def run(args) -> dict:
             entry.update(after=after, comparison=cmp, generate_s=round(time.time() - t1, 1))
             rows[method] = imgs[cols]
             print(f"{method}: {args.concept} rate {cmp['concept_rate_before']:.3f} -> {cmp['concept_rate_after']:.3f} "
-                  f"(drop {cmp['relative_drop']:.0%}), other values' accuracy {cmp['other_values_accuracy_change']:+.3f}, "
+                  f"(drop {cmp['relative_drop']:.0%}), "
+                  f"other values' accuracy {cmp['other_values_accuracy_change']:+.3f}, "
                   f"other attributes {({k: round(v, 3) for k, v in cmp['other_attribute_accuracy_change'].items()})} "
-                  f"-> efficacy {'ok' if cmp['efficacy_ok'] else 'NOT met'}, specificity {'ok' if cmp['specificity_ok'] else 'NOT met'}")
+                  f"-> efficacy {'ok' if cmp['efficacy_ok'] else 'NOT met'}, "
+                  f"specificity {'ok' if cmp['specificity_ok'] else 'NOT met'}")
         del edited
         report["methods"][method] = entry
     if args.report is not None:
@@ -234,7 +243,8 @@ def run(args) -> dict:
         print(f"report: {path} (+ erasure_result.json/.safetensors, erasure_table.png)")
         if evaluate:
             labels = [prompts[c // args.n_per_prompt].replace(", ", "\n") for c in cols]
-            png = R.grid(rows, out / "erasure_grid.png", labels, f"erasing {args.concept!r}: original and each method (same seeds)")
+            png = R.grid(rows, out / "erasure_grid.png", labels,
+                         f"erasing {args.concept!r}: original and each method (same seeds)")
             print(f"grid: {png}")
     return report
 
@@ -242,27 +252,36 @@ def run(args) -> dict:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="zoo name (shapes-diffusion, shapes-flow) or a diffusers folder")
     p.add_argument("--concept", required=True, help="the word to erase, as written in the prompts (e.g. red)")
-    p.add_argument("--method", nargs="+", default=["uce"], help=f"one or more of {UNET_METHODS + TRANSFORMER_METHODS}, or all")
-    p.add_argument("--guide", nargs="+", default=None, help="what the concept becomes (default on shapes: its siblings)")
-    p.add_argument("--prompts", default=None, help="text file, one prompt per line (those naming the concept are edited)")
-    p.add_argument("--preserve", default=None, help="text file of prompts to preserve (default: the prompts without the concept)")
-    p.add_argument("--lam", type=float, default=None, help="ridge lambda (default per method: uce 0.5, time 0.1, quickfix 0.01)")
-    p.add_argument("--layers", type=int, nargs="+", default=None, help="locoedit: cross-attention layer indices (forward order)")
+    p.add_argument("--method", nargs="+", default=["uce"],
+                   help=f"one or more of {UNET_METHODS + TRANSFORMER_METHODS}, or all")
+    p.add_argument("--guide", nargs="+", default=None,
+                   help="what the concept becomes (default on shapes: its siblings)")
+    p.add_argument("--prompts", default=None,
+                   help="text file, one prompt per line (those naming the concept are edited)")
+    p.add_argument("--preserve", default=None,
+                   help="text file of prompts to preserve (default: the prompts without the concept)")
+    p.add_argument("--lam", type=float, default=None,
+                   help="ridge lambda (default per method: uce 0.5, time 0.1, quickfix 0.01)")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="locoedit: cross-attention layer indices (forward order)")
     p.add_argument("--window", type=int, default=2, help="locoedit: window size for the edit sweep")
     p.add_argument("--leace-site", choices=("cross_attention", "text_encoder"), default=None)
     p.add_argument("--leace-contrast", choices=("all", "aligned", "offsets"), default="offsets",
-                   help="leace: the concept's tokens against the other prompts' tokens at each position from the concept "
-                        "word on, positions' own means taken out (offsets, default); against all other tokens (all); "
+                   help="leace: the concept's tokens against the other prompts' tokens at each position "
+                        "from the concept word on, positions' own means taken out (offsets, default); "
+                        "against all other tokens (all); "
                         "against the other prompts' tokens at the same positions, pooled (aligned)")
     p.add_argument("--preserve-time", action="store_true", help="time: also use the preservation list")
     p.add_argument("--hirm-steps", type=int, default=200)
     p.add_argument("--out", default=None, help="checkpoint folder (a sub-folder per method when several)")
     p.add_argument("--check-plain", action="store_true",
-                   help="after writing, load each checkpoint with plain diffusers in a fresh process and compare images")
+                   help="after writing, load each checkpoint with plain diffusers in a fresh process "
+                        "and compare images")
     p.add_argument("--in-place", action="store_true", help="replace the source checkpoint (a backup is kept)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder (never the source)")
     p.add_argument("--report", default=None, help="folder for erasure_report.json and erasure_grid.png")
-    p.add_argument("--eval-prompts", type=int, default=8, help="report: captions per colour (0: no images, fit and write only)")
+    p.add_argument("--eval-prompts", type=int, default=8,
+                   help="report: captions per colour (0: no images, fit and write only)")
     p.add_argument("--n-per-prompt", type=int, default=2, help="report: images per caption")
     p.add_argument("--steps", type=int, default=None, help="report: denoising steps (default: the pipeline's)")
     p.add_argument("--no-probe", action="store_true", help="report: skip the cross-attention value probe")

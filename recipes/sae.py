@@ -158,9 +158,15 @@ def _evaluate(lm, sae, site: str, held, store) -> dict:
 
 
 def _reports(lm, sae, site: str, store, windows, out: Path) -> dict:
-    from probes.dictionaries.report import (consistent_features, density, feature_matrix, logit_effects,
-                                            plot_density, top_contexts, write_html)
-    from probes.dictionaries.splice import dose_response
+    from probes.dictionaries.report import (
+        consistent_features,
+        density,
+        feature_matrix,
+        logit_effects,
+        plot_density,
+        top_contexts,
+        write_html,
+    )
 
     rows = store.tensors()
     F = feature_matrix(sae, rows[site])

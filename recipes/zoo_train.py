@@ -34,8 +34,13 @@ NAMES = ("shapes-diffusion", "shapes-flow", "physics")
 
 # ============================================================================ architectures
 # (in interp/zoo/architectures.py; imported here for the trainers and for code that imported them from here)
-from interp.zoo.architectures import (MAX_TOKENS, build_diffusion_pipeline, build_flow_pipeline,  # noqa: E402,F401
-                                      build_tokenizer, identity_vae)
+from interp.zoo.architectures import (  # noqa: E402,F401
+    MAX_TOKENS,
+    build_diffusion_pipeline,
+    build_flow_pipeline,
+    build_tokenizer,
+    identity_vae,
+)
 
 
 # ============================================================================ helpers
@@ -63,11 +68,13 @@ class EMA:
 def _lr(step: int, total: int, base: float, warmup: int = 200) -> float:
     if step < warmup:
         return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.9 + base * 0.1 * 0.5
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * 0.5 * (1 + math.cos(math.pi * progress)) * 0.9 + base * 0.1 * 0.5
 
 
 def _machine() -> str:
-    return f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, torch {torch.__version__} CPU, threads={torch.get_num_threads()}".strip()
+    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cores, "
+            f"torch {torch.__version__} CPU, threads={torch.get_num_threads()}").strip()
 
 
 class ShapesData:
@@ -155,7 +162,8 @@ def evaluate_image_pipeline(pipe, n_per_caption: int = 32, captions=None, seed: 
     kw = dict(call_kw)
     if num_inference_steps is not None:
         kw["num_inference_steps"] = num_inference_steps
-    per_caption, totals = {}, {k: [] for k in scorers.SCORERS}
+    per_caption: dict = {}
+    totals: dict[str, list] = {k: [] for k in scorers.SCORERS}
     pipe.set_progress_bar_config(disable=True)
     for ci, a in enumerate(attrs):
         imgs = []
@@ -356,7 +364,8 @@ def train_physics(args):
             n_blob = int(round(args.blob_fraction * bs))
             if n_blob:  # part of the batch from fresh single blobs (see --blob-fraction)
                 bt, bk, bv = P.sample_blob_rollouts(args.seed * 1_000_003 + step + 7_777_777, n_blob, unroll)
-                traj, kappa, vel = torch.cat([traj[n_blob:], bt]), torch.cat([kappa[n_blob:], bk]), torch.cat([vel[n_blob:], bv])
+                traj = torch.cat([traj[n_blob:], bt])
+                kappa, vel = torch.cat([kappa[n_blob:], bk]), torch.cat([vel[n_blob:], bv])
         pred, loss = traj[:, 0], 0.0
         for k in range(1, unroll + 1):
             pred = model(pred, kappa, vel)
@@ -398,7 +407,8 @@ def evaluate_physics(args) -> dict:
     f = out / "metrics.json"
     metrics = json.loads(f.read_text()) if f.exists() else {"name": "physics"}
     kfit = P.kappa_fit_report(model)
-    metrics.update(P.one_step_error(model), kappa_fit=kfit, kappa_fit_max_rel_err=max(v["rel_err"] for v in kfit.values()))
+    metrics.update(P.one_step_error(model), kappa_fit=kfit,
+                   kappa_fit_max_rel_err=max(v["rel_err"] for v in kfit.values()))
     atomic_write_json(f, metrics, indent=2)
     return metrics
 

@@ -5,7 +5,8 @@ Adapters for other families (diffusers pipelines and denoisers) register themsel
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from torch import nn
 

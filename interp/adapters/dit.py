@@ -26,13 +26,12 @@ SD3's last block updates only the image stream (context_pre_only), so it has no 
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
 from ..sites import Site
 from .unet import HEADS, SEQ, TEXT, TEXT_HEADS, VEC, DenoiserAdapter, _Namer
-
 
 MMDIT = ("SD3Transformer2DModel", "FluxTransformer2DModel")
 # the other diffusers transformers: block lists probed by name (module docstring of generic_dit_sites)
@@ -99,7 +98,7 @@ def _dit_block(nm: _Namer, bn: str, bp: str, blk: nn.Module) -> None:
             nm.add(f"{bn}.attn.z", f"{bp}.{attn}.{out}", HEADS, "attn.z", io="input", slot=0, arg_name="input",
                    heads=a.heads)
     if _has(blk, "attn2"):
-        a2 = blk.attn2
+        a2 = blk.get_submodule("attn2")
         nm.add(f"{bn}.cross.out", f"{bp}.attn2", SEQ, "cross.out")
         for q in ("k", "v"):
             if _has(a2, f"to_{q}") and getattr(a2, "heads", None):
@@ -156,13 +155,14 @@ def dit_sites(model: nn.Module, prefix: str = "transformer.", module_prefix: str
     nm.add("time_embed", "time_text_embed", VEC, "time_embed")
     nm.add("context_embed", "context_embedder", TEXT, "context_embed", meta={"token_axis": True})
     txt_in = {"img": "hidden_states", "txt": "encoder_hidden_states"}
-    for i, blk in enumerate(model.transformer_blocks):
+    for i, blk in enumerate(cast(nn.ModuleList, model.transformer_blocks)):
         bp, bn = f"transformer_blocks.{i}", f"blocks.{i}"
         both = not getattr(blk, "context_pre_only", False)
         slots = {"img": 0, "txt": 1}
         _streams(nm, f"{bn}.resid_pre", bp, slots, "resid_pre", io="input", arg_names=txt_in)
         _streams(nm, f"{bn}.attn", f"{bp}.attn", slots if both else {"img": 0}, "attn")
-        heads = blk.attn.heads
+        attn: Any = blk.attn  # a diffusers Attention; heads is a plain int attribute
+        heads = attn.heads
         nm.add(f"{bn}.attn.z.img", f"{bp}.attn.to_out.0", HEADS, "attn.z.img", io="input", slot=0,
                arg_name="input", heads=heads, meta={"stream": "img"})
         if both and getattr(blk.attn, "to_add_out", None) is not None:

@@ -38,5 +38,6 @@ class GenericAdapter(Adapter):
     def prepare(self, inputs, pad: bool = False):
         prepared = super().prepare(inputs, pad)
         # a module's axis 1 is not necessarily the input's: resolve positions on each site's own tensor
-        prepared.site_view = lambda site: [None]
+        # the engine reads site_view with getattr (Prepared declares none; DenoiserPrepared defines it as a method)
+        prepared.site_view = lambda site: [None]  # type: ignore[attr-defined]
         return prepared

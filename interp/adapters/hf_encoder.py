@@ -9,7 +9,7 @@ states its identity (norm of a sum) in `meta` for interp.check. ModernBERT is pr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -86,11 +86,11 @@ class HFEncoderAdapter(Adapter):
                                         f"{', '.join(ENCODER_LISTS)})")
         self.blocks, self.layout = found
         self.prefix = self.blocks[: self.blocks.rfind(self.layout.lists[0])]
-        self.n_layers = len(model.get_submodule(self.blocks))
-        cfg = model.config
-        self.n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "n_heads")
+        self.n_layers = len(cast(nn.ModuleList, model.get_submodule(self.blocks)))
+        cfg: Any = model.config  # a transformers PretrainedConfig: fields differ per family
+        self.n_heads = getattr(cfg, "num_attention_heads", None) or cfg.n_heads
         self.block_paths = [f"{self.blocks}.{i}" for i in range(self.n_layers)]
-        self._table = None
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is None:
@@ -121,7 +121,7 @@ class HFEncoderAdapter(Adapter):
             sites.append(Site(n + "resid_mid", f"{bp}.{lay.mid}", slot=0, layer=i, kind="resid_mid",
                               meta={"sum": ((n + "resid_pre", 1.0), (n + "attn.out", 1.0)), "norm": norm}))
         sites.append(Site(n + "mlp.out", f"{bp}.{lay.mlp}", slot=0, layer=i, kind="mlp.out"))
-        post = {"sum": ((n + "resid_mid", 1.0), (n + "mlp.out", 1.0))}
+        post: dict[str, Any] = {"sum": ((n + "resid_mid", 1.0), (n + "mlp.out", 1.0))}
         if lay.post_norm:
             post["norm"] = f"{bp}.{lay.post_norm}"
         sites.append(Site(n + "resid_post", bp, slot=0, layer=i, kind="resid_post", meta=post))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ def block_sites(model: nn.Module, blocks: str, n_heads: int, n_kv: int, prefix: 
     """Canonical per-block sites; `meta["sum"]` on resid_mid / resid_post states the residual identity
     (weighted terms) that interp.check verifies, `meta["proj"]` on attn.z the path to attn.out."""
     out = []
-    layers = model.get_submodule(blocks)
+    layers = cast(nn.ModuleList, model.get_submodule(blocks))
     w = float(residual_scale)
     for i, blk in enumerate(layers):
         bp = f"{blocks}.{i}"
@@ -139,7 +139,7 @@ def block_sites(model: nn.Module, blocks: str, n_heads: int, n_kv: int, prefix: 
                             meta={"sum": ((n + "resid_pre", 1.0), (n + "attn.out", w))}))
         if lay.mlp:
             out.append(Site(n + "mlp.out", f"{bp}.{lay.mlp}", slot=0, layer=i, kind="mlp.out"))
-        terms = None
+        terms: tuple[tuple[str, float], ...] | None = None
         mixer = None if lay.attn else first_attr(blk, MIXERS)
         if mixer:  # state-space blocks (Mamba, Mamba 2): resid_post = resid_pre + mixer(norm(resid_pre))
             out.append(Site(n + "mixer.out", f"{bp}.{mixer}", slot=0, layer=i, kind="mixer.out"))
@@ -157,12 +157,13 @@ class HFCausalLMAdapter(Adapter):
 
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__(model, tokenizer)
-        self.blocks = find_blocks(model)
-        if self.blocks is None:
+        blocks = find_blocks(model)
+        if blocks is None:
             raise UnsupportedModelError(f"no transformer block list found in {type(model).__name__} "
                                         f"(looked for {', '.join(BLOCK_LISTS)}); attach(model, family='generic') "
                                         "gives raw module:... sites")
-        self.n_layers = len(model.get_submodule(self.blocks))
+        self.blocks: str = blocks
+        self.n_layers = len(cast(nn.ModuleList, model.get_submodule(self.blocks)))
         self.n_heads = _cfg(model, "num_attention_heads", "n_head")
         kv = _cfg(model, "num_key_value_heads", "num_kv_heads")
         self.n_kv = kv if kv is not None else (1 if _cfg(model, "multi_query", default=False) else self.n_heads)
@@ -172,7 +173,7 @@ class HFCausalLMAdapter(Adapter):
         self.parallel = bool(_cfg(model, *PARALLEL_FLAGS, default=False))
         self.residual_scale = float(_cfg(model, "residual_multiplier", default=1.0))
         self.block_paths = [f"{self.blocks}.{i}" for i in range(self.n_layers)]
-        self._table = None
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is None:

@@ -26,10 +26,11 @@ class PhysicsAdapter(Adapter):
 
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__(model, tokenizer)
-        self.n_layers = len(model.blocks)
-        self.n_heads = model.blocks[0].attn.heads
+        blocks: Any = model.blocks  # the surrogate's nn.ModuleList; its blocks carry attn.heads
+        self.n_layers = len(blocks)
+        self.n_heads = blocks[0].attn.heads
         self.block_paths = [f"blocks.{i}" for i in range(self.n_layers)]
-        self._table = None
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is None:

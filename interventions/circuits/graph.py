@@ -96,7 +96,8 @@ def build_graph(n_layers: int, n_heads: int, n_kv: int) -> Graph:
     gqa = n_kv != n_heads
     senders, s_layer = ["input"], [-1]
     receivers: list[Receiver] = []
-    src, dst = [], []
+    src: list[int] = []
+    dst: list[int] = []
 
     def connect(r: Receiver, n_avail: int):
         receivers.append(r)

@@ -13,7 +13,7 @@ value (the corrupted run's, or a mean over reference inputs).
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -120,7 +120,8 @@ class _CircuitRow:
         self.parts, self.ablated = parts, ablated     # ablated: [S, b or 1, T, d]
         self.miss = miss.to(ablated.dtype)
         self.act: list[torch.Tensor] = []            # sender outputs as this run produces them
-        self.pre, self.mid = {}, {}
+        self.pre: dict[int, torch.Tensor] = {}
+        self.mid: dict[int, torch.Tensor] = {}
         self._diff: torch.Tensor | None = None
         self.r_start = _receiver_starts(g)
 
@@ -199,7 +200,7 @@ class _CircuitRow:
 
 
 def _receiver_starts(g) -> dict:
-    out = {}
+    out: dict[tuple, int] = {}
     for i, r in enumerate(g.receivers):
         key = ("logits",) if r.kind == "logits" else (r.layer, r.kind)
         out.setdefault(key, i)

@@ -32,7 +32,7 @@ class Task:
     def __len__(self) -> int:
         return len(self.clean)
 
-    def check(self, tokenizer) -> "Task":
+    def check(self, tokenizer) -> Task:
         """Equal token lengths within and across pairs, single-token answers and foils; fills `ids`."""
         enc = lambda t: tokenizer(t, add_special_tokens=False)["input_ids"]
         lens = set()
@@ -45,7 +45,8 @@ class Task:
         if len(lens) > 1:
             raise TaskTokenError(f"{self.name}: prompts have token lengths {sorted(lens)}; one batch needs one "
                                  "length: build the task from words of the same token length")
-        ans, foil = [], []
+        ans: list[int] = []
+        foil: list[int] = []
         for i, (a, f) in enumerate(zip(self.answers, self.foils)):
             for w, out in ((a, ans), (f, foil)):
                 t = enc(w)
@@ -136,7 +137,7 @@ def capitals(n: int = 8, seed: int = 0, pairs=CAPITALS) -> Task:
     corrupted: another country."""
     rng = random.Random(seed)
     clean, corr, ans, foil = [], [], [], []
-    for i in range(n):
+    for _ in range(n):
         (c1, a1), (c2, a2) = rng.sample(pairs, 2)
         t = "The capital of {} is the city of"
         clean.append(t.format(c1))

@@ -12,10 +12,29 @@ from __future__ import annotations
 from .baselines import OracleLeace, QuadraticLeace, heldout_probe, inlp, rlace  # noqa: F401 (baselines)
 from .core import Concept, Edit, capture, edit_start, tokenize_like_pipeline
 from .hirm import hirm
-from .leace import (ErasureGuaranteeError, ErasureInputError, LeaceEraser, LeaceFitter, fit_at_site, fold_eraser,
-                    fold_weights)
-from .methods import (DEFAULT_LAM, METHODS, choose_window, context_edit, cross_attention_edit,
-                      cross_attention_layers, leace_edit, locoedit, quickfix, select_layers, time_edit, uce)
+from .leace import (
+    ErasureGuaranteeError,
+    ErasureInputError,
+    LeaceEraser,
+    LeaceFitter,
+    fit_at_site,
+    fold_eraser,
+    fold_weights,
+)
+from .methods import (
+    DEFAULT_LAM,
+    METHODS,
+    choose_window,
+    context_edit,
+    cross_attention_edit,
+    cross_attention_layers,
+    leace_edit,
+    locoedit,
+    quickfix,
+    select_layers,
+    time_edit,
+    uce,
+)
 from .ridge import ridge_objective, ridge_solve
 
 

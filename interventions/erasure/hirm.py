@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 import interp
 
 from .core import Concept, Edit, tokenize_like_pipeline
-from .methods import text_encoder_path, _device, _prompt_list, _rows, _split, _starts
+from .methods import _device, _prompt_list, _rows, _split, _starts, text_encoder_path
 
 
 def hirm(pipe, concept: Concept, steps: int = 200, lr: float = 1e-3, alpha: float = 1.0, target: str = "guide",

@@ -14,8 +14,8 @@ features with z must vanish (relative to its size before), else ErasureGuarantee
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -47,7 +47,8 @@ def _labels(z: torch.Tensor, n_classes: int | None) -> torch.Tensor:
     if z.dim() == 1 and not z.dtype.is_floating_point:
         k = int(n_classes if n_classes is not None else int(z.max()) + 1)
         if k < 2:
-            raise ValueError(f"concept labels have only {k} class; LEACE needs at least two (got labels {z.unique().tolist()})")
+            raise ValueError(f"concept labels have only {k} class; LEACE needs at least two "
+                             f"(got labels {z.unique().tolist()})")
         if int(z.min()) < 0 or int(z.max()) >= k:
             raise ValueError(f"labels must lie in 0..{k - 1}, got {int(z.min())}..{int(z.max())}")
         return (z == 1).double()[:, None] if k == 2 else nn.functional.one_hot(z.long(), k).double()
@@ -70,7 +71,7 @@ class LeaceEraser:
     mu: torch.Tensor
 
     @classmethod
-    def fit(cls, x: torch.Tensor, z: torch.Tensor, n_classes: int | None = None, **kw) -> "LeaceEraser":
+    def fit(cls, x: torch.Tensor, z: torch.Tensor, n_classes: int | None = None, **kw) -> LeaceEraser:
         """Fit on features x [n, d] and labels z ([n] ints or [n, k] values) in one go."""
         x = torch.as_tensor(x)
         zz = _labels(z, n_classes)
@@ -94,7 +95,7 @@ class LeaceEraser:
         """The [d, d] oblique projection L R that the eraser removes (x' = x - L R (x - mu))."""
         return self.L @ self.R
 
-    def to(self, *args, **kw) -> "LeaceEraser":
+    def to(self, *args, **kw) -> LeaceEraser:
         return LeaceEraser(self.L.to(*args, **kw), self.R.to(*args, **kw), self.mu.to(*args, **kw))
 
     def op(self, site: str, where: Where | None = None) -> Project:
@@ -125,7 +126,7 @@ class LeaceFitter:
         self.m2_xz = torch.zeros(x_dim, z_dim, **kw)
         self.m2_zz = torch.zeros(z_dim, **kw)  # diagonal only: the variances of z, for the guarantee's noise floor
 
-    def update(self, x: torch.Tensor, z: torch.Tensor) -> "LeaceFitter":
+    def update(self, x: torch.Tensor, z: torch.Tensor) -> LeaceFitter:
         """Add a batch: x [..., d] (leading axes flattened) and labels / concept values for each row."""
         x = torch.as_tensor(x).detach()
         x = x.reshape(-1, x.shape[-1]).to(self.mean_x)
@@ -230,7 +231,8 @@ def fold_weights(weight: torch.Tensor, bias: torch.Tensor | None, eraser: LeaceE
     A = weight.double()
     dim = A.shape[1] if side == "before" else A.shape[0]
     if eraser.dim != dim:
-        raise ValueError(f"eraser acts on {eraser.dim}-dim features but the layer's {'input' if side == 'before' else 'output'} "
+        io = "input" if side == "before" else "output"
+        raise ValueError(f"eraser acts on {eraser.dim}-dim features but the layer's {io} "
                          f"has {dim} (weight {tuple(weight.shape)}): fold it on the other side or fit it at this site")
     P = eraser.projection().to(A)
     mu = eraser.mu.to(A)

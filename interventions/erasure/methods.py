@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -148,8 +148,9 @@ def cross_attention_edit(pipe, concept: Concept, method: str = "uce", lam: float
         W = solve_linear(lin, keys, values, pres.reshape(-1, x.shape[-1]) if n_pres else None, lam, preserve_weight)
         tensors[f"unet.{name}.weight"] = W
     return Edit(method, concept.word, tensors, lam, chosen,
-                {"targets": list(targets), "preserve": bool(preserve), "n_keys": int(sum(x.shape[1] - p for p in starts)),
-                 "n_preserve_prompts": n_pres, **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}})
+                {"targets": list(targets), "preserve": bool(preserve),
+                 "n_keys": int(sum(x.shape[1] - p for p in starts)), "n_preserve_prompts": n_pres,
+                 **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}})
 
 
 def uce(pipe, concept: Concept, lam: float = 0.5, **kw) -> Edit:
@@ -246,7 +247,8 @@ def context_edit(pipe, concept: Concept, lam: float = 0.5, preserve: bool = True
     and, with pooled=True, on `time_text_embed.text_embedder.linear_1` (the pooled prompt embedding)."""
     tr = pipe.transformer
     if not isinstance(getattr(tr, "context_embedder", None), nn.Linear):
-        raise ValueError(f"{type(tr).__name__} has no linear context_embedder; the context edit is for SD3 / Flux transformers")
+        raise ValueError(f"{type(tr).__name__} has no linear context_embedder; "
+                         "the context edit is for SD3 / Flux transformers")
     prompts, n_pres = _prompt_list(concept, preserve)
     inputs, keys, tok = _transformer_inputs(pipe, prompts)
     starts = _starts(tok, concept)
@@ -325,8 +327,8 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
 
     site="cross_attention": fitted on the cross-attention inputs, folded before every to_k / to_v. They are
     bias-free; with exact_mean the lost mean term is restored through to_out.0's bias (see _restore_mean),
-    so the edited attention equals a Project op on its text inputs; without it only the mean is lost. site="text_encoder": fitted on text-encoder
-    layer 0's out_proj output and folded after it (bias kept, exact).
+    so the edited attention equals a Project op on its text inputs; without it only the mean is lost.
+    site="text_encoder": fitted on text-encoder layer 0's out_proj output and folded after it (bias kept, exact).
     contrast="offsets" (default; the only one that erased "red" from shapes-diffusion's images, docs/FINDINGS.md)
     is described last. contrast="all": the concept's tokens against every other token (prefixes and the empty
     prompt too);
@@ -371,7 +373,8 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
         for name, x in inputs.items():
             er = fit(x, f"unet.{name}")
             lin = pipe.unet.get_submodule(name)
-            W, b, kept = fold_weights(lin.weight.detach(), None if lin.bias is None else lin.bias.detach(), er, "before")
+            bias = None if lin.bias is None else lin.bias.detach()
+            W, b, kept = fold_weights(lin.weight.detach(), bias, er, "before")
             tensors[f"unet.{name}.weight"] = W
             if b is not None:
                 tensors[f"unet.{name}.bias"] = b
@@ -396,5 +399,6 @@ def leace_edit(pipe, concept: Concept, site: str = "cross_attention", layers=Non
         ranks.append(er.rank)
         layer_names = [f"text_encoder.{path}"]
     return Edit("leace", concept.word, tensors, None, layer_names,
-                {"site": site, "contrast": contrast, "eraser_rank": ranks, "mean_preserved": all(mean_kept), "n_preserve_prompts": n_pres,
+                {"site": site, "contrast": contrast, "eraser_rank": ranks, "mean_preserved": all(mean_kept),
+                 "n_preserve_prompts": n_pres,
                  **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}}, erasers)

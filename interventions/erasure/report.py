@@ -7,8 +7,9 @@ colours' accuracy, shape accuracy, ...), before and after. Written as JSON plus 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,8 @@ def eval_attributes(per_value: int = 8, seed: int = 0) -> list:
     return out
 
 
-def generate(pipe, prompts: Sequence[str], n_per_prompt: int, seed: int, steps: int | None, batch: int = 48) -> np.ndarray:
+def generate(pipe, prompts: Sequence[str], n_per_prompt: int, seed: int, steps: int | None,
+             batch: int = 48) -> np.ndarray:
     """Images (N, H, W, 3) in [0, 1], n_per_prompt per prompt, deterministic in `seed`."""
     pipe.set_progress_bar_config(disable=True)
     flat = [p for p in prompts for _ in range(n_per_prompt)]
@@ -182,7 +184,8 @@ class ValueProbe:
         x0 = cross_attention_values(original, self.prompts, self.start)
         perm = torch.randperm(len(self.prompts), generator=torch.Generator().manual_seed(seed))
         tr, te = perm[: len(perm) // 2], perm[len(perm) // 2:]
-        self.held_out_accuracy = float((_logreg(x0[tr], self.y[tr], len(self.values))(x0[te]) == self.y[te]).double().mean())
+        held_out_pred = _logreg(x0[tr], self.y[tr], len(self.values))(x0[te])
+        self.held_out_accuracy = float((held_out_pred == self.y[te]).double().mean())
         self.clf = _logreg(x0, self.y, len(self.values))
         self.original = self._scores(x0)
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gzip
 import random
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from interp.errors import InterpError
 

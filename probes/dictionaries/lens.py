@@ -13,8 +13,8 @@ The last layer's lens is the model itself. Both use the adapter's `tail` (final 
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -67,7 +67,7 @@ class TunedLens(nn.Module):
         return p
 
     @classmethod
-    def load(cls, path: str | Path) -> "TunedLens":
+    def load(cls, path: str | Path) -> TunedLens:
         from safetensors.torch import load_file
 
         p = Path(path)

@@ -12,9 +12,9 @@ rank tokens for one feature; they are not probabilities).
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -16,11 +16,13 @@ A feature address is `<site>.<name>.f[<i>]`, `f[i,j,...]` or `f[a:b]`, with `<na
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
+import interp
 from interp.errors import PositionError, UnknownSiteError
 from interp.ops import ALL, Replace, Where
 
@@ -194,8 +196,6 @@ class Features:
 
 def feature_acts(lm, sae: Dictionary, inputs, site: str | None = None, where: Where = ALL, **run_kw) -> torch.Tensor:
     """Feature activations [batch, pos, d_sae] of `inputs` at the dictionary's site (the forward is unchanged)."""
-    import interp
-
     rec = Recorder()
     interp.attach(lm).run(inputs, ops=[splice(sae, site, error=True, record=rec, where=where)], **run_kw)
     return torch.cat(rec["f"]) if len(rec["f"]) > 1 else rec["f"][0]
@@ -206,8 +206,6 @@ def feature_attribution(lm, sae: Dictionary, clean, corrupt, metric: Callable[[t
     """Attribution patching in the feature basis: effect of patching each (position, feature) from the clean run
     into the corrupted run, to first order, (f_clean - f_corrupt) * d metric / d f at the corrupted run.
     Returns an interp.Result (pos, feature) summed over the batch; attrs hold both metric values."""
-    import interp
-
     lm = interp.attach(lm)
     f_clean = feature_acts(lm, sae, clean, site)
     rec = Recorder()
@@ -229,12 +227,10 @@ __all__ = ["splice", "splice_transcoder", "Edit", "Features", "Recorder", "featu
 
 @torch.no_grad()
 def dose_response(lm, sae: Dictionary, feature: int, prompts: Sequence[str], target_ids: Sequence[int],
-                  doses: Sequence[float], site: str | None = None, kind: str = "add") -> "interp.Result":
+                  doses: Sequence[float], site: str | None = None, kind: str = "add") -> interp.Result:
     """Feature steering: for each dose, f[feature] += dose (kind="add") or = dose ("set") at every position
     (error term kept), and the mean log-probability of `target_ids` at the last position over `prompts`.
     Returns a Result (dose,) with per-prompt values in attrs."""
-    import interp
-
     lm = interp.attach(lm)
     vals, per = [], []
     for d in doses:

@@ -135,7 +135,6 @@ def ref_eap(model, graph, clean, corr, steps=None):
     ref = Ref(model)
     delta = ref.capture(clean) - ref.capture(corr)
     b, T = clean.shape
-    x0, x1 = delta.new_zeros(0), None
     emb_c, emb_x = ref.capture(clean)[0], ref.capture(corr)[0]
     alphas = [None] if steps is None else [k / steps for k in range(1, steps + 1)]
     scores = torch.zeros(graph.n_edges, dtype=torch.float64)

@@ -15,7 +15,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parity_zoo import (  # noqa: E402
-    build, build_denoiser, denoiser_configs, encoder_configs, lm_configs, text_encoder_configs,
+    build,
+    build_denoiser,
+    denoiser_configs,
+    encoder_configs,
+    lm_configs,
+    text_encoder_configs,
 )
 
 import interp  # noqa: E402

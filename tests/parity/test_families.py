@@ -18,7 +18,11 @@ from interp.errors import UnknownSiteError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from parity_zoo import (  # noqa: E402
-    build, build_denoiser, encoder_configs, lm_configs, text_encoder_configs,
+    build,
+    build_denoiser,
+    encoder_configs,
+    lm_configs,
+    text_encoder_configs,
 )
 
 # Families whose blocks cannot be replayed alone exactly: their grids run full forwards (exact) and say so.

@@ -4,8 +4,20 @@ import json
 import pytest
 import torch
 
-from probes.dictionaries import (DictConfig, Dictionary, DictionaryError, TrainConfig, Trainer, load, load_saelens,
-                                 load_sparsify_release, planted, recovery, save, train)
+from probes.dictionaries import (
+    DictConfig,
+    Dictionary,
+    DictionaryError,
+    TrainConfig,
+    Trainer,
+    load,
+    load_saelens,
+    load_sparsify_release,
+    planted,
+    recovery,
+    save,
+    train,
+)
 from probes.dictionaries.metrics import reconstruction
 
 

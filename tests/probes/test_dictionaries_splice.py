@@ -6,8 +6,15 @@ import torch
 import interp
 from probes.dictionaries import DictConfig, Dictionary
 from probes.dictionaries.metrics import ce_recovered
-from probes.dictionaries.splice import (Edit, Features, Recorder, feature_acts, feature_attribution, splice,
-                                        splice_transcoder)
+from probes.dictionaries.splice import (
+    Edit,
+    Features,
+    Recorder,
+    feature_acts,
+    feature_attribution,
+    splice,
+    splice_transcoder,
+)
 
 SITE = "blocks.1.resid_post"
 

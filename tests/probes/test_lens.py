@@ -4,8 +4,7 @@ import torch
 
 import interp
 from interp.store import ActivationStore, batched
-from probes.dictionaries.lens import (LensError, TunedLens, lens_kl, logit_lens, plot_lens,
-                                      train_tuned_lens)
+from probes.dictionaries.lens import LensError, TunedLens, lens_kl, logit_lens, plot_lens, train_tuned_lens
 
 
 def tiny_gpt2(gpt2_tokenizer, seed=0):

@@ -134,7 +134,7 @@ def test_stream_and_max_rows(llama):
 
 
 def test_token_windows_and_errors(gpt2_tokenizer, llama):
-    gpt2_tokenizer.bos_token_id  # GPT-2 has BOS == EOS
+    assert gpt2_tokenizer.bos_token_id == gpt2_tokenizer.eos_token_id  # GPT-2 has BOS == EOS
     wins = list(token_windows(gpt2_tokenizer, ["hello world, this is a test of windows"] * 5, 8))
     assert all(w.shape == (8,) for w in wins) and all(int(w[0]) == gpt2_tokenizer.bos_token_id for w in wins)
     with pytest.raises(interp.UnknownSiteError):

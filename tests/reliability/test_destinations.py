@@ -16,8 +16,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from reliab_helpers import snapshot  # noqa: E402
 
 from interp import io  # noqa: E402
-from interventions.checkpoint import (MANIFEST, CheckpointWriteError, check_destination, read_manifest,  # noqa: E402
-                                      verify_files, write_checkpoint)
+from interventions.checkpoint import (  # noqa: E402
+    MANIFEST,
+    CheckpointWriteError,
+    check_destination,
+    read_manifest,
+    verify_files,
+    write_checkpoint,
+)
 from recipes.cli import main  # noqa: E402
 
 

@@ -132,9 +132,9 @@ def test_faults_during_sampling_leave_no_hooks_and_no_forward_override(sd, exc):
     spec = Sampling("a red circle", seed=2, steps=3, guidance=2.0)
     ref = sd.run(spec, capture="unet.mid").cache["unet.mid"]
     for n in (0, 1, 2):  # the fault at the first, second and third denoising step
-        _expect_fault(exc, lambda: sd.run(spec, ops=[Replace("unet.mid", raising_after(n, exc))]))
+        _expect_fault(exc, lambda n=n: sd.run(spec, ops=[Replace("unet.mid", raising_after(n, exc))]))
         assert hooks_left(sd.model) == []
-        _expect_fault(exc, lambda: _pipeline_session(sd, raising_after(n, exc)))
+        _expect_fault(exc, lambda n=n: _pipeline_session(sd, raising_after(n, exc)))
         assert hooks_left(sd.model) == []
     torch.testing.assert_close(sd.run(spec, capture="unet.mid").cache["unet.mid"], ref, rtol=0, atol=0)
 
