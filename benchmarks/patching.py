@@ -109,9 +109,8 @@ def nnsight_sweep(nn_model, clean, corrupted):
 
 
 def interp_sweep(lm, clean, corrupted):
-    from interventions.patching import patch_sweep
-
     from interp.metrics import logit_diff as column_logit_diff
+    from interventions.patching import patch_sweep
 
     metric = column_logit_diff(TARGET, FOIL)  # the same function as logit_diff, declaring the 2 columns it reads
 

@@ -5,15 +5,23 @@
     clean = lm.run("The Eiffel Tower is in", capture="blocks.*.resid_pre")
     out = lm.run(corrupted, ops=[interp.Patch("blocks.3.resid_pre", clean.cache["blocks.3.resid_pre"], where=interp.at(pos=4))])
 """
+from . import zoo
 from .attach import Instrumented, attach
 from .engine import GridOutput, RunContext, RunOutput
-from .errors import (InterpError, OfflineModelError, OpNeverFiredError, PositionError, SiteShapeError, SpecError,
-                     UnknownSiteError, UnsupportedModelError)
+from .errors import (
+                     InterpError,
+                     OfflineModelError,
+                     OpNeverFiredError,
+                     PositionError,
+                     SiteShapeError,
+                     SpecError,
+                     UnknownSiteError,
+                     UnsupportedModelError,
+)
 from .hooks import hook_count
 from .ops import ALL, Ablate, Add, Noise, Op, Patch, Positions, Project, Replace, Steps, Subject, Tokens, Where, at
 from .results import Result, image_grid
 from .sites import Site
-from . import zoo
 
 __version__ = "0.1.0"
 

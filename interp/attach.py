@@ -1,7 +1,8 @@
 """attach(model) -> Instrumented: the adapter, its sites and the runs, in one object."""
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

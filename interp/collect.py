@@ -13,7 +13,8 @@ sets and DAS all collect through `collect_batch`.
 """
 from __future__ import annotations
 
-from typing import Any, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

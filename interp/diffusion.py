@@ -17,8 +17,8 @@ generator, so clean, corrupted and restored runs and all rows of a grid share th
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 

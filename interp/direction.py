@@ -89,16 +89,16 @@ class Direction:
         """Projection of activations [..., d] onto the unit direction."""
         return torch.as_tensor(X).float() @ self.unit.float().reshape(-1)
 
-    def cosine(self, other: "Direction | torch.Tensor") -> float:
+    def cosine(self, other: Direction | torch.Tensor) -> float:
         o = other.vector if isinstance(other, Direction) else torch.as_tensor(other)
         return float(torch.nn.functional.cosine_similarity(self.vector.double().reshape(-1),
                                                            o.double().reshape(-1), 0, eps=EPS))
 
-    def rescaled(self, target_norm: float) -> "Direction":
+    def rescaled(self, target_norm: float) -> Direction:
         v = self.vector.double()
         return replace(self, vector=(v / v.norm().clamp_min(EPS) * target_norm).to(self.vector.dtype))
 
-    def random_like(self, seed: int = 0) -> "Direction":
+    def random_like(self, seed: int = 0) -> Direction:
         """An isotropic random direction with this one's shape and norm (a control)."""
         g = torch.Generator().manual_seed(seed)
         r = torch.randn(self.vector.shape, generator=g, dtype=torch.float64)
@@ -135,7 +135,7 @@ class Direction:
         return _io.atomic_write_safetensors(path, tensors, header)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Direction":
+    def load(cls, path: str | os.PathLike) -> Direction:
         """Read a file written by `save` (or by the older Direction / SteeringVector formats) as `cls`."""
         from safetensors import safe_open
 

@@ -6,20 +6,20 @@ at block >= l start from the base run's cached input of block l ("prefix reuse")
 """
 from __future__ import annotations
 
-import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from . import kernels as K
 from .adapters.base import Prepared
 from .cache import ActivationCache, capture_entry
 from .errors import InterpError, OpNeverFiredError, PositionError, SiteShapeError, SpecError
-from .hooks import Entry, StopForward, attached, read_input
+from .hooks import Entry, attached, read_input
 from .ops import Add, Op, Positions, Subject, Target, Where
 from .sites import Site
+
 
 def _layer(site: Site) -> int:
     return -1 if site.layer is None else site.layer

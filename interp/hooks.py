@@ -6,8 +6,8 @@ for that pair inside it, and removes all of them in `finally` — also on Keyboa
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 from torch import nn

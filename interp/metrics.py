@@ -1,7 +1,7 @@
 """Metrics over model outputs. Each takes logits [batch, pos, vocab] and returns one value per item."""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -82,7 +83,7 @@ class Result:
     def coord(self, axis: str) -> list:
         return self.coords.get(axis, list(range(self.values.shape[self.axes.index(axis)])))
 
-    def sel(self, **index) -> "Result":
+    def sel(self, **index) -> Result:
         """Select by coordinate label, by token text of a position label ("3: of" answers pos=" of" and
         pos="3: of"), or by integer position."""
         vals, axes, coords = self.values, list(self.axes), dict(self.coords)
@@ -151,7 +152,7 @@ class Result:
         return js
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Result":
+    def load(cls, path: str | os.PathLike) -> Result:
         from safetensors.torch import load_file
 
         base = Path(path)

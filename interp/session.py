@@ -20,8 +20,8 @@ something at least once, else OpNeverFiredError.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
 
 import torch
 

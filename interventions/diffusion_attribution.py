@@ -27,8 +27,8 @@ at one position) restricted to a step window. For each cell:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Callable, Sequence
 
 import torch
 
@@ -67,7 +67,7 @@ class FlowRun:
             raise AttributionError("FlowRun replays SD3-style flow pipelines (SD3Transformer2DModel with a "
                                    f"FlowMatchEulerDiscreteScheduler), not {type(self.pipe).__name__}")
 
-    def with_prompt(self, prompt: str) -> "FlowRun":
+    def with_prompt(self, prompt: str) -> FlowRun:
         return replace(self, prompt=prompt, _cache={})
 
     @property

@@ -28,8 +28,8 @@ noised to the given noise levels and denoised for one call per level.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -17,16 +17,26 @@ with a user-supplied CLIP model.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
 import interp
 from interp import Noise, Patch, Result, Subject, at, image_grid
-from interp.diffusion import (Recording, SampleOutput, Sampling, clip_score, image_metric, pred_distance,
-                              prompt_positions, record, restore, sample_grid)
+from interp.diffusion import (
+    Recording,
+    SampleOutput,
+    Sampling,
+    clip_score,
+    image_metric,
+    pred_distance,
+    prompt_positions,
+    record,
+    restore,
+    sample_grid,
+)
 
 UNET_KINDS = ("resnet", "self.out", "cross.out")
 DIT_KINDS = ("attn.img", "attn.txt", "ff.img", "ff.txt", "single.img")

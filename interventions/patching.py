@@ -14,7 +14,7 @@ token where the prompts differ) are exact no-ops: they take the base metric with
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

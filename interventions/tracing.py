@@ -14,10 +14,9 @@ States: single hidden states (`resid_post` or `resid_pre` per layer x token) and
 from __future__ import annotations
 
 import math
-
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -13,8 +13,8 @@ whole vector, and the rate at which the unintervened base output already equals 
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
 
 import torch
 from torch import nn

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -107,7 +108,7 @@ class ActivationDataset:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, mmap: bool = True) -> "ActivationDataset":
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> ActivationDataset:
         path = Path(path)
         meta_file = path / "meta.json"
         if not meta_file.exists():

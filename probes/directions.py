@@ -11,7 +11,8 @@ Makers: `mean_difference` (optionally per-example z-normalised, docs/METHODS.md 
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 

@@ -10,8 +10,9 @@ task's label distribution; selectivity = task accuracy - control accuracy.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

@@ -9,8 +9,9 @@ axis; `plot_maps` draws every (model, measure) panel into one PNG.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

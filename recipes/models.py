@@ -10,8 +10,9 @@ import contextlib
 import contextvars
 import difflib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from interp.errors import InterpError, OfflineModelError
 

@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import abc
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import InterpError
-from ..sites import Site, SiteTable
+from ..sites import SiteTable
 
 
 class PromptLengthError(InterpError, ValueError):
@@ -26,7 +27,7 @@ class Prepared:
     tokens: list[list[str]] = field(default_factory=list)  # token strings per item
     args: tuple = ()
 
-    def repeat(self, n: int) -> "Prepared":
+    def repeat(self, n: int) -> Prepared:
         """The same batch repeated n times along the batch axis (row-major: all items of row 0 first)."""
         if n == 1:
             return self

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -82,7 +83,7 @@ class Sampling:
             raise ValueError(f"Sampling has {n} prompts but {len(seeds)} seeds; give one seed per prompt or one int")
         return seeds
 
-    def replace(self, **kw) -> "Sampling":
+    def replace(self, **kw) -> Sampling:
         from dataclasses import replace
 
         return replace(self, **kw)
@@ -131,7 +132,7 @@ class PipelinePrepared(Prepared):
             return self.views["__context__"]
         return [None]
 
-    def repeat(self, n: int) -> "PipelinePrepared":
+    def repeat(self, n: int) -> PipelinePrepared:
         if n == 1:
             return self
         kw = {k: v.repeat(n) for k, v in self.kwargs.items()}

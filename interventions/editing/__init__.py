@@ -8,8 +8,21 @@ CounterFact-style evaluation, and edits folded into stock HF checkpoints.
 from __future__ import annotations
 
 from .layers import EditError, Projection, down_proj, out_proj
-from .solver import (METHODS, Fact, SolverConfig, Targets, ValueConfig, compute_keys, compute_targets, current_outputs,
-                     edit, null_space, optimise_values, prefixes, solve_update)
+from .solver import (
+                     METHODS,
+                     Fact,
+                     SolverConfig,
+                     Targets,
+                     ValueConfig,
+                     compute_keys,
+                     compute_targets,
+                     current_outputs,
+                     edit,
+                     null_space,
+                     optimise_values,
+                     prefixes,
+                     solve_update,
+)
 from .stats import KeyStats, key_stats, model_fingerprint, read_texts
 
 __all__ = ["Fact", "edit", "METHODS", "SolverConfig", "ValueConfig", "Targets", "compute_keys", "compute_targets",

@@ -12,9 +12,9 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm

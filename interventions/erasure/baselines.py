@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,7 +44,7 @@ class OracleLeace:
     mu_z: torch.Tensor   # [k]
 
     @classmethod
-    def fit(cls, x: torch.Tensor, z: torch.Tensor) -> "OracleLeace":
+    def fit(cls, x: torch.Tensor, z: torch.Tensor) -> OracleLeace:
         x, Z = x.double(), _onehot(z)
         xc, zc = x - x.mean(0), Z - Z.mean(0)
         return cls((xc.T @ zc) @ torch.linalg.pinv(zc.T @ zc), Z.mean(0))
@@ -69,7 +69,7 @@ class QuadraticLeace:
     mu: torch.Tensor     # [d]
 
     @classmethod
-    def fit(cls, x: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> "QuadraticLeace":
+    def fit(cls, x: torch.Tensor, z: torch.Tensor, ridge: float = 1e-6) -> QuadraticLeace:
         x, z = x.double(), torch.as_tensor(z).long()
         k, d = int(z.max()) + 1, x.shape[1]
         pri = torch.stack([(z == c).double().mean() for c in range(k)])

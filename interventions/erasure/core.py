@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import copy
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,7 +32,7 @@ class Concept:
 
     @classmethod
     def from_prompts(cls, word: str, prompts: Sequence[str], guide_words: Sequence[str],
-                     preserve: Sequence[str] = ()) -> "Concept":
+                     preserve: Sequence[str] = ()) -> Concept:
         """Source prompts = those of `prompts` containing `word` (as a whole word); guides replace it by
         each of `guide_words`; `preserve` (default: the prompts without the word) are kept."""
         if not guide_words:

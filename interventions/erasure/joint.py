@@ -16,7 +16,7 @@ Each returns an ``Edit`` (``edit.applied(pipe)``; ``interventions.checkpoint.wri
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

@@ -6,7 +6,7 @@ eraser or the probe itself saw. `one_site` runs every eraser at one site; `every
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from tqdm.auto import tqdm

@@ -13,7 +13,7 @@ SITE = "blocks.1.resid_post"
 def _hooked(model, ids: torch.Tensor) -> torch.Tensor:
     """blocks.1 output [T, d] of one unpadded prompt, read with a plain torch forward hook."""
     got = []
-    h = model.transformer.h[1].register_forward_hook(lambda m, a, o: got.append((o[0] if isinstance(o, tuple) else o)))
+    h = model.transformer.h[1].register_forward_hook(lambda m, a, o: got.append(o[0] if isinstance(o, tuple) else o))
     try:
         with torch.no_grad():
             model(ids[None])

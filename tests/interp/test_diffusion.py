@@ -11,8 +11,7 @@ from test_diffusion_helpers import FLUX_OPTIONS, SD3_OPTIONS, tiny_flux, tiny_sd
 
 import interp  # noqa: E402
 from interp import Ablate, Add, Noise, OpNeverFiredError, PositionError, Replace, Tokens, at  # noqa: E402
-from interp.diffusion import (Sampling, pred_distance, record, restore, sample_grid,  # noqa: E402
-                              token_influence)
+from interp.diffusion import Sampling, pred_distance, record, restore, sample_grid, token_influence  # noqa: E402
 
 PROMPT = "a small red circle on the left, solid"
 

@@ -98,7 +98,7 @@ def tiny_flux(seed: int = 0):
     """FluxPipeline: CLIP (pooled) + T5 (sequence), 1 double-stream + 1 single-stream block."""
     import copy
 
-    from diffusers import FluxPipeline, FluxTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import T5Config, T5EncoderModel
 
     tok = _tok()

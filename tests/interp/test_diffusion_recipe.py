@@ -3,14 +3,11 @@ import json
 import os
 import sys
 
-import torch
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from test_diffusion_helpers import tiny_sd  # noqa: E402
 
 from interp import Result  # noqa: E402
 from recipes.cli import main  # noqa: E402
-
 
 
 def test_interp_trace_on_a_pipeline_folder(tmp_path):

@@ -1,5 +1,4 @@
 """Every bad input gets a message that says what was wrong and what to do."""
-import builtins
 import re
 
 import pytest
@@ -7,9 +6,15 @@ import torch
 
 import interp
 from interp import Add, Patch, at
-from interp.errors import (OfflineModelError, OpNeverFiredError, PositionError, SiteShapeError, UnknownSiteError,
-                           UnsupportedModelError)
 from interp.adapters import PromptLengthError
+from interp.errors import (
+    OfflineModelError,
+    OpNeverFiredError,
+    PositionError,
+    SiteShapeError,
+    UnknownSiteError,
+    UnsupportedModelError,
+)
 
 PROMPT = "The Eiffel Tower is located in the city of"
 

@@ -12,7 +12,6 @@ is empty) must be refused with an InterpError by every path.
 from __future__ import annotations
 
 import contextlib
-import math
 
 import pytest
 import torch

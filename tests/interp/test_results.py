@@ -125,8 +125,8 @@ def test_images_are_embedded_as_data_uris(tmp_path):
 def test_report_dir_collects_results_pngs_and_the_command(tmp_path):
     import json
 
-    from interp.report import report_dir
     from interp.errors import InterpError
+    from interp.report import report_dir
 
     _labelled().save(tmp_path / "run" / "mlp")
     _labelled().plot(tmp_path / "run" / "extra_grid.png")

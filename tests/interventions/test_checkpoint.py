@@ -1,7 +1,6 @@
 """Checkpoint writing: save_pretrained layout + manifest, verified reload, atomic rename, the source never
 touched (byte-identical after simulated failures), in-place with a backup, and a plain diffusers load in a
 fresh process (no interp import) that reproduces the edited images."""
-import json
 import os
 import subprocess
 import sys
@@ -151,8 +150,8 @@ def test_in_place_keeps_a_backup(base, edited, source, tmp_path):
 
 def test_transformers_model_round_trip(base, tmp_path):
     pipe, _, _ = base
-    from interventions.erasure import Concept, erase
     from interp.zoo import shapes
+    from interventions.erasure import Concept, erase
 
     caps = [a.caption() for a in shapes.all_attributes()][::6]
     edit = erase(pipe, Concept.from_prompts("red", caps, ["blue"]), "quickfix")

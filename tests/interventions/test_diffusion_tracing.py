@@ -13,8 +13,7 @@ from test_diffusion_helpers import tiny_sd  # noqa: E402
 
 import interp  # noqa: E402
 from interp import Result  # noqa: E402
-from interventions.diffusion_tracing import (attribute_metric, corruption, hue_metric,  # noqa: E402
-                                             step_windows, trace_diffusion)
+from interventions.diffusion_tracing import attribute_metric, corruption, hue_metric, step_windows, trace_diffusion  # noqa: E402
 
 torch.set_num_threads(1)
 PROMPT = "a small red circle on the left, solid"

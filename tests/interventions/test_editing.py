@@ -8,13 +8,33 @@ import pytest
 import torch
 
 import interp
-from interventions.editing import (EditError, Fact, SolverConfig, Targets, ValueConfig, compute_keys, compute_targets,
-                                   current_outputs, down_proj, edit, key_stats)
+from interventions.editing import (
+    EditError,
+    Fact,
+    SolverConfig,
+    Targets,
+    ValueConfig,
+    compute_keys,
+    compute_targets,
+    current_outputs,
+    down_proj,
+    edit,
+    key_stats,
+)
 from interventions.editing.evaluate import edited
 
 sys.path.insert(0, str(Path(__file__).parent))
-from editing_models import (C_VAL, OBJECTS, SUBJECTS, constructed_llama, key_scale, obj_dir, stats_text,  # noqa: E402
-                            tiny_gpt2, tiny_llama)
+from editing_models import (  # noqa: E402
+    C_VAL,
+    OBJECTS,
+    SUBJECTS,
+    constructed_llama,
+    key_scale,
+    obj_dir,
+    stats_text,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 CTX = ["{}", "The weather is nice today. {}", "We talked. {}"]
 

@@ -9,8 +9,16 @@ import torch
 
 import interp
 from interventions.erasure import LeaceEraser
-from interventions.erasure.baselines import (OracleLeace, QuadraticLeace, evaluate, heldout_probe, inlp, rlace,
-                                             splits, wilson)
+from interventions.erasure.baselines import (
+    OracleLeace,
+    QuadraticLeace,
+    evaluate,
+    heldout_probe,
+    inlp,
+    rlace,
+    splits,
+    wilson,
+)
 
 
 def linear_concept(n=1500, d=16, shift=1.5, seed=0):

@@ -133,10 +133,9 @@ def test_smollm2_all_token_fit_at_a_late_residual_stream_removes_the_concept():
     """SmolLM2 blocks.20.resid_post, every token of every prompt (the first token is an attention sink with a
     huge norm): after erasure no linear probe beats the constant predictor in sample (the guarantee), while
     before the concept (which of two topics the prompt is about) is linearly readable."""
+    import interp
     from interp.errors import OfflineModelError
     from interp.zoo import load
-
-    import interp
 
     try:
         model = load("smollm2")

@@ -6,7 +6,6 @@ import os
 
 import pytest
 import torch
-from torch import nn
 
 import interp
 from interventions.erasure import LeaceEraser

@@ -1,14 +1,21 @@
 """The closed-form ridge editor and the pipeline methods built on it, on tiny random diffusers pipelines:
 the solve is the minimiser of its objective; each method moves the concept's projections to the guides'
 and keeps the preserved prompts'."""
-import copy
 
 import pytest
 import torch
 
-from interventions.erasure import (Concept, cross_attention_layers, erase, choose_window, edit_start, ridge_objective,
-                                   ridge_solve, tokenize_like_pipeline)
-from interventions.erasure.methods import unet_cross_inputs, _split, _rows, _starts
+from interventions.erasure import (
+    Concept,
+    choose_window,
+    cross_attention_layers,
+    edit_start,
+    erase,
+    ridge_objective,
+    ridge_solve,
+    tokenize_like_pipeline,
+)
+from interventions.erasure.methods import _rows, _split, _starts, unet_cross_inputs
 
 torch.set_num_threads(1)
 COLOURS = ["red", "yellow", "green", "cyan", "blue", "magenta"]

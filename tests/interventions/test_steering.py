@@ -11,7 +11,6 @@ import interp
 from interp.errors import InterpError, SiteShapeError
 from interventions import steering as S
 
-
 D = 32
 
 

@@ -8,12 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-
 import interp
 from interp.zoo import physics as P
 from interventions import steering as S
 from recipes import steer as R
-
 
 
 @pytest.fixture(scope="module")

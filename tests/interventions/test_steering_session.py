@@ -13,7 +13,6 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import interp
 from interp import Add, OpNeverFiredError, PositionError, SiteShapeError, Tokens, at
 
-
 SITE = "blocks.1.resid_post"
 
 

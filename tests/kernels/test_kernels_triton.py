@@ -17,9 +17,10 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
+from kernel_helpers import DEVICE, DTYPES, LAYOUTS, assert_close, dev, gaps_unchanged, make  # noqa: E402
+
 import interp.kernels as K  # noqa: E402
 from interp.kernels import reference as ref  # noqa: E402
-from kernel_helpers import DEVICE, DTYPES, LAYOUTS, assert_close, dev, gaps_unchanged, make  # noqa: E402
 
 SETTINGS = settings(
     max_examples=int(os.environ.get("INTERP_KERNEL_EXAMPLES", "50")),

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import interp
-from probes import Alignment, das, fit_das, iia_map
+from probes import das, fit_das, iia_map
 from probes.baseline import random_copy
 
 KW = dict(k=2, candidates=[0, 1, 2], epochs=10, lr=0.05, batch_size=100)

@@ -2,8 +2,7 @@
 import pytest
 
 from interp import Result
-from recipes import cli
-from recipes import saliency
+from recipes import cli, saliency
 
 
 def test_saliency_cli_writes_maps_and_overlay(tmp_path):

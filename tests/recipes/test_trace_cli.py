@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import interp
-from recipes import cli, trace as trace_recipe
+from recipes import cli
+from recipes import trace as trace_recipe
 
 
 @pytest.fixture(scope="module")

@@ -113,9 +113,10 @@ def main(folder: str, out: str, cli_model: str) -> None:
     import contextlib
     import io
 
+    from safetensors.torch import save_file
+
     import interp.distributed as D
     from recipes.cli import main as cli
-    from safetensors.torch import save_file
 
     rank, world = D.init()
     assert world == 2 and D.active(), (rank, world)

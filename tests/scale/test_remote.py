@@ -7,7 +7,6 @@ and attached again, interp's sweeps equal those on the plain HF model bit for bi
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 from transformers import LlamaForCausalLM

@@ -2,7 +2,6 @@
 with blocks (and the embeddings) offloaded to disk, equals the sweep on the unsplit model bit for bit."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 from accelerate import dispatch_model

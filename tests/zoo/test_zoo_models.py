@@ -67,8 +67,9 @@ def test_physics_loads_and_rolls_out():
 
 
 def test_built_tokenizer_round_trips_and_saves(tmp_path):
-    from interp.zoo.architectures import build_tokenizer
     from transformers import CLIPTokenizer
+
+    from interp.zoo.architectures import build_tokenizer
 
     tok = build_tokenizer()
     tok.save_pretrained(tmp_path)
