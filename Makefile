@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test venv bench clean
+.PHONY: demo test lint venv bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/interp demo
+
+# static checks: ruff (E, F, I, B, UP) on the whole tree, mypy on the engine package
+lint: $(STAMP)
+	$(BIN)/ruff check interp probes interventions recipes tests benchmarks
+	$(BIN)/mypy interp
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
