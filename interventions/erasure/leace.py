@@ -186,7 +186,12 @@ class LeaceFitter:
         W = (V * inv) @ V.T                      # Sigma^(-1/2) on the support
         W_pinv = (V * torch.where(keep, root, torch.zeros_like(root))) @ V.T
         U, S, _ = torch.linalg.svd(W @ self.sigma_xz, full_matrices=False)
-        U = U[:, _cutoff(S, max(self.x_dim, self.z_dim), self.tol)] if S.numel() and S.max() > 0 else U[:, :0]
+        keep_s = _cutoff(S, max(self.x_dim, self.z_dim), self.tol)
+        if self.tol is None:  # what rounding leaves in W @ Sigma_xz (e.g. the k-th direction of one-hot labels)
+            noise = max(self.x_dim, self.z_dim) * torch.finfo(S.dtype).eps * float(inv.max()) * float(
+                torch.linalg.matrix_norm(self.sigma_xz, ord=2))
+            keep_s = keep_s & (S > noise)
+        U = U[:, keep_s] if S.numel() and S.max() > 0 else U[:, :0]
         er = LeaceEraser(W_pinv @ U, U.T @ W, self.mean_x.clone())
         # what rounding alone can leave: Cauchy-Schwarz over the directions below the numerical-rank floor
         floor = self.x_dim * torch.finfo(evals.dtype).eps * float(evals.max().clamp_min(0))

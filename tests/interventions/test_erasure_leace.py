@@ -170,3 +170,14 @@ def test_fit_at_site_through_the_engine():
     yy = y[:, None].expand(-1, 3).reshape(-1)
     a = acts.reshape(-1, 5).double()
     assert torch.allclose(a[yy == 1].mean(0), a[yy == 0].mean(0), atol=1e-4)
+
+
+def test_rank_never_exceeds_the_concept_rank_on_rounding_noise():
+    """One-hot labels of k classes give a cross-covariance of rank k - 1; the k-th singular value of the whitened
+    cross-covariance is rounding noise and must not become an erased direction (seed 1, d 5, k 3, n 275 did)."""
+    for seed in range(30):
+        for d, k, n in ((5, 3, 275), (2, 2, 60), (12, 5, 300), (5, 5, 60)):
+            for scale in (0.01, 1.0, 100.0):
+                x, y = make_data(seed, n, d, k)
+                er = LeaceEraser.fit(x * scale, y, n_classes=k)
+                assert er.rank <= min(d, k - 1), (seed, d, k, n, scale, er.rank)
