@@ -396,7 +396,8 @@ class Engine:
         return RunOutput(out, ad.main_output(out), cache, prepared.tokens)
 
     # -- many experiments ----------------------------------------------------------------------
-    def run_grid(self, inputs, rows: Sequence[Sequence[Op]], metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    def run_grid(self, inputs, rows: Sequence[Sequence[Op]],
+                 metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  *, shared: Sequence[Op] = (), last_only: bool = True, chunk_rows: int | None = None,
                  memory_budget: int = 1 << 30, reuse_prefix: bool = True, progress: bool = True,
                  desc: str = "interp grid", ctx: RunContext | None = None, chunk_hook=None, on_base=None,
@@ -500,8 +501,9 @@ class Engine:
                     bound = []
                     for j, r in enumerate(chunk):
                         bound += self.bind(rows[r], prepared, j * b, 1)
-                    sbound = [bb for bb in self.bind(shared, prepared, 0, n)] if (start == 0 or not replay) else \
-                        [bb for bb in self.bind([o for o in shared if _layer(table.get(o.site)) >= start], prepared, 0, n)]
+                    kept = shared if (start == 0 or not replay) else \
+                        [o for o in shared if _layer(table.get(o.site)) >= start]
+                    sbound = list(self.bind(kept, prepared, 0, n))
                     with torch.no_grad(), attached(ad.root, self.entries(sbound + bound, ctx)):
                         if replay and start >= 1:
                             val = self._replay(block_in, start, n, b, last_only, metric)
@@ -566,7 +568,8 @@ class Engine:
         """Blocks start.. on n copies of the base batch; the logits, or `metric` of them when given
         (then a column metric needs only its columns of the head: interp.prefix.head_metric)."""
         ad = self.adapter
-        hidden = _expand_batch(block_in[start][0], b, n) if b > 1 else block_in[start][0].expand(n, *block_in[start][0].shape[1:])
+        first = block_in[start][0]
+        hidden = _expand_batch(first, b, n) if b > 1 else first.expand(n, *first.shape[1:])
         for i in range(start, len(ad.block_paths)):
             _, args, kwargs = block_in[i]
             kwargs = {**_expand_batch(kwargs, b, n), **{k: v for k, v in NO_CACHE.items() if k in kwargs}}
@@ -609,7 +612,8 @@ class Engine:
         try:
             with torch.no_grad():
                 got = pre.record()
-                ok = got is not None and got.shape == want.shape and bool(((got.float() - want).abs().max() / scale) < 1e-4)
+                ok = (got is not None and got.shape == want.shape
+                      and bool(((got.float() - want).abs().max() / scale) < 1e-4))
                 if ok and self._packed_ok is None:
                     starts = sorted({1, T // 2, T - 1})
                     for first in replay_starts(self.adapter, block_in, lowest=0):
