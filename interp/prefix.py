@@ -165,7 +165,8 @@ class PrefixReplay:
     def __init__(self, adapter, block_in: dict, batch: int, T: int):
         self.adapter, self.block_in, self.b, self.T = adapter, block_in, batch, T
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None  # (last hidden, logits) of the recording replay: checks the column-only head
+        # (last hidden, logits) of the recording replay: checks the column-only head
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _block(self, i: int):
         return self.adapter.root.get_submodule(self.adapter.block_paths[i])
