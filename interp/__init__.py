@@ -3,7 +3,8 @@
     import interp
     lm = interp.attach(model)                   # HF, TransformerLens, nnsight, diffusers, any nn.Module
     clean = lm.run("The Eiffel Tower is in", capture="blocks.*.resid_pre")
-    out = lm.run(corrupted, ops=[interp.Patch("blocks.3.resid_pre", clean.cache["blocks.3.resid_pre"], where=interp.at(pos=4))])
+    patch = interp.Patch("blocks.3.resid_pre", clean.cache["blocks.3.resid_pre"], where=interp.at(pos=4))
+    out = lm.run(corrupted, ops=[patch])
 """
 from . import zoo
 from .attach import Instrumented, attach
@@ -28,6 +29,6 @@ __version__ = "0.1.0"
 __all__ = [
     "attach", "Instrumented", "RunOutput", "GridOutput", "RunContext", "Result", "image_grid", "Site",
     "Op", "Patch", "Add", "Ablate", "Noise", "Project", "Replace", "Where", "Tokens", "Subject", "at", "ALL",
-    "Positions", "Steps", "SpecError", "InterpError", "UnknownSiteError", "SiteShapeError", "PositionError", "OpNeverFiredError",
-    "UnsupportedModelError", "OfflineModelError", "hook_count",
+    "Positions", "Steps", "SpecError", "InterpError", "UnknownSiteError", "SiteShapeError", "PositionError",
+    "OpNeverFiredError", "UnsupportedModelError", "OfflineModelError", "hook_count", "zoo",
 ]

@@ -9,6 +9,7 @@ import torch
 from . import adapters
 from .adapters.nnsight import is_nnsight, unwrap
 from .engine import Engine, GridOutput, RunContext, RunOutput, resolve_positions
+from .errors import PositionError
 from .ops import Op
 from .sites import Site
 
@@ -61,6 +62,8 @@ class Instrumented:
     def positions(self, inputs, pos) -> list[int]:
         """Resolve a position spec (int, list, Tokens, Subject, ...) on `inputs`."""
         p = self.adapter.prepare(inputs)
+        if p.seq_len is None:
+            raise PositionError("positions were given but the input has no sequence axis (no token positions)")
         return resolve_positions(pos, p.tokens[0] if p.tokens else None, p.seq_len)
 
     # -- runs ----------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def _prepare(lm: Any, batch: Any) -> tuple[Any, bool, list[int] | None, list | N
     if mask is not None and bool((mask[:, :-1] < mask[:, 1:]).any()):
         raise InterpError("the tokenizer padded on the left; the collector needs right padding "
                           "(tokenizer.padding_side = 'right')")
-    lengths = mask.sum(1).tolist() if mask is not None else [prepared.seq_len] * prepared.batch
+    lengths: list = mask.sum(1).tolist() if mask is not None else [prepared.seq_len] * prepared.batch
     return prepared, text, [int(n) for n in lengths], prepared.tokens or None
 
 

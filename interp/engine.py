@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from tqdm.auto import tqdm
@@ -75,7 +75,7 @@ class Bound:
         """(base row, tensor row) pairs. With classifier-free guidance (ctx.branches), base row r sits at
         tensor row ctx.branches[branch][r] for each branch the op selects."""
         keep = self.op.where.items
-        rows = range(self.start, self.stop)
+        rows: list[int] | range = range(self.start, self.stop)
         if keep is not None:
             rows = [r for r in rows if (r - self.start) % self.base_batch in keep]
         if ctx is None or ctx.branches is None:
@@ -85,7 +85,8 @@ class Bound:
 
     def target(self, heads: list[int] | None, dev, ctx: RunContext | None = None) -> Target:
         """The destinations in the site tensor: [K, 2] (row, pos) or [K, 3] (row, pos, head)."""
-        dest, rows = [], []
+        dest: list[tuple[int, ...]] = []
+        rows: list[tuple[int, list[int]]] = []
         for r, row in self.rows(ctx):
             ps = [p + self.pos_shift for p in self.positions[(r - self.start) % self.base_batch % len(self.positions)]]
             rows.append((row, ps))
@@ -150,6 +151,11 @@ def _branch_ok(where: Where, ctx: RunContext, site: Site) -> bool:
         raise PositionError(f"an op at {site.name!r} selects branch={where.branch!r}, but this run has no "
                             "classifier-free-guidance branches; branch selection needs a diffusers pipeline run")
     return bool(ctx.branches.get(where.branch))
+
+
+def _applier(bs: list[Bound], ctx: RunContext) -> Callable[[torch.Tensor], torch.Tensor | None]:
+    """The hook function of one site's bound ops."""
+    return lambda x: apply_bound(x, bs, ctx)
 
 
 def apply_bound(x: torch.Tensor, bound: list[Bound], ctx: RunContext) -> torch.Tensor | None:
@@ -256,7 +262,7 @@ def _checked_input(ad, prepared: Prepared) -> Prepared:
     ids = prepared.kwargs.get("input_ids")
     emb = ad.model.get_input_embeddings() if isinstance(ids, torch.Tensor) and hasattr(
         ad.model, "get_input_embeddings") else None
-    if isinstance(emb, torch.nn.Embedding) and ids.numel():
+    if isinstance(ids, torch.Tensor) and isinstance(emb, torch.nn.Embedding) and ids.numel():
         top, low = int(ids.max()), int(ids.min())
         if top >= emb.num_embeddings or low < 0:
             raise SpecError(f"token id {top if top >= emb.num_embeddings else low} is outside the vocabulary "
@@ -322,16 +328,18 @@ class Engine:
                                 "each a list of ops (rows=[[op1], [op2, op3]])")
             bad = [i for i in (op.where.items or ()) if i >= prepared.batch]
             if bad:
-                raise PositionError(f"items={list(op.where.items)} for an op at {op.site!r}: {bad} out of range, this "
-                                    f"input has {prepared.batch} item(s) (0..{prepared.batch - 1}); items index the "
-                                    "batch of the input (the prompts, or one sampling request's images)")
+                raise PositionError(f"items={list(op.where.items or ())} for an op at {op.site!r}: {bad} out of "
+                                    f"range, this input has {prepared.batch} item(s) (0..{prepared.batch - 1}); "
+                                    "items index the batch of the input (the prompts, or one sampling "
+                                    "request's images)")
             site = table.get(op.site)
             if op.where.stream is not None:
                 site = _stream_site(site, op.where.stream, table)
             _check_axes(op, site)
             view = getattr(prepared, "site_view", None)  # diffusers inputs: per-component token axes
             lazy = view(site) if view is not None else None
-            sites.append((site, lazy, None if lazy is not None else self._positions(op, prepared, site)))
+            # lazy sites resolve their positions at each call (apply_bound)
+            sites.append((site, lazy, [] if lazy is not None else self._positions(op, prepared, site)))
         for j in range(n_rows):
             for op, (site, lazy, positions) in zip(ops, sites):
                 out.append(Bound(op, site, start + j * prepared.batch, start + (j + 1) * prepared.batch,
@@ -356,8 +364,8 @@ class Engine:
         for b in bound:
             by_site.setdefault(b.site.name, []).append(b)
         context = getattr(self.adapter, "context_entries", None)  # pipelines: step / CFG-branch tracking
-        return (context(ctx) if context is not None else []) + \
-            [Entry(bs[0].site, (lambda x, bs=bs: apply_bound(x, bs, ctx))) for bs in by_site.values()]
+        head: list[Entry] = context(ctx) if context is not None else []
+        return head + [Entry(bs[0].site, _applier(bs, ctx)) for bs in by_site.values()]
 
     @staticmethod
     def check_fired(bound: list[Bound]) -> None:
@@ -396,7 +404,8 @@ class Engine:
         return RunOutput(out, ad.main_output(out), cache, prepared.tokens)
 
     # -- many experiments ----------------------------------------------------------------------
-    def run_grid(self, inputs, rows: Sequence[Sequence[Op]], metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    def run_grid(self, inputs, rows: Sequence[Sequence[Op]],
+                 metric: Callable[[torch.Tensor], torch.Tensor] | None = None,
                  *, shared: Sequence[Op] = (), last_only: bool = True, chunk_rows: int | None = None,
                  memory_budget: int = 1 << 30, reuse_prefix: bool = True, progress: bool = True,
                  desc: str = "interp grid", ctx: RunContext | None = None, chunk_hook=None, on_base=None,
@@ -459,7 +468,7 @@ class Engine:
         per_item = self._per_item_bytes(prepared, base_logits, block_in)
         n_chunk = chunk_rows or max(1, int(memory_budget // max(1, per_item * b)))
         values: list[torch.Tensor | None] = [None] * len(rows)
-        groups: dict[int, list[int]] = {}
+        groups: dict[Any, list[int]] = {}  # start block, or (row group, start block)
         packed: dict[int, list[int]] = {}
         for r, s in enumerate(starts):
             if r in packable:
@@ -472,7 +481,7 @@ class Engine:
         bar = tqdm(total=len(rows), desc=desc, disable=not progress, leave=False)
 
         def elsewhere(chunk: list[int]) -> bool:
-            got = True if chunk_hook is None else chunk_hook.before(chunk)
+            got: Any = True if chunk_hook is None else chunk_hook.before(chunk)
             if got is True:
                 return False
             for j, r in enumerate(chunk if got is not None else ()):
@@ -480,8 +489,11 @@ class Engine:
             bar.update(len(chunk))
             return True
         def finish(pending: list) -> None:
+            if not pending:
+                return
+            assert pre is not None  # packs are pending only when the prefix replay is set up
             with torch.no_grad():  # the head runs once over many packs' final states
-                for chunk, val in (pre.tails(pending, metric) if pending else ()):
+                for chunk, val in pre.tails(pending, metric):
                     _check_values(val.reshape(len(chunk) * b, *val.shape[2:]), b, rows, chunk)
                     if chunk_hook is not None:
                         chunk_hook.after(chunk, val)
@@ -500,8 +512,9 @@ class Engine:
                     bound = []
                     for j, r in enumerate(chunk):
                         bound += self.bind(rows[r], prepared, j * b, 1)
-                    sbound = [bb for bb in self.bind(shared, prepared, 0, n)] if (start == 0 or not replay) else \
-                        [bb for bb in self.bind([o for o in shared if _layer(table.get(o.site)) >= start], prepared, 0, n)]
+                    kept = shared if (start == 0 or not replay) else \
+                        [o for o in shared if _layer(table.get(o.site)) >= start]
+                    sbound = list(self.bind(kept, prepared, 0, n))
                     with torch.no_grad(), attached(ad.root, self.entries(sbound + bound, ctx)):
                         if replay and start >= 1:
                             val = self._replay(block_in, start, n, b, last_only, metric)
@@ -524,8 +537,10 @@ class Engine:
             if packed:
                 from .prefix import Pack
                 forwards += 1  # the key/value recording replay
+                assert T is not None  # packing needs a sequence axis (checked where packable is built)
                 q_max = max(T, min(512, int(memory_budget // max(1, b * per_item))))
             for start, members in sorted(packed.items()):
+                assert T is not None and pre is not None  # packed rows exist only with both
                 members = sorted(members, key=lambda r: -packable[r])
                 c = 0
                 while c < len(members):
@@ -559,14 +574,16 @@ class Engine:
         stats = {"rows": len(rows), "chunk_rows": n_chunk, "prefix_reuse": replay,
                  "positional_reuse": bool(packable), "packed_rows": len(packable),
                  "forward_equivalents": forwards, "base_batch": b, "refused": dict(self.refused)}
-        return GridOutput(torch.stack(values) if values else torch.empty(0), base_val.reshape(b, *base_val.shape[1:]),
+        done = cast("list[torch.Tensor]", values)  # every row has its value now
+        return GridOutput(torch.stack(done) if values else torch.empty(0), base_val.reshape(b, *base_val.shape[1:]),
                           prepared.tokens, stats)
 
     def _replay(self, block_in: dict, start: int, n: int, b: int, last_only: bool, metric=None) -> torch.Tensor:
         """Blocks start.. on n copies of the base batch; the logits, or `metric` of them when given
         (then a column metric needs only its columns of the head: interp.prefix.head_metric)."""
         ad = self.adapter
-        hidden = _expand_batch(block_in[start][0], b, n) if b > 1 else block_in[start][0].expand(n, *block_in[start][0].shape[1:])
+        first = block_in[start][0]
+        hidden = _expand_batch(first, b, n) if b > 1 else first.expand(n, *first.shape[1:])
         for i in range(start, len(ad.block_paths)):
             _, args, kwargs = block_in[i]
             kwargs = {**_expand_batch(kwargs, b, n), **{k: v for k, v in NO_CACHE.items() if k in kwargs}}
@@ -609,7 +626,8 @@ class Engine:
         try:
             with torch.no_grad():
                 got = pre.record()
-                ok = got is not None and got.shape == want.shape and bool(((got.float() - want).abs().max() / scale) < 1e-4)
+                ok = (got is not None and got.shape == want.shape
+                      and bool(((got.float() - want).abs().max() / scale) < 1e-4))
                 if ok and self._packed_ok is None:
                     starts = sorted({1, T // 2, T - 1})
                     for first in replay_starts(self.adapter, block_in, lowest=0):

@@ -144,7 +144,7 @@ def _recorders_last(module: nn.Module) -> None:
     so they are moved behind the hook just registered."""
     hooks = module._forward_hooks
     for k in [k for k, h in hooks.items() if getattr(h, "__name__", "") == "output_capturing_hook"]:
-        hooks.move_to_end(k)
+        hooks.move_to_end(k)  # type: ignore[attr-defined]  # torch keeps hooks in an OrderedDict
 
 
 @contextlib.contextmanager

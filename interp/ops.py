@@ -15,7 +15,7 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -155,7 +155,9 @@ class Positions:
         if isinstance(spec, (Tokens, Subject)):
             return Positions("tokens", select=spec)
         if isinstance(spec, slice):
-            b = tuple(None if v is None else _as_int(v, "slice bound") for v in (spec.start, spec.stop, spec.step))
+            start, stop, step = (None if v is None else _as_int(v, "slice bound")
+                                 for v in (spec.start, spec.stop, spec.step))
+            b = (start, stop, step)
             if b[2] == 0:
                 raise PositionSpecError("pos=slice(..., step=0): a slice step cannot be zero")
             return Positions("slice", bounds=b)
@@ -184,6 +186,7 @@ class Positions:
         if self.kind == "tokens":
             if not tokens:
                 raise PositionError(f"{self.select!r}{where} needs token strings: run on prompts with a tokenizer")
+            assert self.select is not None  # kind "tokens" always carries its selector
             return self.select.find(tokens, site)
         if self.kind == "slice":
             got = list(range(T))[slice(*self.bounds)]
@@ -279,10 +282,12 @@ class Where:
     classifier-free guidance; stream: "img" | "txt" for joint-attention blocks.
     """
 
-    pos: Positions | PosSpec = None
-    heads: tuple[int, ...] | Sequence[int] | int | None = None
-    items: tuple[int, ...] | Sequence[int] | int | None = None
-    steps: Steps | Sequence[int] | tuple[int, int] | range | None = None
+    # annotated with the normalized types; __post_init__ also accepts what interp.at() takes
+    # (a position spec, an int or a sequence of ints, a (start, stop) step window) and normalizes it
+    pos: Positions = field(default_factory=Positions)
+    heads: tuple[int, ...] | None = None
+    items: tuple[int, ...] | None = None
+    steps: Steps | None = None
     branch: str = "both"
     stream: str | None = None
 
@@ -343,7 +348,8 @@ def _fit(src: torch.Tensor, x: torch.Tensor, site: Any, what: str, T: int | None
     """Check a source / pool against the site tensor x [N, T, *F]; returns it as [B, T, *F] on x's device."""
     feat, T = tuple(x.shape[2:]), (x.shape[1] if T is None else T)
     given = tuple(src.shape)
-    if src.dim() in (1, 2) and x.dim() == 3 and x.shape[1] == 1 and len(site.axes) == 2 and src.shape[-1] == x.shape[-1]:
+    if (src.dim() in (1, 2) and x.dim() == 3 and x.shape[1] == 1 and len(site.axes) == 2
+            and src.shape[-1] == x.shape[-1]):
         src = src.reshape(-1, 1, x.shape[-1])  # a [batch, d] site (timestep embeddings): one position per item
     if site.heads is not None and tuple(src.shape[-len(feat):]) != feat and tuple(src.shape[-1:]) == (math.prod(feat),):
         src = src.unflatten(-1, feat)  # merged-head source for a per-head site
@@ -453,7 +459,8 @@ class Patch(Op):
     def apply_many(cls, x: torch.Tensor, group: list[tuple[Op, Target]]) -> None:
         from . import kernels as K
 
-        op0, t0 = group[0]
+        patches = cast("list[tuple[Patch, Target]]", group)  # the engine groups ops of one class
+        op0, t0 = patches[0]
         src = _fit(op0.source, x, t0.site, "patch source", t0.full_len)
         if src.shape[0] not in (1, t0.n_items):
             raise SiteShapeError(f"patch source for {t0.site.name!r} has batch {src.shape[0]}, the input has "
@@ -462,8 +469,8 @@ class Patch(Op):
         sidx = didx.clone()
         sidx[:, 0] = torch.cat([t.item for _, t in group]) % src.shape[0]
         sidx[:, 1] = torch.cat([t.src_pos for _, t in group])
-        alpha = None if all(op.alpha == 1.0 for op, _ in group) else torch.cat(
-            [torch.full((t.idx.shape[0],), float(op.alpha), device=x.device) for op, t in group])
+        alpha = None if all(op.alpha == 1.0 for op, _ in patches) else torch.cat(
+            [torch.full((t.idx.shape[0],), float(op.alpha), device=x.device) for op, t in patches])
         K.row_patch(x, src, didx, sidx, alpha, check=False)
 
 
@@ -572,6 +579,7 @@ class Ablate(Op):
                 sidx[:, 2] = idx[:, 2]
             K.row_patch(x, src, idx, sidx, check=False)
             return
+        assert self.values is not None  # validate() requires values for mean / resample
         vals = self.values.to(x.device, x.dtype)
         sidx = idx.clone()
         sidx[:, 1] = t.src_pos
@@ -668,16 +676,16 @@ class Replace(Op):
                 groups.setdefault(tuple(pos), []).append(row)
         for pos_t, rows in groups.items():
             items = torch.tensor(rows, device=x.device)[:, None]
-            pos = torch.tensor(pos_t, device=x.device)[None, :]
-            sel = x[items, pos] if t.heads is None else x[items, pos][:, :, t.heads]
+            pos_idx = torch.tensor(pos_t, device=x.device)[None, :]
+            sel = x[items, pos_idx] if t.heads is None else x[items, pos_idx][:, :, t.heads]
             new = self.fn(sel.clone())
             if not isinstance(new, torch.Tensor) or new.shape != sel.shape:
                 raise SiteShapeError(f"Replace fn at {t.site.name!r} must return a tensor of shape "
                                      f"{tuple(sel.shape)}, got {getattr(new, 'shape', type(new).__name__)}")
             if t.heads is None:
-                x[items, pos] = new.to(x.dtype)
+                x[items, pos_idx] = new.to(x.dtype)
             else:
-                x[items[..., None], pos[..., None], torch.tensor(t.heads, device=x.device)] = new.to(x.dtype)
+                x[items[..., None], pos_idx[..., None], torch.tensor(t.heads, device=x.device)] = new.to(x.dtype)
 
 
 __all__ = ["Op", "Patch", "Add", "Ablate", "Noise", "Project", "Replace", "Where", "Tokens", "Subject", "at", "ALL",

@@ -165,7 +165,8 @@ class PrefixReplay:
     def __init__(self, adapter, block_in: dict, batch: int, T: int):
         self.adapter, self.block_in, self.b, self.T = adapter, block_in, batch, T
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._last = None  # (last hidden, logits) of the recording replay: checks the column-only head
+        # (last hidden, logits) of the recording replay: checks the column-only head
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def _block(self, i: int):
         return self.adapter.root.get_submodule(self.adapter.block_paths[i])
@@ -226,7 +227,8 @@ class PrefixReplay:
                     pass
                 if rec.kv is None:
                     raise RuntimeError(f"block {self.adapter.block_paths[i]} did not use the key/value cache")
-                k, v = torch.cat([k.to(rec.kv[0].dtype), rec.kv[0]], -2), torch.cat([v.to(rec.kv[1].dtype), rec.kv[1]], -2)
+                k = torch.cat([k.to(rec.kv[0].dtype), rec.kv[0]], -2)
+                v = torch.cat([v.to(rec.kv[1].dtype), rec.kv[1]], -2)
                 # the last tokens see exactly their full-run keys; their appended duplicates are masked out
                 n = last.shape[0]
                 lmask = torch.cat([mask[:, :, last], torch.full((*mask.shape[:2], n, n), torch.finfo(mask.dtype).min,
@@ -248,7 +250,9 @@ class PrefixReplay:
     def tails(self, pending: list, metric, max_items: int = 256) -> list:
         """Apply the model's head and `metric` to deferred final states, many chunks per call:
         pending = [(rows, hidden [n * batch, 1, d])] -> [(rows, values [n, batch, ...])]."""
-        out, group, size = [], [], 0
+        out: list = []
+        group: list = []
+        size = 0
 
         def flush():
             if not group:

@@ -52,7 +52,7 @@ class Result:
         return same and self.axes == other.axes and self.coords == other.coords and \
             jsonable(self.attrs) == jsonable(other.attrs)
 
-    __hash__ = None  # mutable, like a tensor
+    __hash__ = None  # type: ignore[assignment]  # mutable, like a tensor
 
     def __repr__(self) -> str:
         dims = " x ".join(f"{ax}={n}" for ax, n in zip(self.axes, self.values.shape)) or "scalar"
@@ -117,7 +117,8 @@ class Result:
     def to_dataframe(self, value_name: str = "value"):
         import pandas as pd
 
-        grids = torch.meshgrid(*[torch.arange(n) for n in self.values.shape], indexing="ij") if self.values.dim() else []
+        axes = [torch.arange(n) for n in self.values.shape]
+        grids = torch.meshgrid(*axes, indexing="ij") if self.values.dim() else []
         data = {ax: [self.coord(ax)[i] for i in g.reshape(-1).tolist()] for ax, g in zip(self.axes, grids)}
         data[value_name] = self.values.reshape(-1).float().tolist()
         return pd.DataFrame(data)

@@ -82,7 +82,7 @@ class _Positions:
         o, end = s.offset, s.offset + T
         if self.fixed is None:
             P = s.prompt_len if s.prompt_len is not None else end
-            toks = s.prompt_tokens or [None]
+            toks: list = s.prompt_tokens or [None]
             if self.spec.kind == "tokens" and not s.prompt_tokens:
                 raise PositionError(f"{self.spec!r} at {self.site.name!r} needs token strings: attach the model with "
                                     "its tokenizer and pass input_ids")
@@ -107,7 +107,9 @@ class _SequenceStore:
     so cached and cache-less generation give one tensor); any other site stacks its calls."""
 
     def __init__(self, s: Session):
-        self.s, self.calls, self.prompt = s, {}, {}
+        self.s = s
+        self.calls: dict = {}
+        self.prompt: dict = {}
 
     def __call__(self, site: Site, t: torch.Tensor) -> None:
         s = self.s

@@ -39,10 +39,11 @@ def input_device(model: nn.Module) -> torch.device:
             "built under init_empty_weights. interp runs models locally through torch hooks, which a remote backend "
             "does not execute: load the weights here (nnsight: model.dispatch(), then interp.attach(model) again; "
             "accelerate: load_checkpoint_and_dispatch / from_pretrained(device_map=...)), or run the experiment "
-            "with nnsight's own trace(remote=True) API (lm.site(name).module gives the module path of each interp site)")
-    for t in model.buffers():
-        if t.device.type != "meta":
-            return t.device
+            "with nnsight's own trace(remote=True) API "
+            "(lm.site(name).module gives the module path of each interp site)")
+    for b in model.buffers():
+        if b.device.type != "meta":
+            return b.device
     return torch.device("cpu")
 
 

@@ -130,7 +130,8 @@ def _tensor(name: str, t, *, floating=True) -> torch.Tensor:
 
 def _same_device(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor):
     if t.device != ref.device:
-        raise KernelError(f"device mismatch: {name} is on {t.device} but {ref_name} is on {ref.device}; expected both on {ref.device}")
+        raise KernelError(f"device mismatch: {name} is on {t.device} but {ref_name} is on {ref.device}; "
+                          f"expected both on {ref.device}")
 
 
 def _index(name: str, idx, ref_name: str, ref: torch.Tensor, widths) -> torch.Tensor:
@@ -185,7 +186,8 @@ def _per_entry(name: str, a, K: int, ref: torch.Tensor) -> float | torch.Tensor:
     if a.dim() == 0:
         return a.to(cd).expand(K).contiguous()
     if a.dim() != 1 or a.shape[0] != K:
-        raise KernelError(f"{name} must be a float or a tensor of shape [{K}] (one value per index entry), got shape {list(a.shape)}")
+        raise KernelError(f"{name} must be a float or a tensor of shape [{K}] (one value per index entry), "
+                          f"got shape {list(a.shape)}")
     return a.to(cd)
 
 
@@ -199,7 +201,8 @@ def _validate_patch(dst, src, dst_idx, src_idx, alpha, widths, check):
     _tensor("src", src)
     _same_device("src", src, "dst", dst)
     if src.dtype != dst.dtype:
-        raise KernelError(f"dtype mismatch: dst is {dst.dtype} but src is {src.dtype}; expected src.dtype == dst.dtype (cast src first)")
+        raise KernelError(f"dtype mismatch: dst is {dst.dtype} but src is {src.dtype}; "
+                          "expected src.dtype == dst.dtype (cast src first)")
     dst_idx = _index("dst_idx", dst_idx, "dst", dst, widths)
     src_idx = _index("src_idx", src_idx, "dst", dst, widths)
     if dst_idx.shape != src_idx.shape:
@@ -209,7 +212,8 @@ def _validate_patch(dst, src, dst_idx, src_idx, alpha, widths, check):
     K, m = dst_idx.shape
     for name, t in (("dst", dst), ("src", src)):
         if t.dim() < m:
-            raise KernelError(f"{name} must have at least {m} dims to be indexed by [K, {m}] indices, got shape {list(t.shape)}")
+            raise KernelError(f"{name} must have at least {m} dims to be indexed by [K, {m}] indices, "
+                              f"got shape {list(t.shape)}")
     if dst.shape[m:] != src.shape[m:]:
         raise KernelError(
             f"feature-size mismatch: dst features {list(dst.shape[m:])} (dims after the first {m}) differ "
@@ -278,7 +282,8 @@ def add_scaled(x, v, idx, alpha, norm=None, renorm=False, *, check=True):
     _tensor("v", v)
     _same_device("v", v, "x", x)
     if not ((v.dim() == 1 and v.shape[0] == F) or (v.dim() == 2 and tuple(v.shape) == (K, F))):
-        raise KernelError(f"v must have shape [F] = [{F}] or [K, F] = [{K}, {F}] to match x's features, got {list(v.shape)}")
+        raise KernelError(f"v must have shape [F] = [{F}] or [K, F] = [{K}, {F}] to match x's features, "
+                          f"got {list(v.shape)}")
     if norm not in (None, "relative"):
         raise KernelError(f"norm must be None or 'relative', got {norm!r}")
     if not isinstance(renorm, bool):
@@ -312,7 +317,8 @@ def project(x, L, R, mu=None, idx=None, *, check=True):
         raise KernelError(f"L must have shape [F, k] with F = {F} (x's features), got {list(L.shape)}")
     k = L.shape[1]
     if R.dim() != 2 or tuple(R.shape) != (k, F):
-        raise KernelError(f"R must have shape [k, F] = [{k}, {F}] (k from L's shape {list(L.shape)}), got {list(R.shape)}")
+        raise KernelError(f"R must have shape [k, F] = [{k}, {F}] (k from L's shape {list(L.shape)}), "
+                          f"got {list(R.shape)}")
     if mu is not None:
         _tensor("mu", mu)
         _same_device("mu", mu, "x", x)
