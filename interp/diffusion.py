@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from .adapters.pipeline import PipelineAdapter, SampleOutput, Sampling
+from .adapters.pipeline import PipelineAdapter, PipelinePrepared, SampleOutput, Sampling
 from .adapters.unet import BATCHED
 from .attach import Instrumented, attach
 from .engine import GridOutput, RunOutput
@@ -34,17 +35,17 @@ __all__ = ["Sampling", "SampleOutput", "Recording", "sample", "record", "restore
            "pred_distance", "latent_distance", "image_metric", "clip_score", "token_influence", "prompt_positions"]
 
 
-def _pipeline(model) -> Instrumented:
+def _pipeline(model) -> tuple[Instrumented, PipelineAdapter]:
     lm = attach(model)
     if not isinstance(lm.adapter, PipelineAdapter):
         raise InterpError(f"interp.diffusion works on diffusers pipelines; {lm.adapter.describe()} is not one "
                           "(attach the pipeline, not one of its components)")
-    return lm
+    return lm, lm.adapter
 
 
 def sample(model, spec: Sampling | str, ops: Sequence[Op] = (), capture: Sequence[str] | str = (), **kw) -> RunOutput:
     """One sampling run with `ops` applied; `out.output` is a SampleOutput (images, latents, predictions)."""
-    return _pipeline(model).run(spec, ops, capture, **kw)
+    return _pipeline(model)[0].run(spec, ops, capture, **kw)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,9 +92,9 @@ class Recording:
 
 def record(model, spec: Sampling | str, sites: Sequence[str] | str, ops: Sequence[Op] = (), **kw) -> Recording:
     """Run once and keep `sites` (names or wildcards) per step and branch."""
-    lm = _pipeline(model)
+    lm, ad = _pipeline(model)
     out = lm.run(spec, ops, sites, **kw)
-    table = lm.adapter.site_table()
+    table = ad.site_table()
     names = [sites] if isinstance(sites, str) else list(sites)
     found = {s.name: s for p in names for s in table.resolve(p)}
     return Recording(out, found)
@@ -143,8 +144,7 @@ def restore(site: str, rec: Recording, steps=None, branch: str = "both", pos=Non
 def item_bytes(model, spec: Sampling) -> int:
     """Estimated working memory of one image in one denoiser call (all rows' activations), measured once
     per pipeline from a 1-step run of one image."""
-    lm = _pipeline(model)
-    ad = lm.adapter
+    lm, ad = _pipeline(model)
     key = (spec.height, spec.width, tuple(sorted(spec.options.items())))
     cache = ad.__dict__.setdefault("_item_bytes", {})
     if key not in cache:
@@ -159,12 +159,16 @@ def item_bytes(model, spec: Sampling) -> int:
 def first_step(ops: Sequence[Op], n_steps: int) -> int:
     """The first denoising step at which any of `ops` can act: 0 for an op without a step selection (or on a
     component that runs before the loop), n_steps for no ops (the row is the base run)."""
-    firsts = [n_steps] + [0 if op.where.steps is None else op.where.steps.first() for op in ops]
+    firsts = [n_steps]
+    for op in ops:
+        steps = Steps.of(op.where.steps)  # already a Steps (Where normalises it)
+        firsts.append(0 if steps is None else steps.first())
     return min(firsts)
 
 
-def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]], metric: Callable[[SampleOutput], torch.Tensor],
-                *, shared: Sequence[Op] = (), memory_budget: int = 1 << 30, chunk_rows: int | None = None,
+def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]],
+                metric: Callable[[SampleOutput], torch.Tensor], *, shared: Sequence[Op] = (),
+                memory_budget: int = 1 << 30, chunk_rows: int | None = None,
                 progress: bool = True, desc: str = "interp diffusion grid", reuse_steps: bool = True) -> GridOutput:
     """Many variants of one sampling request in one sampling loop per chunk: row r's ops edit only its
     own images; `shared` ops apply to every row and to the base run. Chunks fit `memory_budget`.
@@ -176,14 +180,14 @@ def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]], metri
     analogue of the engine's layer-prefix reuse). The values equal a run without it up to float rounding
     (the base predictions come from a batch of one row, the computed ones from a chunk of rows). Off
     when a shared op selects steps (it would not fire in the replayed steps)."""
-    lm = _pipeline(model)
+    lm, ad = _pipeline(model)
     spec = spec if isinstance(spec, Sampling) else Sampling(spec)
     if chunk_rows is None:
         b = len(spec.prompts())
         cfg = 2
         chunk_rows = max(1, int(memory_budget // max(1, item_bytes(lm, spec) * cfg * b)))
-    kw = dict(shared=shared, chunk_rows=chunk_rows, reuse_prefix=False)
-    n_steps = lm.adapter.n_steps(spec)
+    kw: dict[str, Any] = dict(shared=shared, chunk_rows=chunk_rows, reuse_prefix=False)
+    n_steps = ad.n_steps(spec)
     # at most the last step is replayed away: a chunk computes at least one step, where shared ops fire
     firsts = [min(first_step(list(r), n_steps), n_steps - 1) for r in rows]
     # a shared op limited to some steps would not fire in a group whose replayed steps hold them
@@ -191,7 +195,6 @@ def sample_grid(model, spec: Sampling | str, rows: Sequence[Sequence[Op]], metri
         grid = lm.run_grid(spec, rows, metric, progress=progress, desc=desc, **kw)
         grid.stats["denoiser_steps_run"] = 1.0
         return grid
-    ad = lm.adapter
     state: dict = {}
 
     def before_chunk(chunk: list[int]) -> None:  # a chunk holds rows of one first step (row_groups)
@@ -239,8 +242,14 @@ def pred_distance(reference: SampleOutput, branch: str = "cond", steps=None) -> 
 
 def latent_distance(reference: SampleOutput) -> Callable[[SampleOutput], torch.Tensor]:
     """||latents - latents_ref|| / ||latents_ref|| per image (final latents)."""
+    ref = reference.latents
+    if ref is None:
+        raise InterpError("the reference run has no final latents (the pipeline's step callback never ran)")
+
     def f(out: SampleOutput) -> torch.Tensor:
-        r = _tile(reference.latents.to(out.latents.device), out.latents.shape[0], 0)
+        if out.latents is None:
+            raise InterpError("the run has no final latents (the pipeline's step callback never ran)")
+        r = _tile(ref.to(out.latents.device), out.latents.shape[0], 0)
         return (out.latents - r).flatten(1).norm(dim=1) / r.flatten(1).norm(dim=1).clamp_min(1e-12)
     return f
 
@@ -296,16 +305,16 @@ def token_influence(model, spec: Sampling | str, positions: Sequence[int] | None
     with f the velocity (flow models) or noise prediction (UNets) of the conditional rows, x_t from the
     clean run, and "without token" = that token's conditioning vector zeroed (the denoiser's
     `context` site). Averaged over the request's images (seeds). Result axes (step, token)."""
-    lm = _pipeline(model)
+    lm, ad = _pipeline(model)
     spec = spec if isinstance(spec, Sampling) else Sampling(spec)
-    ad = lm.adapter
     ad.record_inputs = True
     try:
         clean = lm.run(spec)
     finally:
         ad.record_inputs = False
-    prepared = ad.prepare(spec)
-    tokens = prepared.views.get("__context__", [[]])[0]
+    prepared = ad.prepare(spec)  # a Sampling always prepares to a PipelinePrepared
+    views = prepared.views if isinstance(prepared, PipelinePrepared) else {}
+    tokens = views.get("__context__", [[]])[0]
     positions = list(positions) if positions is not None else prompt_positions(tokens)
     n_steps = clean.output.n_steps
     want = _step_set(steps, n_steps, f"{ad.denoiser}.context")

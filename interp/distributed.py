@@ -98,7 +98,7 @@ def init(backend: str | None = None) -> tuple[int, int]:
 class _Hasher:
     """Stable content hash of plain values, tensors, ops and closures (no memory addresses)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.h = hashlib.sha256()
         self.seen: dict[int, tuple[torch.Tensor, bytes]] = {}  # holds the tensor: its id stays unique
 
@@ -162,7 +162,7 @@ class _Hasher:
 
 def _has_contents(cell) -> bool:
     try:
-        cell.cell_contents
+        _ = cell.cell_contents
         return True
     except ValueError:
         return False
@@ -170,7 +170,7 @@ def _has_contents(cell) -> bool:
 
 def _model_signature(model: torch.nn.Module) -> list:
     """Parameter names, shapes, dtypes and a strided sample of each parameter's values (cheap)."""
-    out = [type(model).__qualname__]
+    out: list[Any] = [type(model).__qualname__]
     for name, p in model.named_parameters():
         sample = None
         if p.device.type != "meta" and p.numel():
@@ -233,7 +233,8 @@ class ChunkStore:
                     return None
                 return f.get_tensor("values")
         except Exception as e:  # a damaged file: recompute the chunk
-            warnings.warn(f"interp: ignoring unreadable chunk file {p} ({type(e).__name__}: {e}); recomputing it")
+            warnings.warn(f"interp: ignoring unreadable chunk file {p} ({type(e).__name__}: {e}); recomputing it",
+                          stacklevel=2)
             return None
 
     def save(self, rows: Sequence[int], values: torch.Tensor) -> Path:
@@ -312,7 +313,9 @@ def _row_cost(engine, rows: Sequence[Sequence]) -> Callable[[list[int]], float]:
 
 def _comm_device(group) -> torch.device:
     dist = _dist()
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _gather_rows(values: torch.Tensor, owner: torch.Tensor, group, broadcast: bool) -> torch.Tensor:
@@ -324,14 +327,13 @@ def _gather_rows(values: torch.Tensor, owner: torch.Tensor, group, broadcast: bo
     raw = values.detach().contiguous().reshape(n, -1)
     raw = raw.view(torch.uint8) if raw.numel() else raw.to(torch.uint8)
     raw = raw.to(dev)
+    parts = [torch.empty_like(raw) for _ in range(world)] if broadcast or me == 0 else None
     if broadcast:
-        parts = [torch.empty_like(raw) for _ in range(world)]
         dist.all_gather(parts, raw, group=group)
     else:
-        parts = [torch.empty_like(raw) for _ in range(world)] if me == 0 else None
         dist.gather(raw, parts, group=group, group_dst=0)
-        if me != 0:  # only rank 0 holds every row
-            return values
+    if parts is None:  # only rank 0 holds every row
+        return values
     out = torch.empty_like(raw)
     owner = owner.to(dev)
     for r in range(world):
@@ -371,8 +373,9 @@ def run_grid(engine, inputs, rows: Sequence[Sequence], metric: Callable | None =
         dist = _dist()
         if not (dist and dist.is_initialized()):
             raise DistributedError("run_grid(distributed=True) needs an initialised torch.distributed process group: "
-                                   "launch with `torchrun --nproc-per-node N script.py` and call interp.distributed.init() "
-                                   "(or torch.distributed.init_process_group) first; or pass distributed=False")
+                                   "launch with `torchrun --nproc-per-node N script.py` and call "
+                                   "interp.distributed.init() (or torch.distributed.init_process_group) first; "
+                                   "or pass distributed=False")
         use = False  # a group of one process: nothing to split
     if not use and resume_dir is None:
         return engine.run_grid(inputs, rows, metric, **kw)
@@ -404,7 +407,7 @@ def run_grid(engine, inputs, rows: Sequence[Sequence], metric: Callable | None =
                   "reuse_prefix=False and an explicit chunk_rows=, or distributed=False.")
         owner = torch.tensor([shard.owner[r] for r in range(len(rows))], dtype=torch.long)
         values = _gather_rows(out.values, owner, group, broadcast)
-        per_rank = [None] * world
+        per_rank: list[Any] = [None] * world
         _dist().all_gather_object(per_rank, (shard.computed, shard.resumed, out.stats.get("forward_equivalents", 0.0)),
                                   group=group)
         stats.update(forward_equivalents=sum(p[2] for p in per_rank),
@@ -416,8 +419,8 @@ def run_grid(engine, inputs, rows: Sequence[Sequence], metric: Callable | None =
         resumed = sum(p[1] for p in per_rank)
         if len(shard.plan) < world and me == 0:
             warnings.warn(f"interp: this grid has {len(shard.plan)} chunk(s) for {world} processes, so "
-                          f"{world - len(shard.plan)} process(es) had nothing to do; pass chunk_rows= to split it finer "
-                          "(a one-process run with the same chunk_rows gives the same values)")
+                          f"{world - len(shard.plan)} process(es) had nothing to do; pass chunk_rows= to split it "
+                          "finer (a one-process run with the same chunk_rows gives the same values)", stacklevel=2)
     else:
         values, resumed = out.values, shard.resumed
         stats["distributed"] = {"world_size": 1, "rank": 0, "chunks": len(shard.plan),

@@ -31,7 +31,9 @@ class Prepared:
         """The same batch repeated n times along the batch axis (row-major: all items of row 0 first)."""
         if n == 1:
             return self
-        rep = lambda v: v.repeat(n, *([1] * (v.dim() - 1))) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.batch else v
+        def rep(v):
+            batched = isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == self.batch
+            return v.repeat(n, *([1] * (v.dim() - 1))) if batched else v
         return Prepared({k: rep(v) for k, v in self.kwargs.items()}, self.batch * n, self.seq_len,
                         self.tokens * n, tuple(rep(a) for a in self.args))
 
@@ -165,11 +167,13 @@ def prepare_token_inputs(model, tokenizer, inputs: Any, pad: bool, keys=LM_KEYS,
             kw["attention_mask"] = torch.ones_like(ids)
     elif isinstance(inputs, dict) or hasattr(inputs, "keys"):
         kw = {k: v for k, v in dict(inputs).items() if k in keys}
-        ids = kw.get("input_ids")
-        tokens = ids_tokens(tokenizer, ids) if ids is not None else []
+        given = kw.get("input_ids")
+        tokens = ids_tokens(tokenizer, given) if given is not None else []
     else:
         raise TypeError(f"cannot run {type(model).__name__} on a {type(inputs).__name__}: pass a prompt, a list "
                         "of prompts, a [batch, pos] tensor of token ids or a dict from the tokenizer")
     kw = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     first = kw.get("input_ids", kw.get("inputs_embeds"))
+    if first is None:
+        raise TypeError(f"cannot run {type(model).__name__}: the inputs hold neither input_ids nor inputs_embeds")
     return Prepared(kw, first.shape[0], first.shape[1], tokens)

@@ -20,6 +20,7 @@ of a batched grid start from the same noise.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Sequence
@@ -105,6 +106,7 @@ class SampleOutput:
     pred_uncond: torch.Tensor | None
     calls: dict[str, list[dict]]
     n_steps: int
+    inputs: list[tuple[dict, dict, int]] | None = None  # denoiser call kwargs, branches, step (record_inputs)
 
     def __getitem__(self, i):
         return self.images[i]
@@ -194,6 +196,8 @@ class _CallState:
         args, kwargs, _ = io
         ids = args[0] if args else kwargs.get("input_ids")
         m = ids.shape[0] if isinstance(ids, torch.Tensor) else self.n
+        if m is None:
+            raise InterpError(f"the {comp} was called without input_ids outside a pipeline run of interp's engine")
         k = self.text_calls.get(comp, 0)
         self.text_calls[comp] = k + 1
         branch = "cond" if k == 0 else "uncond"
@@ -205,6 +209,8 @@ class _CallState:
         args, kwargs, _ = io
         x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
         m, n = x.shape[0], self.n
+        if n is None:
+            raise InterpError(f"the {comp} was called outside a pipeline run of interp's engine (no image count)")
         if m == 2 * n:
             branches = {"uncond": list(range(n)), "cond": list(range(n, 2 * n))}
         elif m == n:
@@ -219,8 +225,8 @@ class _CallState:
             from .unet import denoiser_kwargs
 
             kw = denoiser_kwargs(model, args, kwargs)
-            self.inputs.append(({k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()},
-                                branches, self.step))
+            kept = {k: (v.detach().clone() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            self.inputs.append((kept, branches, self.step))
 
     def denoiser_out(self, io) -> None:
         out = io[2]
@@ -236,7 +242,7 @@ class _CallState:
 class PipelineAdapter(Adapter):
     family = "pipeline"
 
-    def __init__(self, pipe, tokenizer=None):
+    def __init__(self, pipe, tokenizer=None) -> None:
         self.pipe = pipe
         self.text_components = [c for c in TEXT_COMPONENTS if is_text_encoder(getattr(pipe, c, None))]
         self.denoiser = next(d for d in DENOISERS if isinstance(getattr(pipe, d, None), nn.Module))
@@ -245,7 +251,7 @@ class PipelineAdapter(Adapter):
             comps["vae"] = pipe.vae
         super().__init__(_PipelineRoot(comps), tokenizer or getattr(pipe, "tokenizer", None))
         self.model = pipe
-        self._table = None
+        self._table: PipelineSiteTable | None = None
         self._state: _CallState | None = None
         self.record_inputs = False
         self.replay: tuple[int, SampleOutput] | None = None  # (first step computed, base run): see _replaying_denoiser
@@ -295,13 +301,15 @@ class PipelineAdapter(Adapter):
                 length = spec.options.get("max_sequence_length", self.default("max_sequence_length", 256))
             else:
                 length = getattr(self.pipe, "tokenizer_max_length", None) or tok.model_max_length
-            ids = tok(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt")["input_ids"]
+            ids = tok(prompts, padding="max_length", max_length=length, truncation=True,
+                      return_tensors="pt")["input_ids"]
             views[c] = _token_strings(tok, ids)
         first = views.get(self.text_components[0]) if self.text_components else None
         if self.denoiser == "transformer" and type(self.pipe.transformer).__name__ == "FluxTransformer2DModel":
             ctx_tokens = views.get("text_encoder_2")
         elif self.denoiser == "transformer":  # SD3: CLIP tokens, then T5's
-            ctx_tokens = [a + b for a, b in zip(first, views.get("text_encoder_3", [[]] * len(prompts)))] if first else None
+            t5 = views.get("text_encoder_3", [[]] * len(prompts))
+            ctx_tokens = [a + b for a, b in zip(first, t5)] if first else None
         else:
             ctx_tokens = first
         if ctx_tokens is not None:
@@ -317,7 +325,7 @@ class PipelineAdapter(Adapter):
             st.inputs = []
         den = getattr(self.pipe, self.denoiser)
         out = [Entry(Site(f"__ctx.{c}", c, io="input", slot=0, arg_name="input_ids"),
-                     (lambda io, c=c: st.text_call(c, io)), raw_io=True) for c in self.text_components]
+                     functools.partial(st.text_call, c), raw_io=True) for c in self.text_components]
         out.append(Entry(Site("__ctx.denoiser", self.denoiser, io="input", slot=0),
                          (lambda io: st.denoiser_call(self.denoiser, den, io)), raw_io=True))
         out.append(Entry(Site("__ctx.denoiser.out", self.denoiser, io="output", slot=0), st.denoiser_out, raw_io=True))
@@ -341,7 +349,8 @@ class PipelineAdapter(Adapter):
         if spec.guidance is not None:
             kw["guidance_scale"] = spec.guidance
         if spec.negative_prompt is not None:
-            neg = [spec.negative_prompt] * len(prompts) if isinstance(spec.negative_prompt, str) else list(spec.negative_prompt)
+            neg_spec = spec.negative_prompt
+            neg = [neg_spec] * len(prompts) if isinstance(neg_spec, str) else list(neg_spec)
             kw["negative_prompt"] = [neg[i] for i in idx]
         if spec.height is not None:
             kw["height"] = spec.height
@@ -374,8 +383,7 @@ class PipelineAdapter(Adapter):
         images = out.images if isinstance(out.images, torch.Tensor) else torch.as_tensor(out.images)
         pred, pred_u = self._predictions(st, n)
         result = SampleOutput(images, st.latents, pred, pred_u, st.calls, ctx.n_steps)
-        if st.inputs is not None:
-            result.inputs = st.inputs
+        result.inputs = st.inputs
         return result
 
     def _replaying_denoiser(self, den: nn.Module, ctx, n: int):
@@ -385,6 +393,8 @@ class PipelineAdapter(Adapter):
         it, so the scheduler steps the same latents as the base run. The call still passes through the
         module's hooks, so steps, branches and recorded predictions are as in a computed run. Calls that ask
         for an output object (return_dict=True) are computed."""
+        if self.replay is None:
+            raise InterpError("the replaying denoiser needs a base run (set by interp.diffusion.sample_grid)")
         first, base = self.replay
         orig = den.forward
         preds = {"cond": base.pred, "uncond": base.pred_uncond}
@@ -406,14 +416,15 @@ class PipelineAdapter(Adapter):
 
     @staticmethod
     def _predictions(st: _CallState, n: int):
-        by = {"cond": {}, "uncond": {}}
+        by: dict[str, dict[int, torch.Tensor]] = {"cond": {}, "uncond": {}}
         for step, branches, t in st.preds:
             for b, rows in branches.items():
                 by[b][step] = t[rows[0]:rows[-1] + 1]
         stack = lambda d: torch.stack([d[s] for s in sorted(d)]) if d else None
         return stack(by["cond"]), stack(by["uncond"])
 
-    def main_output(self, output) -> SampleOutput:
+    # metrics on a pipeline take the whole SampleOutput (images, latents, predictions), not one tensor
+    def main_output(self, output) -> SampleOutput:  # type: ignore[override]
         return output
 
     def describe(self) -> str:
