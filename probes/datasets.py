@@ -281,7 +281,7 @@ def text_encoder_runner(pipe: interp.Instrumented, sites: list[str], positions: 
             for j in range(t.shape[0]):
                 toks = tokens[j][:len(prompt_positions(tokens[j]))]
                 cols = []
-                for name, spec_ in positions.items():
+                for spec_ in positions.values():
                     if spec_ == "eos":
                         idx = [len(toks) - 1]
                     else:

@@ -212,7 +212,7 @@ def heldout_probe(x_fit: torch.Tensor, z_fit: torch.Tensor, x_test: torch.Tensor
         warnings.warn(f"held-out probe accuracy {correct / n:.3f} (95% CI {lo:.3f}-{hi:.3f}) is below chance "
                       f"({chance_low:.3f}-{chance:.3f}): the probe learned an anti-correlated rule, so the eraser's "
                       "statistics and the "
-                      "scored data are not independent (fit and score on disjoint splits drawn the same way)")
+                      "scored data are not independent (fit and score on disjoint splits drawn the same way)", stacklevel=2)
     return out
 
 
