@@ -316,7 +316,7 @@ def _write(model: torch.nn.Module, proj: Projection, W: torch.Tensor) -> None:
 def edit(lm, facts: Sequence[Fact], method: str = "memit", layers: Sequence[int] = (4,), *,
          targets: Targets | None = None, stats: dict[int, KeyStats] | None = None, text="licenses",
          n_tokens: int = 20_000, seed: int = 0, context: Sequence[str] | None = None,
-         value_cfg: ValueConfig = _VALUE_DEFAULTS, solver_cfg: SolverConfig = SolverConfig(),
+         value_cfg: ValueConfig = _VALUE_DEFAULTS, solver_cfg: SolverConfig = _SOLVER_DEFAULTS,
          progress: bool = True) -> Edit:
     """Rewrite `facts` in the MLP down-projections of `layers`; returns an Edit (new weights), model left as it was.
 
