@@ -183,10 +183,12 @@ def project_sweep(dev, tm, reps):
     N, T, F, _ = SIZES["large"]
     gen = torch.Generator(device=dev).manual_seed(0)
     print(
-        f"projection sweep, x [{N}, {T}, {F}], every row; ms = median of {reps}; err = max |op - reference| / max |reference|"
+        f"projection sweep, x [{N}, {T}, {F}], every row; ms = median of {reps}; "
+        "err = max |op - reference| / max |reference|"
     )
     print(
-        f"{'dtype':<9} {'k':>3} {'BLOCK_M':>7} {'BLOCK_F':>7} {'warps':>5} {'half dot':>8} {'ms':>8} {'err':>9} {'unfused ms':>10}"
+        f"{'dtype':<9} {'k':>3} {'BLOCK_M':>7} {'BLOCK_F':>7} {'warps':>5} {'half dot':>8} {'ms':>8} {'err':>9} "
+        f"{'unfused ms':>10}"
     )
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x0 = torch.randn(N, T, F, device=dev, dtype=dtype, generator=gen)
