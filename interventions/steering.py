@@ -319,15 +319,9 @@ def monotonicity(values: Sequence[float], alphas: Sequence[float]) -> dict[str, 
             "monotone": bool((d > 0).all() or (d < 0).all()), "change": float(v[-1] - v[0])}
 
 
-def dose_response(
-    vectors: dict[str, SteeringVector],
-    alphas: Sequence[float],
-    measure: Callable[[SteeringVector, float], Any],
-    *,
-    metric: str = "metric",
-    progress: bool = True,
-    extra: Sequence[str] = (),
-) -> Result:
+def dose_response(vectors: dict[str, SteeringVector], alphas: Sequence[float],
+                  measure: Callable[[SteeringVector, float], Any],
+                  *, metric: str = "metric", progress: bool = True, extra: Sequence[str] = ()) -> Result:
     """Generic sweep: `measure(vector, alpha)` -> a float, or a dict with `metric` (and `extra` keys).
 
     Returns a Result with axes (vector, alpha) [, quantity]; attrs hold the monotonicity summary.

@@ -221,20 +221,9 @@ def das(lm: interp.Instrumented, site: str, pos: int, base, source, targets, *, 
     k-dim subspace), iia_full_vector (swap everything at the site), base_agreement (no swap).
     attrs["alignment"] holds the trained model's W as a list.
     """
-    return iia_map(
-        lm,
-        [site],
-        [pos],
-        base,
-        source,
-        targets,
-        k=k,
-        candidates=candidates,
-        test_frac=test_frac,
-        random_baseline=random_baseline,
-        seed=seed,
-        **train_kw,
-    ).sel(**{_row(site): _row_coord(site), "pos": pos})
+    res = iia_map(lm, [site], [pos], base, source, targets, k=k, candidates=candidates, test_frac=test_frac,
+                  random_baseline=random_baseline, seed=seed, **train_kw)
+    return res.sel(**{_row(site): _row_coord(site), "pos": pos})
 
 
 def _row(site: str) -> str:

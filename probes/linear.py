@@ -229,17 +229,5 @@ def evaluate(X: torch.Tensor, y: torch.Tensor, *, kind: str = "ridge", lam=None,
     return out
 
 
-__all__ = [
-    "Probe",
-    "fit",
-    "ridge_loo_predictions",
-    "fit_ridge",
-    "fit_logistic",
-    "encode_labels",
-    "kfold",
-    "group_kfold",
-    "control_labels",
-    "cv_accuracy",
-    "evaluate",
-    "LAM_GRID",
-]
+__all__ = ["Probe", "fit", "ridge_loo_predictions", "fit_ridge", "fit_logistic", "encode_labels", "kfold",
+           "group_kfold", "control_labels", "cv_accuracy", "evaluate", "LAM_GRID"]

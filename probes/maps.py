@@ -80,22 +80,11 @@ def probe_map(ds: ActivationDataset, label: str | Sequence[Any], *, sites: Seque
         torch.set_num_threads(threads)
         bar.close()
     ax, rows = row_axis(sites)
-    return Result(
-        out,
-        ("measure", ax, ds.axis),
-        {"measure": measures, ax: rows, ds.axis: [str(c) for c in ds.coords]},
-        {
-            "label": label if isinstance(label, str) else "label",
-            "classes": [str(c) for c in classes],
-            "chance": chance,
-            "probe": kind,
-            "lam": lam if lam is not None else ("auto" if kind == "ridge" else 1e-3),
-            "folds": k,
-            "n": len(ds),
-            "metric": "held-out accuracy",
-            "sites": sites,
-        },
-    )
+    return Result(out, ("measure", ax, ds.axis), {"measure": measures, ax: rows, ds.axis: [str(c) for c in ds.coords]},
+                  {"label": label if isinstance(label, str) else "label", "classes": [str(c) for c in classes],
+                   "chance": chance, "probe": kind,
+                   "lam": lam if lam is not None else ("auto" if kind == "ridge" else 1e-3),
+                   "folds": k, "n": len(ds), "metric": "held-out accuracy", "sites": sites})
 
 
 def stack_models(maps: dict[str, Result]) -> Result:
@@ -143,28 +132,14 @@ def _unet_blocks(pipe: interp.Instrumented) -> list[str]:
     return blocks
 
 
-def diffusion_probe_maps(
-    pipe: interp.Instrumented,
-    prompts: Sequence[str],
-    labels: dict[str, Sequence[Any]],
-    label: str,
-    *,
-    subjects: Sequence[str] | None = None,
-    text_sites: str = "text_encoder.blocks.*.resid_post",
-    text_positions: dict | None = None,
-    denoiser_sites: Sequence[str] | None = None,
-    steps: int = 10,
-    guidance: float | None = None,
-    seed: int = 0,
-    types: str | None = None,
-    groups: str | None = None,
-    kind: str = "ridge",
-    random_baseline: bool = True,
-    batch_size: int = 16,
-    path: str | None = None,
-    k: int = 4,
-    progress: bool = True,
-) -> tuple[Result, Result]:
+def diffusion_probe_maps(pipe: interp.Instrumented, prompts: Sequence[str], labels: dict[str, Sequence[Any]],
+                         label: str, *, subjects: Sequence[str] | None = None,
+                         text_sites: str = "text_encoder.blocks.*.resid_post",
+                         text_positions: dict | None = None, denoiser_sites: Sequence[str] | None = None,
+                         steps: int = 10, guidance: float | None = None, seed: int = 0, types: str | None = None,
+                         groups: str | None = None, kind: str = "ridge", random_baseline: bool = True,
+                         batch_size: int = 16, path: str | None = None, k: int = 4,
+                         progress: bool = True) -> tuple[Result, Result]:
     """Probe `label` in a diffusers pipeline, beside a random-init copy of its text encoder and denoiser.
 
     Returns (text map with axes (model, measure, layer, pos) over text-encoder layers x token
