@@ -74,9 +74,8 @@ def model_identity(model: Any) -> dict:
     sample = []
     for p in picked:
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(
-            0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64
-        ).long()  # f32 overshoots
+        # float64: float32 overshoots the last index
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64).long()
         idx = idx.to(flat.device)
         sample += flat[idx].double().cpu().tolist()
     return {"arch": _io.fingerprint(layout, length=16), "sample": sample}

@@ -82,12 +82,9 @@ def register(sub) -> None:
     p.add_argument("--eval", help="LM: text file of prompts whose next-token probabilities are measured")
     p.add_argument("--targets", help="LM: comma-separated target words (single tokens, with leading spaces)")
     p.add_argument("--seed", type=int, default=0, help="seed of the controls and samples")
-    p.add_argument(
-        "--samples",
-        type=int,
-        default=None,
-        help="diffusion: images per caption (seeds) for extraction and for every alpha (default: the preset's)",
-    )
+    p.add_argument("--samples", type=int, default=None,
+                   help="diffusion: images per caption (seeds) for extraction and for every alpha "
+                        "(default: the preset's)")
     p.add_argument("--out", default="interp-out/steer", help="output folder (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -116,15 +113,9 @@ def parse_reduce(text: str):
 
 def config(args) -> Preset:
     pr = PRESETS[args.preset]
-    cfg = Preset(
-        pr.kind,
-        args.model or pr.model,
-        args.site or pr.site,
-        args.method or pr.method,
-        parse_reduce(args.reduce) if args.reduce else pr.reduce,
-        [float(a) for a in args.alphas.split(",")] if args.alphas else list(pr.alphas),
-        dict(pr.extra),
-    )
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(pr.alphas)
+    cfg = Preset(pr.kind, args.model or pr.model, args.site or pr.site, args.method or pr.method,
+                 parse_reduce(args.reduce) if args.reduce else pr.reduce, alphas, dict(pr.extra))
     if getattr(args, "norm", None):
         cfg.extra["norm"] = None if args.norm == "none" else "relative"
     cfg.extra.update(znorm=bool(args.znorm), seed=args.seed,
@@ -204,30 +195,20 @@ def run_lm(model, cfg: Preset, out: Path) -> dict:
     vecs = S.controls(sv, p, n, seed=x["seed"])
     norm = x.get("norm", "relative")
     res = S.lm_target_prob(lm, vecs, x["eval"], x["targets"], cfg.alphas, norm=norm)
-    rep = _finish(
-        res,
-        vecs,
-        cfg,
-        out,
-        f"{cfg.model} {cfg.site}: p({'|'.join(x['targets'][:3])}{'|...' if len(x['targets']) > 3 else ''}) vs alpha",
-    )
+    more = "|..." if len(x["targets"]) > 3 else ""
+    rep = _finish(res, vecs, cfg, out, f"{cfg.model} {cfg.site}: p({'|'.join(x['targets'][:3])}{more}) vs alpha")
     plain = S.generate(lm, x["eval"][0], max_new_tokens=12)
     zero = S.generate(lm, x["eval"][0], sv, 0.0, max_new_tokens=12)
     rep["alpha0_bitwise_identical"] = bool(
         torch.equal(plain["ids"], zero["ids"]) and torch.equal(plain["scores"], zero["scores"])
     )
     top = max(cfg.alphas)
-    rep["samples"] = {
-        "prompt": x["eval"][0],
-        "unsteered": plain["text"],
-        **{
-            f"{name} alpha={top}": S.generate(lm, x["eval"][0], v, top, max_new_tokens=12, norm=norm)["text"]
-            for name, v in vecs.items()
-        },
-        f"steer alpha={min(cfg.alphas)}": S.generate(
-            lm, x["eval"][0], sv, min(cfg.alphas), max_new_tokens=12, norm=norm
-        )["text"],
-    }
+    rep["samples"] = {"prompt": x["eval"][0], "unsteered": plain["text"],
+                      **{f"{name} alpha={top}": S.generate(lm, x["eval"][0], v, top, max_new_tokens=12,
+                                                           norm=norm)["text"]
+                         for name, v in vecs.items()},
+                      f"steer alpha={min(cfg.alphas)}": S.generate(lm, x["eval"][0], sv, min(cfg.alphas),
+                                                                   max_new_tokens=12, norm=norm)["text"]}
     rep["verdict"] = _verdict(rep)
     return rep
 
