@@ -84,7 +84,9 @@ class PerCell:
         unet, te = self.pipe.unet, self.pipe.text_encoder
         handles.append(te.register_forward_pre_hook(te_count, with_kwargs=True))
         handles.append(te.get_submodule(_embed_path(te)).register_forward_hook(corrupt))
-        handles.append(unet.register_forward_hook(lambda m, a, o: preds.append(o[0] if isinstance(o, tuple) else o.sample)))
+        handles.append(
+            unet.register_forward_hook(lambda m, a, o: preds.append(o[0] if isinstance(o, tuple) else o.sample))
+        )
         for path, fn in hooks:
             handles.append(_module(self.pipe, path).register_forward_hook(lambda m, a, o, fn=fn: fn(o, te_calls[0])))
         try:
@@ -112,7 +114,12 @@ class PerCell:
         def fn(o, calls):
             if self.step not in steps:
                 return None
-            return clean_by_step[self.step].clone() if not isinstance(o, tuple) else (clean_by_step[self.step].clone(), *o[1:])
+            return (
+                clean_by_step[self.step].clone()
+                if not isinstance(o, tuple)
+                else (clean_by_step[self.step].clone(), *o[1:])
+            )
+
         return self._call([(path, fn)])
 
 
@@ -216,8 +223,10 @@ def main() -> None:
     corrupted = corrupted[0] if corrupted.dim() == 4 else corrupted  # first (prompt) call
     sites = {s.name: s for s in lm.sites()}
     n_cells = len(text_sites) * len(tokens) + len(comps) * len(windows)
-    print(f"{args.size} SD pipeline: {n_cells} cells ({len(text_sites)} text layers x {len(tokens)} tokens + "
-          f"{len(comps)} UNet components x {len(windows)} step windows), {args.samples} images, {args.steps} steps, CFG")
+    print(
+        f"{args.size} SD pipeline: {n_cells} cells ({len(text_sites)} text layers x {len(tokens)} tokens + "
+        f"{len(comps)} UNet components x {len(windows)} step windows), {args.samples} images, {args.steps} steps, CFG"
+    )
     if args.profile:
         interp_trace(pipe, spec, comps, windows, text_sites, tokens)  # warm-up
         profile(lambda: interp_trace(pipe, spec, comps, windows, text_sites, tokens,

@@ -182,8 +182,14 @@ def project_sweep(dev, tm, reps):
 
     N, T, F, _ = SIZES["large"]
     gen = torch.Generator(device=dev).manual_seed(0)
-    print(f"projection sweep, x [{N}, {T}, {F}], every row; ms = median of {reps}; err = max |op - reference| / max |reference|")
-    print(f"{'dtype':<9} {'k':>3} {'BLOCK_M':>7} {'BLOCK_F':>7} {'warps':>5} {'half dot':>8} {'ms':>8} {'err':>9} {'unfused ms':>10}")
+    print(
+        f"projection sweep, x [{N}, {T}, {F}], every row; ms = median of {reps}; "
+        "err = max |op - reference| / max |reference|"
+    )
+    print(
+        f"{'dtype':<9} {'k':>3} {'BLOCK_M':>7} {'BLOCK_F':>7} {'warps':>5} {'half dot':>8} {'ms':>8} {'err':>9} "
+        f"{'unfused ms':>10}"
+    )
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
         x0 = torch.randn(N, T, F, device=dev, dtype=dtype, generator=gen)
         for rank in (16, 64):
@@ -193,7 +199,7 @@ def project_sweep(dev, tm, reps):
             want = ref.project(x0.clone(), L, R, mu).double()
             Lh, Rh, muh = L.to(dtype), R.to(dtype), mu.to(dtype)
             x = x0.clone()
-            t_u = tm(lambda: x.sub_(((x - muh) @ Rh.T) @ Lh.T), reps)
+            t_u = tm(lambda x=x, muh=muh, Rh=Rh, Lh=Lh: x.sub_(((x - muh) @ Rh.T) @ Lh.T), reps)
             halves = (False, True) if dtype != torch.float32 else (False,)
             for bm, bf, nw in ((16, 64, 4), (16, 128, 4), (32, 64, 4), (32, 128, 4), (64, 64, 8), (64, 128, 8)):
                 for half in halves:
@@ -201,7 +207,7 @@ def project_sweep(dev, tm, reps):
                     try:
                         got = tk.project(x0.clone(), L, R, mu).double()
                         err = ((got - want).abs().max() / want.abs().max()).item()
-                        t = tm(lambda: tk.project(x, L, R, mu), reps)
+                        t = tm(lambda x=x, L=L, R=R, mu=mu: tk.project(x, L, R, mu), reps)
                         print(f"{str(dtype)[6:]:<9} {rank:>3} {bm:>7} {bf:>7} {nw:>5} {str(half):>8} {t * 1e3:8.3f} "
                               f"{err:9.2e} {t_u * 1e3:10.3f}", flush=True)
                     except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported

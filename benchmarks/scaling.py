@@ -168,21 +168,30 @@ def main() -> None:
     c1 = statistics.median(one_cpu)
     crit = statistics.median(max(r) for r in info["cpu"])
     n = args.nproc
-    print(f"model: {'tiny 4-layer Llama' if args.tiny else 'SmolLM2-135M'}; sweep: resid_pre, {ref.values.numel()} cells, "
-          f"{g['rows'] - g['skipped_cells']} rows run, {g['skipped_cells']} cells skipped (equal values); chunk_rows={args.chunk_rows or 'default'}; "
-          f"threads per process: 1; cpus: {os.cpu_count()}; load avg: {os.getloadavg()[0]:.1f}")
+    print(
+        f"model: {'tiny 4-layer Llama' if args.tiny else 'SmolLM2-135M'}; sweep: resid_pre, "
+        f"{ref.values.numel()} cells, {g['rows'] - g['skipped_cells']} rows run, {g['skipped_cells']} cells skipped "
+        f"(equal values); chunk_rows={args.chunk_rows or 'default'}; "
+        f"threads per process: 1; cpus: {os.cpu_count()}; load avg: {os.getloadavg()[0]:.1f}"
+    )
     print(f"wall  1 process : {t1:7.2f} s  (median of {args.repeats}; {', '.join(f'{x:.2f}' for x in one)})")
     print(f"wall  {n} processes: {tn:7.2f} s  (median of {args.repeats}; {', '.join(f'{x:.2f}' for x in many)})"
           f"   wall speed-up {t1 / tn:.2f}x (this machine's {os.cpu_count()} cores are shared)")
     print(f"CPU   1 process : {c1:7.2f} s  (median; {', '.join(f'{x:.2f}' for x in one_cpu)})")
-    print(f"CPU   {n} processes: per rank {', '.join('[' + ', '.join(f'{x:.2f}' for x in r) + ']' for r in info['cpu'])} s; "
-          f"critical path (slowest rank, median) {crit:.2f} s")
+    print(
+        f"CPU   {n} processes: per rank "
+        f"{', '.join('[' + ', '.join(f'{x:.2f}' for x in r) + ']' for r in info['cpu'])} s; "
+        f"critical path (slowest rank, median) {crit:.2f} s"
+    )
     print(f"speed-up with a core per process (CPU time / critical path): {c1 / crit:.2f}x; fixed part per rank "
           f"(base run, checks, plan): {fixed:.2f} CPU s = {fixed / c1:.0%} of 1 process")
     print(f"bit-for-bit equal to 1 process: {same}")
     for what, v in by_hand.items():
-        print(f"split by hand into two sweeps over halves of the {what}: {int((v != ref.values).sum())} of "
-              f"{ref.values.numel()} cells differ from the one-sweep result (max |diff| {float((v - ref.values).abs().max()):.2e})")
+        print(
+            f"split by hand into two sweeps over halves of the {what}: {int((v != ref.values).sum())} of "
+            f"{ref.values.numel()} cells differ from the one-sweep result "
+            f"(max |diff| {float((v - ref.values).abs().max()):.2e})"
+        )
     print(f"model load: {load_s:.1f} s here; torchrun launch incl. load and all sweeps: {launch_s:.1f} s")
     for k in (2, 4, 8, 16):
         print(f"projection, {k:2d} workers with a device each (Amdahl, measured fixed part): "

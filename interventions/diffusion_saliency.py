@@ -539,9 +539,9 @@ def segmentation_scores(maps: torch.Tensor, masks: torch.Tensor, threshold: str 
     """Score saliency maps [N, h, w] against true boolean masks [N, H, W].
 
     Each map is upsampled to the mask grid (nearest: one token covers its patch of pixels) and binarised at its
-    own mean ("mean") or at the midpoint of its range ("mid"). Returns per-image tensors: iou (foreground IoU), miou (mean of foreground and background
-    IoU, the two-class convention of segmentation benchmarks), pointing (1 where the map's maximum lies inside
-    the mask)."""
+    own mean ("mean") or at the midpoint of its range ("mid"). Returns per-image tensors: iou (foreground IoU),
+    miou (mean of foreground and background IoU, the two-class convention of segmentation benchmarks),
+    pointing (1 where the map's maximum lies inside the mask)."""
     maps = torch.as_tensor(maps).float()
     masks = torch.as_tensor(masks).bool()
     if maps.dim() != 3 or masks.dim() != 3 or len(maps) != len(masks):

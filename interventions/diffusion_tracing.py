@@ -54,8 +54,10 @@ def embedding_stds(lm: interp.Instrumented) -> dict[str, float]:
 
 def corruption(lm: interp.Instrumented, attribute: str, noise: float = 3.0, seed: int = 0) -> list[Noise]:
     """Noise ops on every text encoder's word embeddings of `attribute` (prompt rows only)."""
-    return [Noise(f"{c}.embed", std=noise * s, seed=seed + 101 * k, where=at(pos=Subject(attribute, "all"), branch="cond"))
-            for k, (c, s) in enumerate(embedding_stds(lm).items())]
+    return [
+        Noise(f"{c}.embed", std=noise * s, seed=seed + 101 * k, where=at(pos=Subject(attribute, "all"), branch="cond"))
+        for k, (c, s) in enumerate(embedding_stds(lm).items())
+    ]
 
 
 def attribute_metric(attribute: str, value: str) -> Callable[[SampleOutput], torch.Tensor]:
@@ -223,8 +225,12 @@ def trace_diffusion(model, prompt: str, attribute: str, *, samples: int = 4, see
             if c[0] == key:
                 v[layers.index(c[1]), toks.index(c[2])] = eff[i]
         words = prepared.views[comp][0]
-        text_res[key] = Result(v, ("layer", "token"), {"layer": layers, "token": [f"{t}:{words[t].strip()}" for t in toks]},
-                               {**attrs, "title": f"restore {key} (layer x token): {prompt!r}, corrupt {attribute!r}"})
+        text_res[key] = Result(
+            v,
+            ("layer", "token"),
+            {"layer": layers, "token": [f"{t}:{words[t].strip()}" for t in toks]},
+            {**attrs, "title": f"restore {key} (layer x token): {prompt!r}, corrupt {attribute!r}"},
+        )
     den_res = None
     if denoiser:
         v = torch.zeros(len(comps), len(ws))

@@ -74,7 +74,8 @@ def model_identity(model: Any) -> dict:
     sample = []
     for p in picked:
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64).long()  # f32 overshoots
+        # float64: float32 overshoots the last index
+        idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLE, flat.numel()), dtype=torch.float64).long()
         idx = idx.to(flat.device)
         sample += flat[idx].double().cpu().tolist()
     return {"arch": _io.fingerprint(layout, length=16), "sample": sample}
@@ -124,7 +125,9 @@ class SteeringVector(Direction):
         does not know the model: `apply`, `generate` and `lm_target_prob` check it with `check`."""
         _finite_alpha(alpha)
         if self.spatial is not None and pos is not None:
-            raise ValueError(f"a spatial={self.spatial!r} vector is added at every location; pos={pos!r} cannot be used")
+            raise ValueError(
+                f"a spatial={self.spatial!r} vector is added at every location; pos={pos!r} cannot be used"
+            )
         return Add(self.site, self.vector, alpha=float(alpha), norm=norm, spatial=self.spatial,
                    where=at(pos=pos, steps=steps, items=items))
 
@@ -286,7 +289,9 @@ def controls(vector: SteeringVector, pos: torch.Tensor | None = None, neg: torch
         d = shuffled_direction(pos, neg, method, znorm, seed).double()
         v = vector.vector.double()
         d = (d - (d * v).sum() / (v * v).sum().clamp_min(EPS) * v).float()
-        sv = replace(vector, vector=d, method="shuffled", meta={**vector.meta, "control": "shuffled labels", "seed": seed})
+        sv = replace(
+            vector, vector=d, method="shuffled", meta={**vector.meta, "control": "shuffled labels", "seed": seed}
+        )
         out["norm_matched"] = sv.rescaled(vector.norm)
     return out
 
@@ -313,7 +318,8 @@ def monotonicity(values: Sequence[float], alphas: Sequence[float]) -> dict[str, 
             "monotone": bool((d > 0).all() or (d < 0).all()), "change": float(v[-1] - v[0])}
 
 
-def dose_response(vectors: dict[str, SteeringVector], alphas: Sequence[float], measure: Callable[[SteeringVector, float], Any],
+def dose_response(vectors: dict[str, SteeringVector], alphas: Sequence[float],
+                  measure: Callable[[SteeringVector, float], Any],
                   *, metric: str = "metric", progress: bool = True, extra: Sequence[str] = ()) -> Result:
     """Generic sweep: `measure(vector, alpha)` -> a float, or a dict with `metric` (and `extra` keys).
 

@@ -15,6 +15,6 @@ from .linear import Probe, control_labels, evaluate, fit
 from .maps import diffusion_probe_maps, lm_probe_maps, peak, plot_maps, probe_map
 
 __all__ = ["ActivationDataset", "SubjectOf", "collect", "Probe", "fit", "evaluate", "control_labels",
-           "probe_map", "lm_probe_maps", "diffusion_probe_maps", "plot_maps", "peak", "Direction", "mean_difference", "lda",
-           "probe_direction", "from_dataset", "Alignment", "fit_das", "iia", "base_agreement", "das", "iia_map",
+           "probe_map", "lm_probe_maps", "diffusion_probe_maps", "plot_maps", "peak", "Direction", "mean_difference",
+           "lda", "probe_direction", "from_dataset", "Alignment", "fit_das", "iia", "base_agreement", "das", "iia_map",
            "random_copy"]

@@ -157,7 +157,9 @@ def fit_das(lm: interp.Instrumented, site: str, pos: int, base, source, targets:
         bar.close()
     with torch.no_grad():
         W = lin.weight.detach().clone()
-    return Alignment(W, site, pos, {"k": k, "epochs": epochs, "lr": lr, "n_train": len(targets), "final_loss": loss.item()})
+    return Alignment(
+        W, site, pos, {"k": k, "epochs": epochs, "lr": lr, "n_train": len(targets), "final_loss": loss.item()}
+    )
 
 
 def iia(lm: interp.Instrumented, alignment: Alignment | None, base, source, targets, *, site: str | None = None,
@@ -219,8 +221,9 @@ def das(lm: interp.Instrumented, site: str, pos: int, base, source, targets, *, 
     k-dim subspace), iia_full_vector (swap everything at the site), base_agreement (no swap).
     attrs["alignment"] holds the trained model's W as a list.
     """
-    return iia_map(lm, [site], [pos], base, source, targets, k=k, candidates=candidates, test_frac=test_frac,
-                   random_baseline=random_baseline, seed=seed, **train_kw).sel(**{_row(site): _row_coord(site), "pos": pos})
+    res = iia_map(lm, [site], [pos], base, source, targets, k=k, candidates=candidates, test_frac=test_frac,
+                  random_baseline=random_baseline, seed=seed, **train_kw)
+    return res.sel(**{_row(site): _row_coord(site), "pos": pos})
 
 
 def _row(site: str) -> str:

@@ -112,7 +112,9 @@ class ActivationDataset:
         path = Path(path)
         meta_file = path / "meta.json"
         if not meta_file.exists():
-            raise FileNotFoundError(f"{path} holds no activation dataset (no meta.json); create one with probes.collect")
+            raise FileNotFoundError(
+                f"{path} holds no activation dataset (no meta.json); create one with probes.collect"
+            )
         meta = json.loads(meta_file.read_text())
         if meta.get("format") != FORMAT:
             raise ValueError(f"{meta_file} is not an interp activation dataset (format {meta.get('format')!r})")
@@ -281,7 +283,7 @@ def text_encoder_runner(pipe: interp.Instrumented, sites: list[str], positions: 
             for j in range(t.shape[0]):
                 toks = tokens[j][:len(prompt_positions(tokens[j]))]
                 cols = []
-                for name, spec_ in positions.items():
+                for spec_ in positions.values():
                     if spec_ == "eos":
                         idx = [len(toks) - 1]
                     else:

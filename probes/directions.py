@@ -22,7 +22,9 @@ from interp.direction import Direction, znormalize
 from .linear import Probe, encode_labels
 
 
-def _groups(X: torch.Tensor, labels: Sequence[Any] | torch.Tensor, positive, negative) -> tuple[torch.Tensor, torch.Tensor]:
+def _groups(
+    X: torch.Tensor, labels: Sequence[Any] | torch.Tensor, positive, negative
+) -> tuple[torch.Tensor, torch.Tensor]:
     X = torch.as_tensor(X).double()
     if X.dim() != 2:
         raise ValueError(f"activations must be [n_examples, d]; got {tuple(X.shape)}")
@@ -68,7 +70,8 @@ def lda(X: torch.Tensor, labels, positive, negative=None, *, site: str = "", shr
     S = (1 - shrinkage) * S + shrinkage * (torch.trace(S) / d).clamp_min(1e-12) * torch.eye(d, dtype=S.dtype)
     w = torch.linalg.solve(S + 1e-10 * torch.eye(d, dtype=S.dtype), diff)
     w = w * (diff @ diff) / (w @ diff)  # same projection of the class difference as the mean difference
-    return Direction(w, site, "lda", {"positive": str(positive), "negative": str(negative if negative is not None else "rest"),
+    return Direction(w, site, "lda", {"positive": str(positive),
+                                      "negative": str(negative if negative is not None else "rest"),
                                       "shrinkage": shrinkage, "n_positive": len(P), "n_negative": len(N),
                                       "data_hash": _data_hash(X), **(meta or {})}, mu=X.mean(0),
                      data_hash=_data_hash(X))

@@ -155,7 +155,9 @@ def fit(X: torch.Tensor, y: torch.Tensor, kind: str = "ridge", n_classes: int | 
 
 # -- splits and control tasks ------------------------------------------------------------------
 
-def kfold(n: int, k: int = 4, seed: int = 0, stratify: torch.Tensor | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def kfold(
+    n: int, k: int = 4, seed: int = 0, stratify: torch.Tensor | None = None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """k (train, test) index splits; stratified by class when `stratify` is given."""
     if n < 2 * k:
         raise ValueError(f"{n} examples are too few for {k}-fold held-out accuracy: collect at least {2 * k}")
@@ -227,5 +229,5 @@ def evaluate(X: torch.Tensor, y: torch.Tensor, *, kind: str = "ridge", lam=None,
     return out
 
 
-__all__ = ["Probe", "fit", "ridge_loo_predictions", "fit_ridge", "fit_logistic", "encode_labels", "kfold", "group_kfold",
-           "control_labels", "cv_accuracy", "evaluate", "LAM_GRID"]
+__all__ = ["Probe", "fit", "ridge_loo_predictions", "fit_ridge", "fit_logistic", "encode_labels", "kfold",
+           "group_kfold", "control_labels", "cv_accuracy", "evaluate", "LAM_GRID"]

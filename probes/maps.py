@@ -82,7 +82,8 @@ def probe_map(ds: ActivationDataset, label: str | Sequence[Any], *, sites: Seque
     ax, rows = row_axis(sites)
     return Result(out, ("measure", ax, ds.axis), {"measure": measures, ax: rows, ds.axis: [str(c) for c in ds.coords]},
                   {"label": label if isinstance(label, str) else "label", "classes": [str(c) for c in classes],
-                   "chance": chance, "probe": kind, "lam": lam if lam is not None else ("auto" if kind == "ridge" else 1e-3),
+                   "chance": chance, "probe": kind,
+                   "lam": lam if lam is not None else ("auto" if kind == "ridge" else 1e-3),
                    "folds": k, "n": len(ds), "metric": "held-out accuracy", "sites": sites})
 
 
@@ -92,7 +93,9 @@ def stack_models(maps: dict[str, Result]) -> Result:
     first = maps[names[0]]
     for n in names[1:]:
         if maps[n].axes != first.axes or maps[n].shape != first.shape:
-            raise ValueError(f"map {n!r} has axes {maps[n].axes} {maps[n].shape}, {names[0]!r} has {first.axes} {first.shape}")
+            raise ValueError(
+                f"map {n!r} has axes {maps[n].axes} {maps[n].shape}, {names[0]!r} has {first.axes} {first.shape}"
+            )
     return Result(torch.stack([maps[n].values for n in names]), ("model", *first.axes),
                   {"model": names, **first.coords}, {**first.attrs, "models": names})
 
@@ -129,8 +132,9 @@ def _unet_blocks(pipe: interp.Instrumented) -> list[str]:
     return blocks
 
 
-def diffusion_probe_maps(pipe: interp.Instrumented, prompts: Sequence[str], labels: dict[str, Sequence[Any]], label: str,
-                         *, subjects: Sequence[str] | None = None, text_sites: str = "text_encoder.blocks.*.resid_post",
+def diffusion_probe_maps(pipe: interp.Instrumented, prompts: Sequence[str], labels: dict[str, Sequence[Any]],
+                         label: str, *, subjects: Sequence[str] | None = None,
+                         text_sites: str = "text_encoder.blocks.*.resid_post",
                          text_positions: dict | None = None, denoiser_sites: Sequence[str] | None = None,
                          steps: int = 10, guidance: float | None = None, seed: int = 0, types: str | None = None,
                          groups: str | None = None, kind: str = "ridge", random_baseline: bool = True,

@@ -10,14 +10,16 @@ import contextlib
 import contextvars
 import difflib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from interp.errors import InterpError, OfflineModelError
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
-_PLACEMENT: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("interp_cli_placement", default={})
+_PLACEMENT: contextvars.ContextVar[Mapping[str, Any]] = contextvars.ContextVar(
+    "interp_cli_placement", default=MappingProxyType({}))
 
 
 class ModelNotFoundError(InterpError, FileNotFoundError):

@@ -85,8 +85,12 @@ def register(sub) -> None:
     p.add_argument("--das-epochs", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--cache", help="folder for memory-mapped activations (resumable)")
-    p.add_argument("--steps", type=int, default=10, help="sampling steps for diffusion pipelines (default: %(default)s)")
-    p.add_argument("--guidance", type=float, default=None, help="CFG scale for diffusion pipelines (default: the pipeline's)")
+    p.add_argument(
+        "--steps", type=int, default=10, help="sampling steps for diffusion pipelines (default: %(default)s)"
+    )
+    p.add_argument(
+        "--guidance", type=float, default=None, help="CFG scale for diffusion pipelines (default: the pipeline's)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="interp-out/probe", help="output folder (default: %(default)s)")
     p.set_defaults(func=run)
@@ -236,7 +240,9 @@ def run_toy(args) -> int:
     res, _ = lm_probe_maps(lm, list(X), lab, "V", positions=[0, 1, 2, 3], types="pair", groups="pair",
                            random_baseline=not args.no_random, seed=args.seed, k=args.folds)
     res.save(out / "toy_probe_map")
-    plot_maps(res, out / "toy_probe_map.png", title=f"toy: probe for V (written at layer {m.write_layer}, last position)")
+    plot_maps(
+        res, out / "toy_probe_map.png", title=f"toy: probe for V (written at layer {m.write_layer}, last position)"
+    )
     base, source, tgt = m.counterfactual_pairs(600, seed=args.seed)
     iia = iia_map(lm, [f"blocks.{i}.resid_post" for i in range(len(m.model.layers))], [0, 1, 2, 3], base, source, tgt,
                   k=2, candidates=list(range(m.C)), random_baseline=not args.no_random, seed=args.seed,

@@ -73,7 +73,9 @@ def register(sub) -> None:
     p.add_argument("--reduce", help="positions / spatial axes: last, mean, keep, a position (0) or a slice (1:)")
     p.add_argument("--norm", choices=("relative", "none"), help="norm-relative alpha or an absolute multiple")
     p.add_argument("--znorm", action="store_true", help="z-normalise each example before the difference")
-    p.add_argument("--alphas", help="comma-separated alphas, e.g. --alphas=-0.2,0,0.2 (with '=' when the first is negative)")
+    p.add_argument(
+        "--alphas", help="comma-separated alphas, e.g. --alphas=-0.2,0,0.2 (with '=' when the first is negative)"
+    )
     p.add_argument("--steps", help="step window START,STOP for diffusion / rollout injection")
     p.add_argument("--positive", help="LM: text file, one positive prompt per line")
     p.add_argument("--negative", help="LM: text file, one negative prompt per line")
@@ -81,7 +83,8 @@ def register(sub) -> None:
     p.add_argument("--targets", help="LM: comma-separated target words (single tokens, with leading spaces)")
     p.add_argument("--seed", type=int, default=0, help="seed of the controls and samples")
     p.add_argument("--samples", type=int, default=None,
-                   help="diffusion: images per caption (seeds) for extraction and for every alpha (default: the preset's)")
+                   help="diffusion: images per caption (seeds) for extraction and for every alpha "
+                        "(default: the preset's)")
     p.add_argument("--out", default="interp-out/steer", help="output folder (default: %(default)s)")
     p.set_defaults(func=run)
 
@@ -110,9 +113,9 @@ def parse_reduce(text: str):
 
 def config(args) -> Preset:
     pr = PRESETS[args.preset]
+    alphas = [float(a) for a in args.alphas.split(",")] if args.alphas else list(pr.alphas)
     cfg = Preset(pr.kind, args.model or pr.model, args.site or pr.site, args.method or pr.method,
-                 parse_reduce(args.reduce) if args.reduce else pr.reduce, [float(a) for a in args.alphas.split(",")] if args.alphas else list(pr.alphas),
-                 dict(pr.extra))
+                 parse_reduce(args.reduce) if args.reduce else pr.reduce, alphas, dict(pr.extra))
     if getattr(args, "norm", None):
         cfg.extra["norm"] = None if args.norm == "none" else "relative"
     cfg.extra.update(znorm=bool(args.znorm), seed=args.seed,
@@ -192,13 +195,17 @@ def run_lm(model, cfg: Preset, out: Path) -> dict:
     vecs = S.controls(sv, p, n, seed=x["seed"])
     norm = x.get("norm", "relative")
     res = S.lm_target_prob(lm, vecs, x["eval"], x["targets"], cfg.alphas, norm=norm)
-    rep = _finish(res, vecs, cfg, out, f"{cfg.model} {cfg.site}: p({'|'.join(x['targets'][:3])}{'|...' if len(x['targets']) > 3 else ''}) vs alpha")
+    more = "|..." if len(x["targets"]) > 3 else ""
+    rep = _finish(res, vecs, cfg, out, f"{cfg.model} {cfg.site}: p({'|'.join(x['targets'][:3])}{more}) vs alpha")
     plain = S.generate(lm, x["eval"][0], max_new_tokens=12)
     zero = S.generate(lm, x["eval"][0], sv, 0.0, max_new_tokens=12)
-    rep["alpha0_bitwise_identical"] = bool(torch.equal(plain["ids"], zero["ids"]) and torch.equal(plain["scores"], zero["scores"]))
+    rep["alpha0_bitwise_identical"] = bool(
+        torch.equal(plain["ids"], zero["ids"]) and torch.equal(plain["scores"], zero["scores"])
+    )
     top = max(cfg.alphas)
     rep["samples"] = {"prompt": x["eval"][0], "unsteered": plain["text"],
-                      **{f"{name} alpha={top}": S.generate(lm, x["eval"][0], v, top, max_new_tokens=12, norm=norm)["text"]
+                      **{f"{name} alpha={top}": S.generate(lm, x["eval"][0], v, top, max_new_tokens=12,
+                                                           norm=norm)["text"]
                          for name, v in vecs.items()},
                       f"steer alpha={min(cfg.alphas)}": S.generate(lm, x["eval"][0], sv, min(cfg.alphas),
                                                                    max_new_tokens=12, norm=norm)["text"]}
@@ -350,6 +357,8 @@ def run_diffusion(pipe, cfg: Preset, out: Path) -> dict:
                       labels=[f"a={a:g} {shapes[i]}" for a in cfg.alphas for i in show], ncol=len(show),
                       title=f"steer {x['positive']} - {x['negative']} at {cfg.site} on '{x['base']}' prompts")
     rep["samples"] = str(out / "samples.png")
-    rep["verdict"] = _verdict(rep) + f"; shape accuracy drop {rep['shape_accuracy']['steer_max_drop_points']:.1f} points"
+    rep["verdict"] = (
+        _verdict(rep) + f"; shape accuracy drop {rep['shape_accuracy']['steer_max_drop_points']:.1f} points"
+    )
     return rep
 

@@ -30,16 +30,22 @@ def register(sub) -> None:
     p.add_argument("--out", default="interp-out/trace", help="output folder (default: %(default)s)")
     p.add_argument("--samples", type=int, default=None, help="noise samples, held in one batch (default: 10 for a "
                    "language model, 2 for a pipeline)")
-    p.add_argument("--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: %(default)s)")
+    p.add_argument(
+        "--noise", type=float, default=3.0, help="noise std as a multiple of the embedding std (default: %(default)s)"
+    )
     p.add_argument("--seed", type=int, default=0, help="first noise seed (default: %(default)s)")
     p.add_argument("--seeds", type=int, default=3, help="language models: noise seeds seed..seed+N-1; maps are the "
                    "mean over seeds with a 95%% t interval (default: %(default)s)")
-    p.add_argument("--window", type=int, default=10, help="consecutive MLP / attention layers restored at once (default: %(default)s)")
-    p.add_argument("--state", default="resid_post", choices=("resid_post", "resid_pre"), help="hidden state restored (default: %(default)s)")
+    p.add_argument("--window", type=int, default=10,
+                   help="consecutive MLP / attention layers restored at once (default: %(default)s)")
+    p.add_argument("--state", default="resid_post", choices=("resid_post", "resid_pre"),
+                   help="hidden state restored (default: %(default)s)")
     p.add_argument("--kinds", default=None, help="comma list; tracing: hidden,mlp,attn; patching: "
                    f"{','.join(PATCH_KINDS)} (default: all)")
     p.add_argument("--layers", default=None, help="layer subset, e.g. '0-9' or '3,5,7' (default: all)")
-    p.add_argument("--corrupted", default=None, help="corrupted prompt: run activation patching instead of noise tracing")
+    p.add_argument(
+        "--corrupted", default=None, help="corrupted prompt: run activation patching instead of noise tracing"
+    )
     p.add_argument("--foil", default=None, help="with --corrupted: the foil token for a logit-difference metric")
     p.add_argument("--metric", default=None, choices=("logit_diff", "prob", "kl"),
                    help="with --corrupted (default: logit_diff with --foil, else prob)")

@@ -35,7 +35,9 @@ def summary(m: dict) -> str:
     if "kappa_fit" in m:
         fits = m["kappa_fit"].values()
         ok = sum(f["rel_err"] <= 0.10 for f in fits)
-        parts.append(f"fitted kappa within 10% in {ok} of {len(m['kappa_fit'])} regimes (worst {m['kappa_fit_max_rel_err']:.0%})")
+        parts.append(
+            f"fitted kappa within 10% in {ok} of {len(m['kappa_fit'])} regimes (worst {m['kappa_fit_max_rel_err']:.0%})"
+        )
     steps = [r.get("train_steps") for r in m.get("lineage", [])] or [m.get("train_steps")]
     if all(isinstance(x, int) for x in steps) and steps:
         parts.append(f"{sum(steps)} training steps")

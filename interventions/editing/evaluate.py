@@ -87,7 +87,7 @@ def score(lm, cases: Sequence[Case]) -> list[dict]:
     """Per case: efficacy, generalisation, specificity (fractions) and the probabilities behind them."""
     tok = lm.tokenizer
     prompts, owners = [], []
-    for i, c in enumerate(cases):
+    for c in cases:
         prompts += [c.fact.text(), *c.paraphrases, *(q for q, _ in c.neighbours)]
         owners.append(len(prompts))
     probs = next_token_probs(lm, prompts)

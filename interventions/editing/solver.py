@@ -68,6 +68,10 @@ class SolverConfig:
     ridge: float = 1e-6              # ROME, MEMIT: C + ridge * mean eigenvalue * I (invertible from short texts)
 
 
+_VALUE_DEFAULTS = ValueConfig()
+_SOLVER_DEFAULTS = SolverConfig()
+
+
 def _ids(tok, text: str) -> list[int]:
     return list(tok(text)["input_ids"])
 
@@ -177,7 +181,7 @@ def _value_batch(tok, facts: Sequence[Fact], context: Sequence[str], kl_prompt: 
 
 
 def optimise_values(lm, layer: int, facts: Sequence[Fact], context: Sequence[str], z_init: torch.Tensor,
-                    cfg: ValueConfig = ValueConfig()) -> tuple[torch.Tensor, list[dict]]:
+                    cfg: ValueConfig = _VALUE_DEFAULTS) -> tuple[torch.Tensor, list[dict]]:
     """One delta per fact ([n, d], added to block `layer`'s MLP output at the subject's last token) that makes the
     model say the fact's target. Facts share the batch but not their deltas: the loss is a sum of per-fact terms
     and Adam is elementwise, so this equals optimising each alone (early stop and norm clamp are per fact)."""
@@ -273,7 +277,7 @@ class Targets:
 
 
 def compute_targets(lm, facts: Sequence[Fact], layer: int, context: Sequence[str] | None = None,
-                    cfg: ValueConfig = ValueConfig(), progress: bool = True, chunk: int = 8) -> Targets:
+                    cfg: ValueConfig = _VALUE_DEFAULTS, progress: bool = True, chunk: int = 8) -> Targets:
     """Optimise one delta per fact at block `layer` (shareable by every method whose last layer is `layer`)."""
     context = list(context) if context is not None else prefixes(lm)
     z0 = current_outputs(lm, f"blocks.{layer}.resid_post", facts)
@@ -312,7 +316,7 @@ def _write(model: torch.nn.Module, proj: Projection, W: torch.Tensor) -> None:
 def edit(lm, facts: Sequence[Fact], method: str = "memit", layers: Sequence[int] = (4,), *,
          targets: Targets | None = None, stats: dict[int, KeyStats] | None = None, text="licenses",
          n_tokens: int = 20_000, seed: int = 0, context: Sequence[str] | None = None,
-         value_cfg: ValueConfig = ValueConfig(), solver_cfg: SolverConfig = SolverConfig(),
+         value_cfg: ValueConfig = _VALUE_DEFAULTS, solver_cfg: SolverConfig = _SOLVER_DEFAULTS,
          progress: bool = True) -> Edit:
     """Rewrite `facts` in the MLP down-projections of `layers`; returns an Edit (new weights), model left as it was.
 

@@ -36,6 +36,9 @@ class StudyConfig:
                                                    "alphaedit-energy1%": {"null_energy": 0.01}})
 
 
+_STUDY_DEFAULTS = StudyConfig()
+
+
 def _subset(t: Targets, idx: Sequence[int]) -> Targets:
     return Targets(t.layer, [t.facts[i] for i in idx], t.deltas[list(idx)], t.z[list(idx)], [t.info[i] for i in idx])
 
@@ -70,7 +73,7 @@ def _run_batches(lm, cases: list[Case], idx: list[int], size: int, method: str, 
     return {"summary": summarize(rows), "rows": rows, "solve_seconds": seconds, "fluency": flu}
 
 
-def run_study(lm, out: str | Path, cfg: StudyConfig = StudyConfig(), progress: bool = True) -> dict:
+def run_study(lm, out: str | Path, cfg: StudyConfig = _STUDY_DEFAULTS, progress: bool = True) -> dict:
     """Run the whole study and write `out/editing_study.json` (targets are cached in `out/targets.safetensors`)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -209,10 +209,13 @@ def heldout_probe(x_fit: torch.Tensor, z_fit: torch.Tensor, x_test: torch.Tensor
     out = {"accuracy": correct / n, "ci95": [lo, hi], "chance": chance, "chance_range": [chance_low, chance],
            "n_test": n, "chance_in_ci": lo <= chance and hi >= chance_low, "quadratic": quadratic}
     if hi < chance_low:
-        warnings.warn(f"held-out probe accuracy {correct / n:.3f} (95% CI {lo:.3f}-{hi:.3f}) is below chance "
-                      f"({chance_low:.3f}-{chance:.3f}): the probe learned an anti-correlated rule, so the eraser's "
-                      "statistics and the "
-                      "scored data are not independent (fit and score on disjoint splits drawn the same way)")
+        warnings.warn(
+            f"held-out probe accuracy {correct / n:.3f} (95% CI {lo:.3f}-{hi:.3f}) is below chance "
+            f"({chance_low:.3f}-{chance:.3f}): the probe learned an anti-correlated rule, so the eraser's "
+            "statistics and the "
+            "scored data are not independent (fit and score on disjoint splits drawn the same way)",
+            stacklevel=2,
+        )
     return out
 
 

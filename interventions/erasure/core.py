@@ -112,7 +112,9 @@ class Edit:
         for name, value in self.tensors.items():
             p = get_param(model, name)
             if p.shape != value.shape:
-                raise ValueError(f"edit of {name!r} has shape {tuple(value.shape)}, the model's tensor has {tuple(p.shape)}")
+                raise ValueError(
+                    f"edit of {name!r} has shape {tuple(value.shape)}, the model's tensor has {tuple(p.shape)}"
+                )
             with torch.no_grad():
                 p.copy_(value.to(p.dtype))
         return model

@@ -40,7 +40,9 @@ def test_causal_lm_family(kind):
     for need in ["embed", "blocks.0.resid_pre", "blocks.2.attn.out", "blocks.1.attn.z", "blocks.1.mlp.out",
                  "blocks.2.resid_post", "final", "logits"]:
         assert need in names, (kind, need)
-    c = lm.run(ids, capture=["blocks.*.resid_pre", "blocks.*.resid_post", "blocks.*.attn.*", "blocks.*.mlp.out", "logits"])
+    c = lm.run(
+        ids, capture=["blocks.*.resid_pre", "blocks.*.resid_post", "blocks.*.attn.*", "blocks.*.mlp.out", "logits"]
+    )
     cap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2 caps after lm_head
     site_logits = c.cache["logits"] if not cap else torch.tanh(c.cache["logits"] / cap) * cap
     torch.testing.assert_close(site_logits, c.logits)

@@ -33,12 +33,28 @@ def family(request):
 def test_site_names_follow_the_grammar():
     sd = interp.attach(tiny_sd())
     names = sd.site_names()
-    for n in ["text_encoder.embed", "text_encoder.blocks.1.attn.out", "text_encoder.blocks.0.attn.z", "unet.context",
-              "unet.down.0.resnet.0", "unet.down.0.attn.0.self.out", "unet.down.0.attn.0.cross.out",
-              "unet.down.0.attn.0.cross.k", "unet.down.0.downsample", "unet.mid", "unet.mid.attn.0.self.out",
-              "unet.mid.resnet.1", "unet.up.1.resnet.1", "unet.up.1.attn.1.cross.out", "unet.up.0.upsample", "unet.out"]:
+    for n in [
+        "text_encoder.embed",
+        "text_encoder.blocks.1.attn.out",
+        "text_encoder.blocks.0.attn.z",
+        "unet.context",
+        "unet.down.0.resnet.0",
+        "unet.down.0.attn.0.self.out",
+        "unet.down.0.attn.0.cross.out",
+        "unet.down.0.attn.0.cross.k",
+        "unet.down.0.downsample",
+        "unet.mid",
+        "unet.mid.attn.0.self.out",
+        "unet.mid.resnet.1",
+        "unet.up.1.resnet.1",
+        "unet.up.1.attn.1.cross.out",
+        "unet.up.0.upsample",
+        "unet.out",
+    ]:
         assert n in names, n
-    assert sd.site("unet.down.0.attn.0.cross.out").module == "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    assert (
+        sd.site("unet.down.0.attn.0.cross.out").module == "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    )
     assert sd.site("text_encoder.blocks.1.attn.z").heads == 2
     xl = interp.attach(tiny_sdxl())
     assert xl.site("unet.down.1.attn.0.block.1.cross.out").module == \
@@ -121,11 +137,21 @@ def test_sdxl_unet_alone_with_added_conditioning_in_a_grid():
     lm = interp.attach(unet)
     assert {"unet.add_embed", "unet.down.1.attn.0.block.1.cross.k"} <= set(lm.site_names())
     g = torch.Generator().manual_seed(0)
-    kw = {"sample": torch.randn(2, 3, 8, 8, generator=g), "timestep": torch.tensor([10, 500]),
-          "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
-          "added_cond_kwargs": {"text_embeds": torch.randn(2, 8, generator=g), "time_ids": torch.randn(2, 6, generator=g)}}
+    kw = {
+        "sample": torch.randn(2, 3, 8, 8, generator=g),
+        "timestep": torch.tensor([10, 500]),
+        "encoder_hidden_states": torch.randn(2, 16, 32, generator=g),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(2, 8, generator=g),
+            "time_ids": torch.randn(2, 6, generator=g),
+        },
+    }
     v = torch.randn(32, generator=g)
-    rows = [[], [interp.Add("unet.add_embed", v)], [interp.Ablate("unet.down.1.attn.0.block.1.cross.k", "zero", where=at(pos=2))]]
+    rows = [
+        [],
+        [interp.Add("unet.add_embed", v)],
+        [interp.Ablate("unet.down.1.attn.0.block.1.cross.k", "zero", where=at(pos=2))],
+    ]
     grid = lm.run_grid(kw, rows, metric=lambda o: o.flatten(1), progress=False)
     with torch.no_grad():
         plain = unet(**kw).sample.flatten(1)

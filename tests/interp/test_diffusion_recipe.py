@@ -13,9 +13,32 @@ from recipes.cli import main  # noqa: E402
 def test_interp_trace_on_a_pipeline_folder(tmp_path):
     tiny_sd().save_pretrained(tmp_path / "pipe")
     out = tmp_path / "out"
-    rc = main(["trace", "--model", str(tmp_path / "pipe"), "--prompt", "a small red circle on the left, solid",
-               "--subject", "red", "--steps", "2", "--guidance", "3", "--samples", "2", "--layers", "1",
-               "--components", "unet.mid,unet.up.1.resnet.*", "--windows", "steps", "--no-influence", "--out", str(out)])
+    rc = main(
+        [
+            "trace",
+            "--model",
+            str(tmp_path / "pipe"),
+            "--prompt",
+            "a small red circle on the left, solid",
+            "--subject",
+            "red",
+            "--steps",
+            "2",
+            "--guidance",
+            "3",
+            "--samples",
+            "2",
+            "--layers",
+            "1",
+            "--components",
+            "unet.mid,unet.up.1.resnet.*",
+            "--windows",
+            "steps",
+            "--no-influence",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["subject"] == "red" and summary["corrupted_metric"] < summary["clean_metric"]

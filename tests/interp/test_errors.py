@@ -75,7 +75,7 @@ def test_prompts_of_different_token_lengths(gpt2):
 
 
 def test_op_whose_site_never_ran(gpt2):
-    lm = interp.attach(gpt2)
+    interp.attach(gpt2)
     # a raw site on a module that exists but is not on this forward path
     gpt2.unused = torch.nn.Linear(64, 64)
     try:

@@ -20,7 +20,9 @@ def test_add_alpha_zero_is_bitwise_identity(gpt2):
     lm = interp.attach(gpt2)
     base = lm.run(CLEAN)
     v = torch.randn(64)
-    out = lm.run(CLEAN, ops=[Add("blocks.1.resid_pre", v, alpha=0.0), Add("blocks.0.mlp.out", v, alpha=0.0, norm="relative")])
+    out = lm.run(
+        CLEAN, ops=[Add("blocks.1.resid_pre", v, alpha=0.0), Add("blocks.0.mlp.out", v, alpha=0.0, norm="relative")]
+    )
     assert torch.equal(out.logits, base.logits)
     moved = lm.run(CLEAN, ops=[Add("blocks.1.resid_pre", v, alpha=1.0)])
     assert not torch.equal(moved.logits, base.logits)
@@ -114,7 +116,10 @@ def test_capture_dtype_offload_and_memory_report(gpt2):
 
 def test_residual_stream_bookkeeping(gpt2):
     lm = interp.attach(gpt2)
-    c = lm.capture(CLEAN, ["blocks.*.resid_pre", "blocks.*.resid_mid", "blocks.*.resid_post", "blocks.*.attn.out", "blocks.*.mlp.out"])
+    c = lm.capture(
+        CLEAN,
+        ["blocks.*.resid_pre", "blocks.*.resid_mid", "blocks.*.resid_post", "blocks.*.attn.out", "blocks.*.mlp.out"],
+    )
     for l in range(2):
         torch.testing.assert_close(c[f"blocks.{l}.resid_pre"] + c[f"blocks.{l}.attn.out"], c[f"blocks.{l}.resid_mid"])
         torch.testing.assert_close(c[f"blocks.{l}.resid_mid"] + c[f"blocks.{l}.mlp.out"], c[f"blocks.{l}.resid_post"])

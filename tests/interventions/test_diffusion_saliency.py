@@ -86,7 +86,7 @@ def test_concept_stream_reproduces_flux_double_stream():
     call = {k: run.cache[v] for k, v in sites.items()}
     with torch.no_grad():
         stream = list(DS.concept_stream(den, call, run.cache[extra["ctx"]], 1))
-    for i, o, co, c in stream:
+    for i, _o, co, c in stream:
         torch.testing.assert_close(co, run.cache[extra[i, "txt_out"]], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(c, run.cache[extra[i, "txt_block"]], atol=1e-5, rtol=1e-5)
     _check_probs(den, call, run, [0, 1], "transformer_blocks.{}.attn.add_v_proj")

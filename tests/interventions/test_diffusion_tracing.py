@@ -76,8 +76,12 @@ def test_helpers_validate_their_inputs():
     from interp.diffusion import SampleOutput
     from interp.zoo import shapes
 
-    red = shapes.to_tensor(shapes.sample(0, 2, attributes=[shapes.Attributes("red", "square", "center", "large", "solid")])[0])
-    blue = shapes.to_tensor(shapes.sample(0, 1, attributes=[shapes.Attributes("blue", "square", "center", "large", "solid")])[0])
+    red = shapes.to_tensor(
+        shapes.sample(0, 2, attributes=[shapes.Attributes("red", "square", "center", "large", "solid")])[0]
+    )
+    blue = shapes.to_tensor(
+        shapes.sample(0, 1, attributes=[shapes.Attributes("blue", "square", "center", "large", "solid")])[0]
+    )
     imgs = (torch.cat([red, blue]) + 1) / 2
     assert m(SampleOutput(imgs, None, None, None, {}, 1)).tolist() == [1.0, 1.0, 0.0]
     h = hue_metric("red")(SampleOutput(imgs, None, None, None, {}, 1))  # red: cos 0 = 1; blue (240 deg): cos = -0.5

@@ -66,7 +66,7 @@ def test_edited_checkpoint_reloads_in_stock_transformers(tmp_path, gpt2_tokenize
     assert man["key_statistics"][str(layers[0])]["n_tokens"] >= 2000
     plain = AutoModelForCausalLM.from_pretrained(dest).eval()
     got = _logits(plain, tok)
-    for g, w, c in zip(got, want, clean):
+    for g, w, _c in zip(got, want, clean):
         assert float((g - w).abs().max()) < 1e-5
     assert max(float((w - c).abs().max()) for w, c in zip(want, clean)) > 1e-2  # the edit is in there
 

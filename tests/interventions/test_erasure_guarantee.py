@@ -78,7 +78,7 @@ def test_a_cutoff_relative_to_the_top_eigenvalue_is_an_error_naming_the_site():
     x, z = sink_stream(4000)
     fitter = LeaceFitter(x.shape[1], 1, tol=1e-6, site="blocks.20.resid_post").update(x, z)  # the old cutoff
     with pytest.raises(ErasureGuaranteeError, match=r"blocks\.20\.resid_post.*cross-covariance"):
-        fitter.eraser
+        _ = fitter.eraser
 
 
 def test_guarantee_checked_on_every_fit_including_low_rank_and_multiclass():

@@ -166,7 +166,9 @@ def test_fit_at_site_through_the_engine():
     batches = [x[i:i + 100] for i in range(0, 400, 100)]
     labels = [y[i:i + 100] for i in range(0, 400, 100)]
     er = fit_at_site(lm, batches, labels, "module:b:input")
-    acts = lm.run(x, ops=[er.to(torch.float32).op("module:b:input")], capture=["module:b:input"]).cache["module:b:input"]
+    acts = lm.run(x, ops=[er.to(torch.float32).op("module:b:input")], capture=["module:b:input"]).cache[
+        "module:b:input"
+    ]
     yy = y[:, None].expand(-1, 3).reshape(-1)
     a = acts.reshape(-1, 5).double()
     assert torch.allclose(a[yy == 1].mean(0), a[yy == 0].mean(0), atol=1e-4)

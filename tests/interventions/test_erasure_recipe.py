@@ -25,8 +25,28 @@ def _snapshot(folder):
 
 def test_erase_cli_writes_checkpoints_and_report(source, tmp_path, capsys):
     before = _snapshot(source)
-    rc = main(["erase", str(source), "--concept", "red", "--method", "uce", "leace", "--out", str(tmp_path / "out"),
-               "--report", str(tmp_path / "rep"), "--steps", "2", "--eval-prompts", "2", "--n-per-prompt", "1", "--quiet"])
+    rc = main(
+        [
+            "erase",
+            str(source),
+            "--concept",
+            "red",
+            "--method",
+            "uce",
+            "leace",
+            "--out",
+            str(tmp_path / "out"),
+            "--report",
+            str(tmp_path / "rep"),
+            "--steps",
+            "2",
+            "--eval-prompts",
+            "2",
+            "--n-per-prompt",
+            "1",
+            "--quiet",
+        ]
+    )
     assert rc == 0
     for m in ("uce", "leace"):
         man = json.loads((tmp_path / "out" / m / "interp_edit.json").read_text())
@@ -34,13 +54,18 @@ def test_erase_cli_writes_checkpoints_and_report(source, tmp_path, capsys):
         assert (tmp_path / "out" / m / "unet" / "diffusion_pytorch_model.safetensors").exists()
     rep = json.loads((tmp_path / "rep" / "erasure_report.json").read_text())
     assert set(rep["methods"]) == {"uce", "leace"} and "original" in rep
-    assert {"concept_rate_before", "relative_drop", "efficacy_ok", "specificity_ok"} <= set(rep["methods"]["uce"]["comparison"])
+    assert {"concept_rate_before", "relative_drop", "efficacy_ok", "specificity_ok"} <= set(
+        rep["methods"]["uce"]["comparison"]
+    )
     assert (tmp_path / "rep" / "erasure_grid.png").stat().st_size > 1000
     from interp import Result
 
     res = Result.load(tmp_path / "rep" / "erasure_result")
     assert res.axes == ("model", "metric") and res.coord("model") == ["original", "uce", "leace"]
-    assert float(res.sel(model="original", metric="probe_concept_rate").values) == rep["value_probe"]["original"]["concept_rate"]
+    assert (
+        float(res.sel(model="original", metric="probe_concept_rate").values)
+        == rep["value_probe"]["original"]["concept_rate"]
+    )
     assert _snapshot(source) == before
     assert "uce: red rate" in capsys.readouterr().out
 
@@ -49,7 +74,9 @@ def test_erase_cli_checks_the_checkpoint_with_plain_diffusers(source, tmp_path):
     rc = main(["erase", str(source), "--concept", "red", "--method", "quickfix", "--out", str(tmp_path / "qf"),
                "--check-plain", "--steps", "2", "--report", str(tmp_path / "rep"), "--eval-prompts", "0", "--no-probe"])
     assert rc == 0
-    chk = json.loads((tmp_path / "rep" / "erasure_report.json").read_text())["methods"]["quickfix"]["plain_diffusers_check"]
+    chk = json.loads((tmp_path / "rep" / "erasure_report.json").read_text())["methods"]["quickfix"][
+        "plain_diffusers_check"
+    ]
     assert chk["checked"] and chk["reproduces"] and chk["max_abs_diff"] < 1e-4
 
 

@@ -167,7 +167,11 @@ def test_leace_fold_equals_project_ops_on_the_attention_inputs(pipe, concept):
     edited = edit.applied(pipe)
     emb = pipe.encode_prompt([concept.sources[0], concept.preserve[0]], "cpu", 1, False)[0]
     g = torch.Generator().manual_seed(0)
-    inputs = {"sample": torch.randn(2, 3, 32, 32, generator=g), "timestep": torch.tensor(400), "encoder_hidden_states": emb}
+    inputs = {
+        "sample": torch.randn(2, 3, 32, 32, generator=g),
+        "timestep": torch.tensor(400),
+        "encoder_hidden_states": emb,
+    }
     ops = [interp.Project(site, er.to(torch.float32)) for site, er in edit.erasers.items()]
     with torch.no_grad():
         want = interp.attach(pipe.unet).run(inputs, ops=ops).logits
@@ -188,7 +192,11 @@ def test_choose_window_picks_the_best_scoring_window(pipe, concept):
     target = cross_attention_layers(pipe.unet)[2]
 
     def score(p):  # lower when layer 2's value projection was edited (a stand-in for an image scorer)
-        return -float((p.unet.get_submodule(f"{target}.to_v").weight - pipe.unet.get_submodule(f"{target}.to_v").weight).detach().norm())
+        return -float(
+            (p.unet.get_submodule(f"{target}.to_v").weight - pipe.unet.get_submodule(f"{target}.to_v").weight)
+            .detach()
+            .norm()
+        )
 
     best, trace = choose_window(pipe, concept, 1, score)
     assert best == [2] and len(trace) == 4
@@ -200,7 +208,10 @@ def test_context_edit_on_sd3(concept):
     p = build_flow_pipeline(0, heads=2, layers=2)
     small = Concept.from_prompts("red", [*concept.sources[:4], *concept.preserve[:8]], ["yellow", "blue"])
     edit = erase(p, small, "context")
-    assert set(edit.tensors) == {"transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight"}
+    assert set(edit.tensors) == {
+        "transformer.context_embedder.weight",
+        "transformer.time_text_embed.text_embedder.linear_1.weight",
+    }
     edited = edit.applied(p)
 
     def ctx(pp, prompts):
@@ -210,7 +221,11 @@ def test_context_edit_on_sd3(concept):
             return pp.transformer.context_embedder(emb).double()
 
     starts = _starts(p.tokenizer, small)
-    want = ctx(p, [g for gs in small.guides for g in gs]).reshape(len(small.sources), 2, *ctx(p, small.sources[:1]).shape[1:]).mean(1)
+    want = (
+        ctx(p, [g for gs in small.guides for g in gs])
+        .reshape(len(small.sources), 2, *ctx(p, small.sources[:1]).shape[1:])
+        .mean(1)
+    )
     before = (_rows(ctx(p, small.sources), starts) - _rows(want, starts)).norm()
     after = (_rows(ctx(edited, small.sources), starts) - _rows(want, starts)).norm()
     assert after < 0.35 * before
@@ -250,13 +265,18 @@ def test_context_edit_on_flux_transformer(concept):
     p = FluxLikePipeline()
     small = Concept.from_prompts("red", [*concept.sources[:4], *concept.preserve[:8]], ["yellow", "blue"])
     edit = erase(p, small, "context", lam=0.1)
-    assert set(edit.tensors) == {"transformer.context_embedder.weight", "transformer.time_text_embed.text_embedder.linear_1.weight"}
+    assert set(edit.tensors) == {
+        "transformer.context_embedder.weight",
+        "transformer.time_text_embed.text_embedder.linear_1.weight",
+    }
     W0 = p.transformer.context_embedder.weight.double()
     W1 = edit.tensors["transformer.context_embedder.weight"].double()
     starts = _starts(p.tokenizer_2, small)
     emb = lambda prompts: p.encode_prompt(list(prompts))[0].double()
     k = _rows(emb(small.sources), starts)
-    want = _rows(emb([g for gs in small.guides for g in gs]).reshape(len(small.sources), 2, 16, 64).mean(1), starts) @ W0.T
+    want = (
+        _rows(emb([g for gs in small.guides for g in gs]).reshape(len(small.sources), 2, 16, 64).mean(1), starts) @ W0.T
+    )
     assert (k @ W1.T - want).norm() < 0.35 * (k @ W0.T - want).norm()
     c = emb(small.preserve).reshape(-1, 64)
     assert (c @ W1.T - c @ W0.T).norm() < 0.05 * (c @ W0.T).norm()

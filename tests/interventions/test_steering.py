@@ -69,7 +69,10 @@ def test_save_load_round_trip_keeps_vector_and_provenance(tmp_path):
     assert (back.site, back.method, back.model, back.data_hash, back.spatial) == \
         ("blocks.3.resid_post", "pca", "toy", sv.data_hash, None)
     assert back.meta["layer"] == 3 and back.meta["n_pos"] == 20
-    assert S.from_activations(pos, neg, "x").data_hash != S.from_activations(pos, neg[torch.arange(19, -1, -1)], "x").data_hash
+    assert (
+        S.from_activations(pos, neg, "x").data_hash
+        != S.from_activations(pos, neg[torch.arange(19, -1, -1)], "x").data_hash
+    )
     interp.Result(torch.zeros(2), ("a",)).save(tmp_path / "r")
     with pytest.raises(InterpError, match="not an interp steering vector"):
         S.SteeringVector.load(tmp_path / "r.safetensors")
@@ -163,7 +166,9 @@ def test_keep_mode_vector_has_the_item_shape(toy):
     assert sv.spatial == "keep" and sv.vector.shape == (5, D)
     with torch.no_grad():
         h = model.blocks[0](model.embed(neutral))
-        want = model.head(model.blocks[1](h + 0.3 * sv.vector * h.flatten(1).norm(dim=1)[:, None, None] / sv.vector.norm()))
+        want = model.head(
+            model.blocks[1](h + 0.3 * sv.vector * h.flatten(1).norm(dim=1)[:, None, None] / sv.vector.norm())
+        )
         with sv.apply(lm, 0.3):
             got = model(neutral)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -150,7 +150,10 @@ def test_seeds_give_the_mean_of_single_seed_traces_and_a_t_interval(lm):
         assert multi[kind].attrs["seeds"] == [5, 6, 7]
         assert multi[kind].attrs["per_seed_peak"] == pytest.approx([float(t[kind].values.max()) for t in singles])
     # the noise draws differ between seeds, so the interval has width where the effect is not flat
-    assert float((torch.as_tensor(multi["mlp"].attrs["ci_high"]) - torch.as_tensor(multi["mlp"].attrs["ci_low"])).max()) > 0
+    assert (
+        float((torch.as_tensor(multi["mlp"].attrs["ci_high"]) - torch.as_tensor(multi["mlp"].attrs["ci_low"])).max())
+        > 0
+    )
     assert multi.p_corrupted == pytest.approx(sum(t.p_corrupted for t in singles) / 3)
 
 

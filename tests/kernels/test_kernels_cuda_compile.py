@@ -76,12 +76,12 @@ SCRIPT = textwrap.dedent(
                **ints("si0 si1 D0 D1 S0 S1 M F RK sx srow"), "HAS_MU": "constexpr", "ROWS": "constexpr",
                "KEYS": "constexpr", "HALF_DOT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_F": "constexpr",
                "BLOCK_K": "constexpr"}
-        comp(tk._project_kernel, sig, {"HAS_MU": True, "ROWS": 0, "KEYS": False, "HALF_DOT": dt != "fp32", "BLOCK_M": 32, "BLOCK_F": 64,
-                                       "BLOCK_K": 64}, f"project {dt} idx k=64")
-        comp(tk._project_kernel, sig, {"HAS_MU": False, "ROWS": 1, "KEYS": False, "HALF_DOT": False, "BLOCK_M": 16, "BLOCK_F": 128,
-                                       "BLOCK_K": 16}, f"project {dt} all rows k=16")
-        comp(tk._project_kernel, sig, {"HAS_MU": True, "ROWS": 2, "KEYS": True, "HALF_DOT": False, "BLOCK_M": 16, "BLOCK_F": 128,
-                                       "BLOCK_K": 16}, f"project {dt} row offsets")
+        comp(tk._project_kernel, sig, {"HAS_MU": True, "ROWS": 0, "KEYS": False, "HALF_DOT": dt != "fp32",
+                                       "BLOCK_M": 32, "BLOCK_F": 64, "BLOCK_K": 64}, f"project {dt} idx k=64")
+        comp(tk._project_kernel, sig, {"HAS_MU": False, "ROWS": 1, "KEYS": False, "HALF_DOT": False,
+                                       "BLOCK_M": 16, "BLOCK_F": 128, "BLOCK_K": 16}, f"project {dt} all rows k=16")
+        comp(tk._project_kernel, sig, {"HAS_MU": True, "ROWS": 2, "KEYS": True, "HALF_DOT": False,
+                                       "BLOCK_M": 16, "BLOCK_F": 128, "BLOCK_K": 16}, f"project {dt} row offsets")
     comp(tk._philox_bits_kernel, {"out_ptr": "*i32", "seed_ptr": "*i64", "F": "i32", "BLOCK": "constexpr"},
          {"BLOCK": 1024}, "philox_bits")
     print("FAILED:", fails)

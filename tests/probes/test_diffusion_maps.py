@@ -71,8 +71,26 @@ def test_probe_cli_on_a_saved_pipeline(data, tmp_path):
              for p, c, s in zip(prompts, labels["colour"], labels["shape"]) if p.endswith("left")]
     (tmp_path / "d.jsonl").write_text("\n".join(lines))
     tiny_sd().save_pretrained(tmp_path / "pipe")
-    rc = main(["probe", "--model", str(tmp_path / "pipe"), "--data", str(tmp_path / "d.jsonl"), "--steps", "1",
-               "--guidance", "3.0", "--no-random", "--folds", "3", "--batch-size", "24", "--out", str(tmp_path / "out")])
+    rc = main(
+        [
+            "probe",
+            "--model",
+            str(tmp_path / "pipe"),
+            "--data",
+            str(tmp_path / "d.jsonl"),
+            "--steps",
+            "1",
+            "--guidance",
+            "3.0",
+            "--no-random",
+            "--folds",
+            "3",
+            "--batch-size",
+            "24",
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert rc == 0
     text = Result.load(tmp_path / "out" / "text_encoder_probe_map")
     den = Result.load(tmp_path / "out" / "denoiser_probe_map")

@@ -70,7 +70,9 @@ def test_two_device_map_parts_equal_the_unsplit_model(model_dir, ref, want):
     assert torch.equal(sweep(lm), want[0])
     assert torch.equal(patching(lm), want[1])
     got = lm.run(W.prompts()[0], capture="blocks.2.attn.z")
-    assert torch.equal(got.cache["blocks.2.attn.z"], ref.run(W.prompts()[0], capture="blocks.2.attn.z").cache["blocks.2.attn.z"])
+    assert torch.equal(
+        got.cache["blocks.2.attn.z"], ref.run(W.prompts()[0], capture="blocks.2.attn.z").cache["blocks.2.attn.z"]
+    )
     assert interp.hook_count(model) == 0
 
 

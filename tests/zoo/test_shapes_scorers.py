@@ -28,7 +28,9 @@ def test_sample_is_deterministic_and_well_formed():
 def test_captions_look_right_and_held_out_is_disjoint():
     att = S.Attributes("red", "circle", "left", "small", "striped")
     assert att.caption() == "a small red circle on the left, striped"
-    assert S.Attributes("blue", "cross", "center", "large", "solid").caption() == "a large blue cross in the center, solid"
+    assert (
+        S.Attributes("blue", "cross", "center", "large", "solid").caption() == "a large blue cross in the center, solid"
+    )
     held = set(S.held_out_attributes())
     train = set(S.train_attributes())
     assert held and not held & train and held | train == set(S.all_attributes())
@@ -84,7 +86,9 @@ def test_pil_images_are_accepted():
 
     img = S.render(S.Attributes("green", "triangle", "left", "large", "striped"))
     pil = Image.fromarray((img * 255).round().astype(np.uint8))
-    assert Z.score([pil]) == [{"colour": "green", "shape": "triangle", "position": "left", "size": "large", "texture": "striped"}]
+    assert Z.score([pil]) == [
+        {"colour": "green", "shape": "triangle", "position": "left", "size": "large", "texture": "striped"}
+    ]
 
 
 @pytest.mark.parametrize("kappa", P.KAPPAS)

@@ -110,7 +110,10 @@ def test_shapes_diffusion_samples_without_cfg_by_default_and_plain_diffusers_rep
         assert rows == [2, 2]                     # an explicit guidance_scale is used as given
     finally:
         h.remove()
-    chk = plain_diffusers_check(pipe, catalog.weights_path("shapes-diffusion"), ["a small blue circle on the left, solid"],
-                                steps=2)
-    assert chk["checked"] and chk["class"] == "StableDiffusionPipeline" and chk["call_kwargs"] == {"guidance_scale": 1.0}
+    chk = plain_diffusers_check(
+        pipe, catalog.weights_path("shapes-diffusion"), ["a small blue circle on the left, solid"], steps=2
+    )
+    assert (
+        chk["checked"] and chk["class"] == "StableDiffusionPipeline" and chk["call_kwargs"] == {"guidance_scale": 1.0}
+    )
     assert chk["reproduces"], chk
