@@ -33,7 +33,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check interp probes interventions recipes tests benchmarks
 	$(BIN)/mypy interp
 
-test: $(STAMP)
+test: lint
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
