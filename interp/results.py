@@ -209,11 +209,22 @@ class Result:
         return path
 
 
-def _figure(width: float, height: float):
+def figure(width: float, height: float):
     """A matplotlib Figure with constrained layout, not registered with pyplot (no backend switch)."""
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), layout="constrained")
+
+
+_figure = figure
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Write `fig` as a PNG at `path` (parent folders made), nothing clipped; returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
 
 
 def _wrap(text: str, width: int) -> str:

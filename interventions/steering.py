@@ -396,17 +396,13 @@ def generate(lm: interp.Instrumented, prompt: str, vector: SteeringVector | None
 def plot_dose_response(res: Result, path: str | Path, title: str = "", quantity: str | None = None,
                        xlabel: str = "alpha (norm-relative)") -> Path:
     """Line plot: metric vs alpha, one line per vector (steer / random / norm_matched)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from interp.results import figure, save_figure
 
     r = res.sel(quantity=quantity) if quantity is not None and "quantity" in res.axes else res
     if "quantity" in r.axes:
         r = r.sel(quantity=r.coord("quantity")[0])
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5, 3.4))
+    fig = figure(5, 3.4)
+    ax = fig.subplots()
     alphas = r.coord("alpha")
     styles = {"steer": dict(color="C3", lw=2, marker="o"), "random": dict(color="C0", ls="--", marker="s"),
               "norm_matched": dict(color="C2", ls=":", marker="^")}
@@ -417,10 +413,7 @@ def plot_dose_response(res: Result, path: str | Path, title: str = "", quantity:
     ax.set_title(title or res.attrs.get("title", ""), fontsize=8)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 __all__ = ["SteeringVector", "direction", "shuffled_direction", "znormalize", "data_hash", "collect",

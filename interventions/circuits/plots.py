@@ -7,16 +7,9 @@ from pathlib import Path
 import torch
 
 import interp
+from interp.results import figure, save_figure
 
 from .graph import Graph
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
 
 
 def _node_xy(graph: Graph) -> dict[str, tuple[float, float]]:
@@ -42,12 +35,12 @@ def _receiver_node(graph: Graph, r) -> list[str]:
 
 def plot_circuit(graph: Graph, scores: interp.Result, keep: torch.Tensor, path, title: str) -> Path:
     """The circuit's edges between node positions; width and opacity from |score|; q/k/v colour-coded."""
-    plt = _plt()
     xy = _node_xy(graph)
     s = scores.values.float()
     idx = torch.nonzero(keep).flatten().tolist()
     top = float(s[idx].abs().max()) if idx else 1.0
-    fig, ax = plt.subplots(figsize=(max(6, 0.8 * graph.n_layers + 3), max(4, 0.35 * graph.n_heads + 2.5)))
+    fig = figure(max(6, 0.8 * graph.n_layers + 3), max(4, 0.35 * graph.n_heads + 2.5))
+    ax = fig.subplots()
     colors = {"q": "tab:blue", "k": "tab:green", "v": "tab:purple", "mlp": "tab:orange", "logits": "black"}
     used = set()
     for e in idx:
@@ -76,8 +69,8 @@ def plot_circuit(graph: Graph, scores: interp.Result, keep: torch.Tensor, path, 
 
 def plot_faithfulness(curves: dict[str, interp.Result], path, title: str) -> Path:
     """f against the fraction of edges kept (log x), one line per method, CPR / CMD in the legend."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig = figure(6.5, 4.2)
+    ax = fig.subplots()
     for label, r in curves.items():
         x = [float(b) * 100 for b in r.coord("budget")]
         ax.plot(x, r.values.float().tolist(), marker="o",
@@ -105,9 +98,4 @@ def score_matrix(graph: Graph, scores: interp.Result, n: int = 30) -> interp.Res
 
 
 def _save(fig, path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return path
+    return save_figure(fig, path)

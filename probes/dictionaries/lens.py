@@ -115,16 +115,14 @@ def logit_lens(lm, prompt, tuned: TunedLens | None = None, item: int = 0) -> Res
 
 def plot_lens(res: Result, path: str | Path, max_layers: int = 40) -> Path:
     """Heatmap (layer x position) of the top-1 probability, each cell labelled with its top token."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from interp.results import figure, save_figure
 
     v = res.values.float()
     L, T = v.shape
     step = max(1, -(-L // max_layers))
     rows = list(range(0, L, step)) + ([L - 1] if (L - 1) % step else [])
-    fig, ax = plt.subplots(figsize=(max(5, 0.9 * T + 2), max(3, 0.32 * len(rows) + 1.5)))
+    fig = figure(max(5, 0.9 * T + 2), max(3, 0.32 * len(rows) + 1.5))
+    ax = fig.subplots()
     im = ax.imshow(v[rows].numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
     for r, layer in enumerate(rows):
         for c in range(T):
@@ -137,12 +135,7 @@ def plot_lens(res: Result, path: str | Path, max_layers: int = 40) -> Path:
     ax.set_ylabel("layer (resid_post)")
     fig.colorbar(im, ax=ax, label=res.attrs.get("metric", "top-1 probability"))
     ax.set_title(res.attrs.get("title", ""), fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def train_tuned_lens(lm, store, steps: int = 300, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,

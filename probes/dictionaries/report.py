@@ -102,25 +102,18 @@ def density(sae: Dictionary, X: torch.Tensor | None = None, F: torch.Tensor | No
 
 def plot_density(res: Result, path: str | Path, title: str = "") -> Path:
     """Histogram of log10 firing frequency (dead features shown in the leftmost bar, labelled)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from interp.results import figure, save_figure
 
     freq = res.values.float()
     live = freq[freq > 0].log10()
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig = figure(6, 3.5)
+    ax = fig.subplots()
     ax.hist(live.numpy(), bins=40, color="tab:blue")
     ax.set_xlabel("log10 firing frequency")
     ax.set_ylabel("features")
     ax.set_title((title + "\n" if title else "") + f"{freq.numel()} features, {res.attrs['rows']} rows, "
                  f"dead (never fired) = {int((freq == 0).sum())}", fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def write_html(contexts: dict[int, list[Context]], effects: Result | None, path: str | Path, title: str = "") -> Path:
