@@ -44,16 +44,17 @@ def module_paths(root: nn.Module) -> list[str]:
 
 def first_attr(obj: nn.Module, names, default=None):
     for n in names:
-        if n and _has_path(obj, n):
+        if n and has_submodule(obj, n):
             return n
     return default
 
 
-def _has_path(obj, path: str) -> bool:
+def has_submodule(obj: nn.Module, path: str) -> bool:
+    """Whether `obj` has a submodule at the dotted `path`."""
     try:
         obj.get_submodule(path)
         return True
-    except AttributeError:
+    except (AttributeError, ValueError):
         return False
 
 

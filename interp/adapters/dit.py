@@ -31,6 +31,7 @@ from typing import Any, cast
 from torch import nn
 
 from ..sites import Site
+from .base import has_submodule as _has
 from .unet import HEADS, SEQ, TEXT, TEXT_HEADS, VEC, DenoiserAdapter, _Namer
 
 MMDIT = ("SD3Transformer2DModel", "FluxTransformer2DModel")
@@ -77,14 +78,6 @@ def _streams(nm: _Namer, name: str, path: str, slots: dict[str, int], kind: str,
 
 def _first(m: nn.Module, names) -> str | None:
     return next((n for n in names if _has(m, n)), None)
-
-
-def _has(m: nn.Module, path: str) -> bool:
-    try:
-        m.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def _dit_block(nm: _Namer, bn: str, bp: str, blk: nn.Module) -> None:

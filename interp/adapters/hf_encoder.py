@@ -17,6 +17,7 @@ from torch import nn
 from ..errors import UnsupportedModelError
 from ..sites import Site, SiteTable
 from .base import LM_KEYS, Adapter, Prepared, module_paths, prepare_token_inputs
+from .base import has_submodule as _has
 
 ENCODER_KEYS = (*LM_KEYS, "token_type_ids")
 
@@ -60,14 +61,6 @@ def _find(model: nn.Module) -> tuple[str, EncoderLayout] | None:
             if isinstance(m, nn.ModuleList) and len(m) and _has(m[0], lay.z) and _has(m[0], lay.mlp):
                 return p, lay
     return None
-
-
-def _has(m: nn.Module, path: str) -> bool:
-    try:
-        m.get_submodule(path)
-        return True
-    except AttributeError:
-        return False
 
 
 def find_encoder_blocks(model: nn.Module) -> str | None:

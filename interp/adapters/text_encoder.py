@@ -25,6 +25,7 @@ from torch import nn
 
 from ..sites import Site, SiteTable
 from .base import Adapter, Prepared, ids_tokens, module_paths, tokenize
+from .base import has_submodule as _has
 from .hf_lm import block_sites
 
 T5_BLOCKS = "encoder.block"
@@ -99,14 +100,6 @@ def text_encoder_sites(model: nn.Module, prefix: str = "", module_prefix: str = 
         return sites
     return [replace(s, name=prefix + s.name, module=module_prefix + s.module,
                     meta={**s.meta, "component": prefix.rstrip(".")}) for s in sites]
-
-
-def _has(model: nn.Module, path: str) -> bool:
-    try:
-        model.get_submodule(path)
-        return True
-    except (AttributeError, ValueError):
-        return False
 
 
 class TextEncoderAdapter(Adapter):
