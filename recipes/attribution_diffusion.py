@@ -37,12 +37,10 @@ def scorer_metric(kind: str):
 
 
 def plot_curves(curves: dict, path: Path, steps: int) -> None:
-    import matplotlib
+    from interp.results import figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
+    fig = figure(8, 3.2)
+    axes = fig.subplots(1, 2)
     for name, c in curves.items():
         titles = ("restore clean text from step s on", "ablate (corrupt) from step s on")
         for ax, r, what in zip(axes, range(2), titles):
@@ -52,9 +50,7 @@ def plot_curves(curves: dict, path: Path, steps: int) -> None:
     axes[0].set_ylabel("normalised metric (0 corrupted, 1 clean)")
     axes[1].legend(fontsize=7)
     fig.suptitle(f"shapes-flow, clean {CLEAN!r}, {steps} Euler steps, guidance 7, seed 0", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
@@ -104,19 +100,16 @@ if __name__ == "__main__":
 
 def plot_attribution(folder: Path, path: Path) -> Path:
     """exact | attribution patching | IG heatmaps of the colour pair side by side (saved Results in `folder`)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from interp import Result
+    from interp.results import figure, save_figure
 
     res = {k: Result.load(folder / f"colour-{k}") for k in ("exact", "attribution", "ig")}
     words = ["<bos>", "a", "small", "red", "circle", "on", "the", "left", ",", "solid"]
     cells = [c if not c.startswith("token ") else f"token {c[6:]} ({words[int(c[6:])]})"
              for c in res["exact"].coords["cell"]]
     lim = max(float(r.values.abs().max()) for r in res.values())
-    fig, axes = plt.subplots(1, 3, figsize=(10, 5.2), sharey=True)
+    fig = figure(10, 5.2)
+    axes = fig.subplots(1, 3, sharey=True)
     r_ = json.loads((folder / "summary.json").read_text())["colour"]["correlation"]
     for ax, (k, r) in zip(axes, res.items()):
         im = ax.imshow(r.values.numpy(), cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
@@ -129,6 +122,4 @@ def plot_attribution(folder: Path, path: Path) -> Path:
     fig.suptitle(f"shapes-flow: restore clean {a['clean']!r} into {a['corrupted']!r}; metric {a['metric']}; "
                  f"{a['steps']} steps, guidance {a['guidance']}, seed {a['seed']}, IG {a['ig_steps']} points",
                  fontsize=8)
-    fig.savefig(path, dpi=80, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -228,16 +228,15 @@ def _figure(figs: dict, held, samples: int, path: Path, model: str) -> None:
 
 def overlay(images, maps, masks, path: Path, labels, title: str, grid=None, row_labels=None) -> Path:
     """PNG: per row an image, optionally its mask, then saliency maps drawn over the image."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import torch.nn.functional as F
+
+    from interp.results import figure, save_figure
 
     grid = grid if grid is not None else [maps]
     n_rows, n_maps = len(grid), len(grid[0])
     n_cols = 1 + (masks is not None) + n_maps
-    fig, axes = plt.subplots(n_rows, n_cols, figsize=(1.9 * n_cols, 1.6 * n_rows + 0.6), squeeze=False)
+    fig = figure(1.9 * n_cols, 1.6 * n_rows + 0.6)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False)
     for r in range(n_rows):
         img = images[r].permute(1, 2, 0).clamp(0, 1).numpy()
         cells = [("img", img)] + ([("mask", masks[r].float().numpy())] if masks is not None else [])
@@ -254,11 +253,7 @@ def overlay(images, maps, masks, path: Path, labels, title: str, grid=None, row_
             label = row_labels[r] if (row_labels and c == 0) else labels[c]
             ax.set_title(label if (r == 0 or (row_labels and c == 0)) else "", fontsize=5 if c == 0 else 6)
     fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def main(argv=None) -> int:
