@@ -371,6 +371,14 @@ def _fit(src: torch.Tensor, x: torch.Tensor, site: Any, what: str, T: int | None
     return src.to(x.device)
 
 
+def _distinct(t: Target) -> bool:
+    """True when t's destinations are distinct (known from its python lists: no tensor read)."""
+    rows = [r for r, _ in t.rows]
+    heads = t.heads or []
+    return (len(set(rows)) == len(rows) and all(len(set(ps)) == len(ps) for _, ps in t.rows)
+            and len(set(heads)) == len(heads))
+
+
 def _rows_view(x: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A [N, T, *F] tensor and index -> [N, T', F'] view and [K, 2] index for the row kernels."""
     if idx.shape[1] == 3:
@@ -519,7 +527,8 @@ class Add(Op):
         if v.numel() != xr.shape[-1]:
             raise SiteShapeError(f"steering vector for {t.site.name!r} has {v.numel()} elements, the site's "
                                  f"feature size is {xr.shape[-1]} (axes {t.site.axes})")
-        K.add_scaled(xr, v.reshape(-1), ridx, float(self.alpha), norm=self.norm, renorm=self.renorm, check=False)
+        K.add_scaled(xr, v.reshape(-1), ridx, float(self.alpha), norm=self.norm, renorm=self.renorm, check=False,
+                     unique=_distinct(t))
 
 
 def _add_spatial(x: torch.Tensor, op: Add, items: list[int], site: Any) -> None:
@@ -614,7 +623,7 @@ class Noise(Op):
 
         xr, ridx = _rows_view(x, t.idx)
         seeds = (((self.seed * _MIX) % (1 << 62) + t.item * 1_000_003 + ridx[:, 1]) % (1 << 62)).to(torch.long)
-        K.noise(xr, ridx, float(self.std), seeds, check=False)
+        K.noise(xr, ridx, float(self.std), seeds, check=False, unique=_distinct(t))
 
 
 @dataclass(frozen=True, eq=False)

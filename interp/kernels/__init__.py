@@ -268,13 +268,15 @@ def _validate_rows(x, idx, name="x"):
     return idx
 
 
-def add_scaled(x, v, idx, alpha, norm=None, renorm=False, *, check=True):
+def add_scaled(x, v, idx, alpha, norm=None, renorm=False, *, check=True, unique=False):
     """In place at each (row, pos) of idx: ``x += alpha * v`` (norm=None) or
     ``x += alpha * v * ||x|| / ||v||`` (norm="relative"); with renorm=True the row is then
     rescaled to its norm before the update. alpha == 0 leaves x bitwise unchanged.
 
     x: [N, T, F]; v: [F] or [K, F]; idx: int64 [K, 2]; alpha: float or tensor [K].
-    Duplicated positions receive every entry's update, in index order. Returns x.
+    Duplicated positions receive every entry's update, in index order. unique=True promises the
+    positions are distinct: the reference then skips its duplicate check (no host read, no graph break
+    under torch.compile); a wrong promise makes duplicates last-write-wins. Returns x.
     """
     idx = _validate_rows(x, idx)
     K = idx.shape[0]
@@ -295,7 +297,7 @@ def add_scaled(x, v, idx, alpha, norm=None, renorm=False, *, check=True):
         return x
     if backend(x) == "triton":
         return _triton(x).add_scaled(x, v, idx, alpha, norm, renorm)
-    return _ref.add_scaled(x, v, idx, _ref.entries(alpha, K, x), norm, renorm)
+    return _ref.add_scaled(x, v, idx, _ref.entries(alpha, K, x), norm, renorm, unique)
 
 
 def project(x, L, R, mu=None, idx=None, *, check=True):
@@ -337,12 +339,13 @@ def project(x, L, R, mu=None, idx=None, *, check=True):
     return _ref.project(x, L, R, mu, idx)
 
 
-def noise(x, idx, std, seeds, *, check=True):
+def noise(x, idx, std, seeds, *, check=True, unique=False):
     """In place: ``x[r, p, f] += std[k] * z(seeds[k], f)`` at each (r, p) = idx[k], where z is a
     standard normal from counter-based Philox4x32-10 keyed by (seed, f) (Box-Muller, the same
     stream as ``tl.randn(seed, f)``): deterministic, independent of K's order and of the other
     entries. x: [N, T, F]; idx: int64 [K, 2]; std: float or tensor [K]; seeds: int64 [K] (or an
-    int, used for every entry). Duplicated positions receive every entry's noise. Returns x."""
+    int, used for every entry). Duplicated positions receive every entry's noise; unique=True as in
+    add_scaled. Returns x."""
     idx = _validate_rows(x, idx)
     K = idx.shape[0]
     std = _per_entry("std", std, K, x)
@@ -364,4 +367,4 @@ def noise(x, idx, std, seeds, *, check=True):
         return x
     if backend(x) == "triton":
         return _triton(x).noise(x, idx, std, seeds)
-    return _ref.noise(x, idx, _ref.entries(std, K, x), seeds)
+    return _ref.noise(x, idx, _ref.entries(std, K, x), seeds, unique)

@@ -124,13 +124,17 @@ def _add_rows(xr, vv, a, norm, renorm):
     return y
 
 
-def _sequential(x, idx, update):
+def _sequential(x, idx, update, unique=False):
     """Apply ``update(rows_fp32, sel)`` for entries in index order; a position listed several
-    times gets its entries one after the other (in fp32), and is rounded to x's dtype once."""
+    times gets its entries one after the other (in fp32), and is rounded to x's dtype once.
+    unique=True: the caller knows the positions are distinct, so the duplicate check (a host read of
+    the largest occurrence rank, a graph break under torch.compile) is skipped."""
     cd = compute_dtype(x.dtype)
-    keys = position_keys(idx, x.shape)
-    rank = occurrence_rank(keys)
-    if int(rank.max().item()) == 0:  # no duplicates: one vectorized step
+    rank = None
+    if not unique:
+        keys = position_keys(idx, x.shape)
+        rank = occurrence_rank(keys)
+    if rank is None or int(rank.max().item()) == 0:  # no duplicates: one vectorized step
         r, p = idx[:, 0], idx[:, 1]
         x[r, p] = update(x[r, p].to(cd), torch.arange(idx.shape[0], device=idx.device)).to(x.dtype)
         return x
@@ -146,7 +150,7 @@ def _sequential(x, idx, update):
     return x
 
 
-def add_scaled(x, v, idx, alpha, norm=None, renorm=False):
+def add_scaled(x, v, idx, alpha, norm=None, renorm=False, unique=False):
     """x: [N, T, F]; v: [F] or [K, F]; idx: [K, 2]; alpha: fp32 [K]."""
     K = idx.shape[0]
     if K == 0:
@@ -159,7 +163,7 @@ def add_scaled(x, v, idx, alpha, norm=None, renorm=False):
         y = _add_rows(rows, vfull[sel].to(cd), a, norm, renorm)
         return torch.where((a != 0)[:, None], y, rows)  # alpha == 0: bitwise unchanged
 
-    return _sequential(x, idx, update)
+    return _sequential(x, idx, update, unique)
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,7 +299,7 @@ def philox_randn(seeds: torch.Tensor, F: int) -> torch.Tensor:
     return r * torch.cos(th)
 
 
-def noise(x, idx, std, seeds):
+def noise(x, idx, std, seeds, unique=False):
     """x: [N, T, F]; idx: [K, 2]; std: fp32 [K]; seeds: int64 [K]."""
     K = idx.shape[0]
     if K == 0:
@@ -307,4 +311,4 @@ def noise(x, idx, std, seeds):
         s = std[sel].to(cd)[:, None]
         return torch.where(s != 0, rows + s * z[sel].to(cd), rows)
 
-    return _sequential(x, idx, update)
+    return _sequential(x, idx, update, unique)
