@@ -13,6 +13,7 @@ where it is not (post-attention norms, parallel residual blocks, fused q/k/v lay
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -67,18 +68,23 @@ class Graph:
     def n_edges(self) -> int:
         return int(self.src.numel())
 
-    @property
+    @cached_property
     def edge_names(self) -> list[str]:
+        """MIB names of the edges, computed once (src and dst are not changed after construction)."""
         return [f"{self.senders[s]}->{self.receivers[r].name}" for s, r in zip(self.src.tolist(), self.dst.tolist())]
 
     def index(self, name: str) -> int:
         names = self.edge_names
-        if name not in names:
+        if name not in self._positions:
             import difflib
 
             close = difflib.get_close_matches(name, names, n=3)
             raise CircuitGraphError(f"no edge {name!r} in this graph ({self.n_edges} edges); did you mean {close}?")
-        return names.index(name)
+        return self._positions[name]
+
+    @cached_property
+    def _positions(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.edge_names)}
 
     def mask(self) -> torch.Tensor:
         """[n_senders, n_receivers] bool: which pairs are edges."""

@@ -90,9 +90,10 @@ def edge_patching(lm_or_parts, clean, corrupted, metric: Metric, *, direction: s
         base_val = out.base.float().mean()
         values[into_blocks] = out.values.float().mean(1) - base_val
         stats["forward_equivalents"] = out.stats["forward_equivalents"] + 1  # + its base run
+    names = g.edge_names
     attrs = {"method": "exact edge patching", "direction": direction, "metric": getattr(metric, "name", "metric"),
              "base_metric": float(base_val), **stats}
-    return interp.Result(values, ("edge",), {"edge": [g.edge_names[e] for e in idx]}, attrs)
+    return interp.Result(values, ("edge",), {"edge": [names[e] for e in idx]}, attrs)
 
 
 def _logit_edges(parts: Parts, es: list[int], delta, bc, metric):
