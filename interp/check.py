@@ -190,7 +190,10 @@ def _identities(lm, inputs, tab: dict[str, _Acc]) -> None:
         # logits == head(final), model output == tail(last resid_post)
         logits = next((s for s in sites if s.kind == "logits"), None)
         if logits is not None and logits.meta.get("of") in c and logits.name in c:
-            y = lm.model.get_submodule(logits.module)(c[logits.meta["of"]])
+            h = c[logits.meta["of"]]
+            if logits.meta.get("via"):  # a projection between the final norm and the head (OPT-350m)
+                h = lm.model.get_submodule(logits.meta["via"])(h)
+            y = lm.model.get_submodule(logits.module)(h)
             _rel(tab, "head logits=head(final)").compare(y, c[logits.name], "head")
             fin = getattr(lm.adapter, "finish_logits", None)
             if fin is not None:
@@ -251,9 +254,14 @@ def _reference_hook(model, site: Site, src, pos, head):
     """A plain torch hook that performs the patch on the module the site names. It is the independent
     reference the engine is compared with, so it deliberately does not go through interp.hooks."""
     module = model.get_submodule(site.module) if site.module else model
+
+    def edit(t):  # a module that sees [batch*pos, d] (OPT's fc2): the same edit on its [batch, pos, d] view
+        if site.meta.get("unflat") and t.dim() == 2:
+            return _edit(t.view(src.shape[0], -1, t.shape[-1]), src, pos, site.heads, head).reshape(t.shape)
+        return _edit(t, src, pos, site.heads, head)
     if site.io == "output":
         def hook(mod, args, output):
-            return _put(output, site.slot, _edit(_get(output, site.slot), src, pos, site.heads, head))
+            return _put(output, site.slot, edit(_get(output, site.slot)))
         handle = module.register_forward_hook(hook)
     else:
         def hook(mod, args, kwargs):
@@ -261,7 +269,7 @@ def _reference_hook(model, site: Site, src, pos, head):
                 t = args[site.slot]
             else:
                 t = kwargs[site.arg_name or site.slot]
-            new = _edit(t, src, pos, site.heads, head)
+            new = edit(t)
             if site.inplace:  # the residual tensor itself: every consumer sees the edit
                 with torch.no_grad():
                     t.copy_(new)

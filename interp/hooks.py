@@ -94,18 +94,34 @@ def _merge_heads(site: Site, t: torch.Tensor) -> torch.Tensor:
     return t if site.heads is None else t.flatten(-2)
 
 
-def _apply(entries: list[Entry], t: torch.Tensor) -> torch.Tensor | None:
+def _apply(entries: list[Entry], t: torch.Tensor, lead: dict | None = None) -> torch.Tensor | None:
+    """lead: for a site whose module sees the tokens flattened to [batch*pos, d] (Site.meta["unflat"]), the
+    [batch, pos] shape its block was called with: the hooks see the [batch, pos, d] view of the same storage."""
     site = entries[0].site
+    flat = t
+    if lead is not None and t.dim() == 2 and "shape" in lead:
+        t = t.view(*lead["shape"], t.shape[-1])
     view = _split_heads(site, t)
     changed = False
     for e in entries:
         new = e.fn(view)
         if new is not None:
             view, changed = new, True
-    return _merge_heads(site, view) if changed else None
+    if not changed:
+        return None
+    return _merge_heads(site, view).reshape(flat.shape)
 
 
-def _make_output_hook(entries: list[Entry]):
+def _lead_recorder(lead: dict):
+    """A pre-hook on a block that records the [batch, pos] shape of its hidden states (see _apply)."""
+    def hook(module, args, kwargs):
+        t = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(t, torch.Tensor):
+            lead["shape"] = tuple(t.shape[:-1])
+    return hook
+
+
+def _make_output_hook(entries: list[Entry], lead: dict | None = None):
     def hook(module, args, kwargs, output):
         raw = [e for e in entries if e.raw_io]
         for e in raw:
@@ -114,12 +130,12 @@ def _make_output_hook(entries: list[Entry]):
         if not site_entries:
             return None
         t = read_output(site_entries[0].site, output)
-        new = _apply(site_entries, t)
+        new = _apply(site_entries, t, lead)
         return None if new is None else write_output(site_entries[0].site, output, new)
     return hook
 
 
-def _make_input_hook(entries: list[Entry]):
+def _make_input_hook(entries: list[Entry], lead: dict | None = None):
     def hook(module, args, kwargs):
         for e in entries:
             if e.raw_io:
@@ -129,7 +145,7 @@ def _make_input_hook(entries: list[Entry]):
             return None
         site = site_entries[0].site
         t = read_input(site, args, kwargs)
-        new = _apply(site_entries, t)
+        new = _apply(site_entries, t, lead)
         if new is not None and site.inplace:
             with torch.no_grad():
                 t.copy_(new)
@@ -157,11 +173,16 @@ def attached(root: nn.Module, entries: list[Entry]) -> Iterator[None]:
     try:
         for (path, io, _, _), group in groups.items():
             module = root.get_submodule(path) if path else root
+            lead: dict | None = None
+            if group[0].site.meta.get("unflat"):  # the module runs on flattened tokens: record its block's shape
+                lead = {}
+                block = root.get_submodule(group[0].site.meta["unflat"])
+                handles.append(block.register_forward_pre_hook(_lead_recorder(lead), with_kwargs=True))
             if io == "output":
-                handles.append(module.register_forward_hook(_make_output_hook(group), with_kwargs=True))
+                handles.append(module.register_forward_hook(_make_output_hook(group, lead), with_kwargs=True))
                 _recorders_last(module)
             else:
-                handles.append(module.register_forward_pre_hook(_make_input_hook(group), with_kwargs=True))
+                handles.append(module.register_forward_pre_hook(_make_input_hook(group, lead), with_kwargs=True))
         yield
     finally:
         for h in handles:

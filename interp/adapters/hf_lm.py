@@ -75,7 +75,20 @@ class BlockLayout:
     mid: str | None        # module whose input is the residual stream between attention and MLP
     mid_inplace: bool      # that input tensor is also the residual the block adds back to
     parallel: bool
-    note: str = ""         # why canonical sites of this block are absent
+    mid_io: str = "input"  # resid_mid is the input of `mid` (pre-norm) or its output (post-norm blocks)
+    mid_norm: str | None = None   # post-norm: resid_mid = mid_norm(resid_pre + attn.out)
+    post_norm: str | None = None  # post-norm: resid_post = post_norm(resid_mid + mlp.out)
+    flat: bool = False     # mlp / mid run on tokens flattened to [batch*pos, d] (Site.meta["unflat"])
+
+
+def _opt_layout(blk: nn.Module, attn: str | None, attn_out: str | None, o_proj: str | None) -> BlockLayout:
+    """OPT: fc1/fc2 sit in the layer, which flattens the tokens to [batch*pos, d] around them (the sites
+    view them as [batch, pos, d]). Pre-LN (do_layer_norm_before): resid_mid is final_layer_norm's input.
+    Post-LN (OPT-350m): resid_mid is self_attn_layer_norm's output and the block ends in final_layer_norm."""
+    if getattr(blk, "do_layer_norm_before", True):
+        return BlockLayout(attn, "fc2", attn_out, o_proj, "final_layer_norm", True, False, flat=True)
+    return BlockLayout(attn, "fc2", attn_out, o_proj, "self_attn_layer_norm", False, False, mid_io="output",
+                       mid_norm="self_attn_layer_norm", post_norm="final_layer_norm", flat=True)
 
 
 def block_layout(blk: nn.Module, parallel_flag: bool) -> BlockLayout:
@@ -90,12 +103,7 @@ def block_layout(blk: nn.Module, parallel_flag: bool) -> BlockLayout:
         last = first_attr(blk.get_submodule(mlp), MLP_LAST)
         mlp = f"{mlp}.{last}" if last else None
     elif mlp is None and first_attr(blk, ("fc2",)):
-        # OPT: fc1/fc2 sit directly in the layer, which flattens the tokens to [batch*pos, d] around them, so
-        # neither the MLP output nor the residual stream before it exists as a [batch, pos, d] tensor
-        note = (f"{type(blk).__name__} runs its MLP (fc1/fc2, no MLP module) on tokens flattened to [batch*pos, d], "
-                "so no [batch, pos, d] tensor exists there. Raw sites module:<layer>.fc2 (MLP output) and "
-                "module:<layer>.final_layer_norm:input (residual stream) carry it as [batch*pos, d]")
-        return BlockLayout(attn, None, attn_out, o_proj, None, True, False, note)
+        return _opt_layout(blk, attn, attn_out, o_proj)
     post_ff = first_attr(blk, ("post_feedforward_layernorm",))
     if post_ff:  # post-norm sublayers (Gemma 2/3, OLMo 2): the norms' outputs are what is added back
         attn_out = first_attr(blk, ("post_attention_layernorm",)) or attn_out
@@ -133,12 +141,17 @@ def block_sites(model: nn.Module, blocks: str, n_heads: int, n_kv: int, prefix: 
                     out.append(Site(n + f"attn.{short}", f"{bp}.{lay.attn}.{q}", slot=0,
                                     axes=("batch", "pos", "head", "d_head"),
                                     heads=n_heads if short == "q" else n_kv, layer=i, kind=f"attn.{short}"))
+        flat = {"unflat": bp} if lay.flat else {}
         if lay.mid:
-            out.append(Site(n + "resid_mid", f"{bp}.{lay.mid}", io="input", slot=0, arg_name="hidden_states",
-                            layer=i, kind="resid_mid", inplace=lay.mid_inplace,
-                            meta={"sum": ((n + "resid_pre", 1.0), (n + "attn.out", w))}))
+            mid_in = lay.mid_io == "input"
+            out.append(Site(n + "resid_mid", f"{bp}.{lay.mid}", io=lay.mid_io, slot=0,
+                            arg_name="hidden_states" if mid_in else None, layer=i, kind="resid_mid",
+                            inplace=lay.mid_inplace and mid_in,
+                            meta={"sum": ((n + "resid_pre", 1.0), (n + "attn.out", w)),
+                                  **({"norm": f"{bp}.{lay.mid_norm}"} if lay.mid_norm else {}),
+                                  **(flat if mid_in else {})}))
         if lay.mlp:
-            out.append(Site(n + "mlp.out", f"{bp}.{lay.mlp}", slot=0, layer=i, kind="mlp.out"))
+            out.append(Site(n + "mlp.out", f"{bp}.{lay.mlp}", slot=0, layer=i, kind="mlp.out", meta=dict(flat)))
         terms: tuple[tuple[str, float], ...] | None = None
         mixer = None if lay.attn else first_attr(blk, MIXERS)
         if mixer:  # state-space blocks (Mamba, Mamba 2): resid_post = resid_pre + mixer(norm(resid_pre))
@@ -147,8 +160,9 @@ def block_sites(model: nn.Module, blocks: str, n_heads: int, n_kv: int, prefix: 
         if lay.attn and lay.mlp:
             terms = ((n + "resid_pre", 1.0), (n + "attn.out", w), (n + "mlp.out", w)) if lay.parallel else \
                 ((n + "resid_mid", 1.0), (n + "mlp.out", w)) if lay.mid else None
+        normed = {"norm": f"{bp}.{lay.post_norm}"} if lay.post_norm else {}
         out.append(Site(n + "resid_post", bp, slot=0, layer=i, kind="resid_post",
-                        meta={"sum": terms} if terms else {}))
+                        meta={"sum": terms, **normed} if terms else {}))
     return out
 
 
@@ -170,6 +184,7 @@ class HFCausalLMAdapter(Adapter):
         self.embed = first_attr(model, EMBEDS)
         self.final = first_attr(model, FINAL_NORMS)
         self.head = first_attr(model, HEADS)
+        self.project_out = first_attr(model, ("model.decoder.project_out",))  # OPT-350m: final width -> head width
         self.parallel = bool(_cfg(model, *PARALLEL_FLAGS, default=False))
         self.residual_scale = float(_cfg(model, "residual_multiplier", default=1.0))
         self.block_paths = [f"{self.blocks}.{i}" for i in range(self.n_layers)]
@@ -186,7 +201,8 @@ class HFCausalLMAdapter(Adapter):
                 sites.append(Site("final", self.final, layer=self.n_layers, kind="final"))
             if self.head:
                 sites.append(Site("logits", self.head, axes=("batch", "pos", "vocab"), layer=self.n_layers,
-                                  kind="logits", meta={"of": "final" if self.final else None}))
+                                  kind="logits", meta={"of": "final" if self.final else None,
+                                                       "via": self.project_out}))
             self._table = SiteTable(sites, module_names=module_paths(self.model), block_paths=self.block_paths,
                                     missing=self._missing(sites))
         return self._table
@@ -206,7 +222,6 @@ class HFCausalLMAdapter(Adapter):
                       "attn.q": "a query projection (q_proj, query)", "attn.k": "a key projection (k_proj, key)",
                       "attn.v": "a value projection (v_proj, value)"}
             lay = block_layout(blk, self.parallel)
-            note = lay.note
             for short, what in looked.items():
                 if n + short in have:
                     continue
@@ -218,8 +233,6 @@ class HFCausalLMAdapter(Adapter):
                     out[n + short] = (f"{bp} is a parallel block (attention and MLP both read resid_pre and are "
                                       "added together), so no residual stream exists between them; use "
                                       f"{n}resid_pre, {n}attn.out and {n}mlp.out (raw sites: {kids})")
-                elif note and short in ("mlp.out", "resid_mid"):
-                    out[n + short] = f"{bp} has no {short} site: " + note.replace("<layer>", bp)
                 else:
                     out[n + short] = (f"{bp} ({type(blk).__name__}) has no {short} site: interp looked for {what} "
                                       f"and did not find one (fused or absent in this family). Its submodules "
@@ -270,6 +283,8 @@ class HFCausalLMAdapter(Adapter):
             hidden = hidden[:, -1:]
         if self.final:
             hidden = self.model.get_submodule(self.final)(hidden)
+        if self.project_out:
+            hidden = self.model.get_submodule(self.project_out)(hidden)
         logits = self.model.get_submodule(self.head)(hidden)
         return self._to_output_device(self.finish_logits(logits))
 
@@ -277,7 +292,7 @@ class HFCausalLMAdapter(Adapter):
         """Logits of the given vocabulary columns only ([..., len(columns)]): final norm, then only those
         rows of the unembedding. None when the head is not a plain Linear (then callers use `tail`)."""
         head = self.model.get_submodule(self.head)
-        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks:
+        if type(head) is not nn.Linear or head._forward_hooks or head._forward_pre_hooks or self.project_out:
             return None  # anything hooked on the head must see the full logits
         if self.final:
             hidden = self.model.get_submodule(self.final)(hidden)
