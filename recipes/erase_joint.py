@@ -46,7 +46,8 @@ def main(argv=None) -> int:
               "eval": f"{len(prompts)} captions x {args.n_per_prompt} images, seed {args.seed}",
               "original": before, "methods": {}}
     print(f"original: rate {before['concept_rate']:.3f} ({time.time() - t0:.0f} s)", flush=True)
-    fns = {"context_leace": J.context_leace, "joint_kv": J.joint_kv, "joint": J.joint_erase}
+    fns = {"context_leace": J.context_leace, "joint": J.joint_erase,
+           "joint_kv": lambda p, c: J.joint_kv(p, c, clean=J.shapes_renders)}  # keys on noised renders
     for m in args.methods:
         t1 = time.time()
         edit = fns[m](pipe, concept)

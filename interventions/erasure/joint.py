@@ -16,8 +16,9 @@ Each returns an ``Edit`` (``edit.applied(pipe)``; ``interventions.checkpoint.wri
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -81,56 +82,97 @@ def context_leace(pipe, concept: Concept, pooled: bool = True, tol: float | None
                  **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}}, erasers)
 
 
-def _joint_keys(pipe, prompts: Sequence[str], sigmas: Sequence[float], seed: int) -> dict[str, torch.Tensor]:
-    """add_k_proj inputs of every joint block for every prompt at each noise level: {block: [L, N, T, d]}."""
+def shapes_renders(prompts: Sequence[str]) -> torch.Tensor:
+    """The shapes renderer's image of every caption, in the zoo models' pixel range: [N, 3, H, W] in [-1, 1]; the
+    empty prompt (the unconditional branch) gets the empty background."""
+    from interp.zoo import shapes
+
+    blank = np.zeros((shapes.RESOLUTION, shapes.RESOLUTION, 3), np.float32)
+    return shapes.to_tensor(np.stack([shapes.render(shapes.parse_caption(p)) if p.strip() else blank
+                                      for p in prompts]))
+
+
+def _joint_keys(pipe, prompts: Sequence[str], sigmas: Sequence[float], seed: int,
+                blocks: Sequence[int] | None = None, clean: Callable | None = None) -> dict[int, torch.Tensor]:
+    """add_k_proj inputs of the joint blocks (default: all) for every prompt at each noise level: {block: [L, N, T, d]}.
+    The image input is one shared noise image, or with `clean(prompts) -> [N, C, H, W]` (clean latents of each
+    prompt, e.g. shapes_renders) the flow-matching noised latents (1 - s) x0 + s noise."""
     tr = _transformer(pipe)
+    if type(tr).__name__ != "SD3Transformer2DModel":
+        raise ValueError("joint_kv collects keys from SD3 joint forwards; Flux needs packed image tokens (not done)")
     inputs, keys, _ = _transformer_inputs(pipe, prompts)
     n = len(prompts)
-    blocks = [i for i, b in enumerate(tr.transformer_blocks) if getattr(b.attn, "add_k_proj", None) is not None]
+    blocks = _kv_blocks(tr) if blocks is None else list(blocks)
     sites = {i: f"module:transformer_blocks.{i}.attn.add_k_proj:input" for i in blocks}
     out: dict[int, list] = {i: [] for i in blocks}
     gen = torch.Generator().manual_seed(seed)
     cfg = tr.config
-    if type(tr).__name__ != "SD3Transformer2DModel":
-        raise ValueError("joint_kv collects keys from SD3 joint forwards; Flux needs packed image tokens (not done)")
     size = cfg.sample_size
+    x0 = clean(list(prompts)).to(torch.float32) if clean is not None else None
+    if x0 is not None and tuple(x0.shape) != (n, cfg.in_channels, size, size):
+        raise ValueError(f"clean(prompts) gave latents of shape {tuple(x0.shape)}; the transformer takes "
+                         f"{(n, cfg.in_channels, size, size)}")
     for s in sigmas:
         noise = torch.randn((1, cfg.in_channels, size, size), generator=gen).expand(n, -1, -1, -1)
-        run = dict(inputs, hidden_states=noise.contiguous(), timestep=torch.full((n,), 1000.0 * s))
+        lat = noise if x0 is None else (1 - s) * x0 + s * noise
+        run = dict(inputs, hidden_states=lat.contiguous(), timestep=torch.full((n,), 1000.0 * s))
         got = capture(tr, run, list(sites.values()), batch_keys=keys)
         for i in blocks:
             out[i].append(got[sites[i]])
     return {i: torch.stack(v) for i, v in out.items()}
 
 
+def _kv_blocks(tr: nn.Module) -> list[int]:
+    return [i for i, b in enumerate(tr.transformer_blocks) if getattr(b.attn, "add_k_proj", None) is not None]
+
+
+def _solve_block(tr: nn.Module, i: int, x: torch.Tensor, concept: Concept, n_pres: int, starts: list[int],
+                 lam: float, tensors: dict, layers: list, preserve_weight: float = 1.0) -> None:
+    """Ridge solve of block i's add_k_proj / add_v_proj on its inputs x [L, N, T, d] (all noise levels pooled)."""
+    attn = tr.transformer_blocks[i].attn
+    src_rows, guide_rows, pres_rows = [], [], []
+    for lvl in x:
+        src, guide, pres = _split(lvl, concept, n_pres)
+        src_rows.append(torch.cat([src[j, p:] for j, p in enumerate(starts)]))
+        guide_rows.append(torch.cat([guide[j, p:] for j, p in enumerate(starts)]))
+        if n_pres:
+            pres_rows.append(pres.reshape(-1, pres.shape[-1]))
+    k, g = torch.cat(src_rows), torch.cat(guide_rows)
+    p = torch.cat(pres_rows) if n_pres else None
+    for proj in ("add_k_proj", "add_v_proj"):
+        lin = getattr(attn, proj)
+        target = g @ lin.weight.detach().double().T + lin.bias.detach().double()
+        W = solve_linear(lin, k, target, p, lam, preserve_weight)
+        tensors[f"transformer.transformer_blocks.{i}.attn.{proj}.weight"] = W
+        layers.append(f"transformer.transformer_blocks.{i}.attn.{proj}")
+
+
 def joint_kv(pipe, concept: Concept, lam: float = 0.5, sigmas: Sequence[float] = (0.25, 0.5, 0.75, 1.0),
-             preserve: bool = True, seed: int = 0, pooled: bool = True) -> Edit:
+             preserve: bool = True, seed: int = 0, pooled: bool = True, sequential: bool = True,
+             preserve_weight: float = 1.0, clean: Callable | None = None) -> Edit:
     """Ridge edit of every joint block's add_k_proj / add_v_proj: the source prompts' text keys (from the
     concept token on, at every noise level) are mapped to the mean of their guides' outputs; with pooled=True
     the same solve on the pooled text projection (time_text_embed.text_embedder.linear_1), the other path by
-    which the prompt reaches the image (through the adaLN modulation of every block)."""
+    which the prompt reaches the image (through the adaLN modulation of every block).
+
+    sequential=True (default) solves block by block on the keys of the model with the earlier blocks already
+    edited: an add_v edit in block i also changes the text stream that blocks i+1.. read (the text tokens attend
+    to the edited values too), so keys taken from the unedited model (sequential=False) no longer describe
+    what the later blocks see, and the concept leaks through them (docs/FINDINGS_DIFFUSION2.md, section 4)."""
     tr = _transformer(pipe)
     prompts, n_pres = _prompt_list(concept, preserve)
     _, _, tok = _transformer_inputs(pipe, prompts[:1])
     starts = _starts(tok, concept)
-    keys = _joint_keys(pipe, prompts, sigmas, seed)
-    tensors, layers = {}, []
-    for i, x in keys.items():  # x [L, N, T, d]
-        attn = tr.transformer_blocks[i].attn
-        src_rows, guide_rows, pres_rows = [], [], []
-        for lvl in x:
-            src, guide, pres = _split(lvl, concept, n_pres)
-            src_rows.append(torch.cat([src[j, p:] for j, p in enumerate(starts)]))
-            guide_rows.append(torch.cat([guide[j, p:] for j, p in enumerate(starts)]))
-            if n_pres:
-                pres_rows.append(pres.reshape(-1, pres.shape[-1]))
-        k, g = torch.cat(src_rows), torch.cat(guide_rows)
-        p = torch.cat(pres_rows) if n_pres else None
-        for proj in ("add_k_proj", "add_v_proj"):
-            lin = getattr(attn, proj)
-            target = g @ lin.weight.detach().double().T + lin.bias.detach().double()
-            tensors[f"transformer.transformer_blocks.{i}.attn.{proj}.weight"] = solve_linear(lin, k, target, p, lam)
-            layers.append(f"transformer.transformer_blocks.{i}.attn.{proj}")
+    tensors: dict[str, torch.Tensor] = {}
+    layers: list[str] = []
+    blocks = _kv_blocks(tr)
+    if not sequential:
+        for i, x in _joint_keys(pipe, prompts, sigmas, seed, clean=clean).items():
+            _solve_block(tr, i, x, concept, n_pres, starts, lam, tensors, layers, preserve_weight)
+    for i in blocks if sequential else ():
+        current = Edit("joint_kv", concept.word, dict(tensors)).applied(pipe) if tensors else pipe
+        x = _joint_keys(current, prompts, sigmas, seed, [i], clean)[i]
+        _solve_block(tr, i, x, concept, n_pres, starts, lam, tensors, layers, preserve_weight)
     if pooled:
         name = "time_text_embed.text_embedder.linear_1"
         inputs, bkeys, _ = _transformer_inputs(pipe, prompts)
@@ -141,7 +183,8 @@ def joint_kv(pipe, concept: Concept, lam: float = 0.5, sigmas: Sequence[float] =
         tensors[f"transformer.{name}.weight"] = solve_linear(lin, src, target, pres if n_pres else None, lam)
         layers.append(f"transformer.{name}")
     return Edit("joint_kv", concept.word, tensors, lam, layers,
-                {"sigmas": list(sigmas), "preserve": preserve, "pooled": pooled, "n_preserve_prompts": n_pres,
+                {"sigmas": list(sigmas), "preserve": preserve, "pooled": pooled, "sequential": sequential,
+                 "n_preserve_prompts": n_pres,
                  **{f"concept_{k}": v for k, v in concept.describe().items() if k != "concept"}})
 
 
