@@ -47,7 +47,8 @@ class OracleLeace:
     def fit(cls, x: torch.Tensor, z: torch.Tensor) -> OracleLeace:
         x, Z = x.double(), _onehot(z)
         xc, zc = x - x.mean(0), Z - Z.mean(0)
-        return cls((xc.T @ zc) @ torch.linalg.pinv(zc.T @ zc), Z.mean(0))
+        # zc has rank k-1 (its rows sum to 0): cut the null direction at a relative floor above rounding noise
+        return cls((xc.T @ zc) @ torch.linalg.pinv(zc.T @ zc, rtol=1e-8, hermitian=True), Z.mean(0))
 
     def __call__(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         Z = F.one_hot(torch.as_tensor(z).long(), self.mu_z.shape[0]).double()
