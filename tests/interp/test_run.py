@@ -163,3 +163,15 @@ def test_column_metric_head_computes_only_its_columns(gpt2, monkeypatch):
     assert n_full <= 2
     assert g.stats["positional_reuse"]
     assert interp.hook_count(gpt2) == 0
+
+
+def test_add_at_a_repeated_position_adds_once_per_listing(gpt2):
+    """pos=[3, 3] adds v twice at position 3, as alpha=2 at pos=[3] does: the ops' distinct-destinations shortcut
+    (no duplicate check in the kernel) must not collapse a repeated listing into one."""
+    lm = interp.attach(gpt2)
+    v = torch.randn(64)
+    twice = lm.run(CLEAN, ops=[Add("blocks.1.resid_pre", v, where=at(pos=[3, 3]))])
+    doubled = lm.run(CLEAN, ops=[Add("blocks.1.resid_pre", v, alpha=2.0, where=at(pos=[3]))])
+    once = lm.run(CLEAN, ops=[Add("blocks.1.resid_pre", v, where=at(pos=[3]))])
+    torch.testing.assert_close(twice.logits, doubled.logits, rtol=0, atol=1e-5)
+    assert not torch.allclose(once.logits, twice.logits, atol=1e-4)
