@@ -109,7 +109,8 @@ def _apply(entries: list[Entry], t: torch.Tensor, lead: dict | None = None) -> t
             view, changed = new, True
     if not changed:
         return None
-    return _merge_heads(site, view).reshape(flat.shape)
+    out = _merge_heads(site, view)
+    return out if t is flat else out.reshape(flat.shape)
 
 
 def _lead_recorder(lead: dict):
