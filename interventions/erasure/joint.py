@@ -167,14 +167,14 @@ def joint_kv(pipe, concept: Concept, lam: float = 0.5, sigmas: Sequence[float] =
     starts = _starts(tok, concept)
     tensors: dict[str, torch.Tensor] = {}
     layers: list[str] = []
-    blocks = _kv_blocks(tr)
-    if not sequential:
+    if sequential:  # each block's keys from the model with the blocks before it already edited
+        for i in _kv_blocks(tr):
+            current = Edit("joint_kv", concept.word, dict(tensors)).applied(pipe) if tensors else pipe
+            x = _joint_keys(current, prompts, sigmas, seed, [i], clean)[i]
+            _solve_block(tr, i, x, concept, n_pres, starts, lam, tensors, layers, preserve_weight)
+    else:
         for i, x in _joint_keys(pipe, prompts, sigmas, seed, clean=clean).items():
             _solve_block(tr, i, x, concept, n_pres, starts, lam, tensors, layers, preserve_weight)
-    for i in blocks if sequential else ():
-        current = Edit("joint_kv", concept.word, dict(tensors)).applied(pipe) if tensors else pipe
-        x = _joint_keys(current, prompts, sigmas, seed, [i], clean)[i]
-        _solve_block(tr, i, x, concept, n_pres, starts, lam, tensors, layers, preserve_weight)
     if pooled:
         name = "time_text_embed.text_embedder.linear_1"
         inputs, bkeys, _ = _transformer_inputs(pipe, prompts)
